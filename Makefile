@@ -1,0 +1,35 @@
+# Two entry points: `make demo` (set up + run the main job) and `make test` (set up + run the tests).
+# Both create .venv and install the package with its extras. On machines without CUDA, torch is
+# pinned to the CPU build (constraints-cpu.txt: torch==2.13.0); with CUDA, pip keeps/gets a CUDA
+# build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HRM := $(VENV)/bin/hrm
+HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+PIP_CONSTRAINT := $(if $(HAS_CUDA),,-c constraints-cpu.txt)
+DEMO_DIR ?= out/demo
+
+.PHONY: setup demo test lint clean
+
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PIP_CONSTRAINT) -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	mkdir -p $(DEMO_DIR)
+	$(HRM) optimize --model mixtral-8x7b --hardware t4 --prompt-len 77 --gen-len 128 \
+		-o $(DEMO_DIR)/policy.json
+
+lint: setup
+	$(PY) -m ruff check .
+
+test: setup lint
+	$(PY) -m pytest -n 2 tests
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,102 @@
+"""Policy: how an offloaded MoE model is run (MoE-Lightning's (N, mu, A_g, F_g, r_w, r_c), plus
+page size, dtypes and the schedule). Saved as JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from hrm.errors import PolicyError
+from hrm.io import write_json_atomic
+from hrm.units import DTYPE_BYTES, MiB
+
+DEVICES = ("cpu", "gpu")
+#: cgopipe: CPU attention, GPU FFN and paged weight H2D overlap (MoE-Lightning S1);
+#: cgopipe-serial: the same placement with every stage run one after another (S3);
+#: layerwise: attention on the GPU, weights moved layer by layer, no overlap (FlexGen/accelerate)
+SCHEDULES = ("cgopipe", "cgopipe-serial", "layerwise")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Expert FFNs always run on the GPU; the dense weights (attention, routers, shared experts,
+    embeddings) are always GPU-resident. `weights_gpu_fraction` (r_w) is the fraction of the
+    routed-expert bytes of every layer kept on the GPU; the rest streams over the link."""
+
+    batch_size: int                    # N: sequences that share one pass over the weights
+    micro_batch_size: int              # mu: sequences per GPU kernel launch
+    attn_prefill_device: str = "gpu"
+    attn_decode_device: str = "cpu"    # A_g = (attn_decode_device == "gpu")
+    weights_gpu_fraction: float = 0.0  # r_w
+    kv_gpu_fraction: float = 0.0       # r_c, only with GPU decode attention
+    weight_page_bytes: int = 16 * MiB
+    weight_dtype: str = "bf16"
+    kv_dtype: str = "bf16"
+    schedule: str = "cgopipe"
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "micro_batch_size", "weight_page_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise PolicyError(f"policy {name} must be a positive integer, got {value!r}")
+        if self.batch_size % self.micro_batch_size:
+            raise PolicyError(f"policy batch_size={self.batch_size} is not a multiple of "
+                              f"micro_batch_size={self.micro_batch_size}")
+        for name in ("attn_prefill_device", "attn_decode_device"):
+            if getattr(self, name) not in DEVICES:
+                raise PolicyError(f"policy {name} must be one of {DEVICES}, "
+                                  f"got {getattr(self, name)!r}")
+        for name in ("weights_gpu_fraction", "kv_gpu_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or \
+                    not 0.0 <= value <= 1.0:
+                raise PolicyError(f"policy {name} must be in [0, 1], got {value!r}")
+        if self.attn_decode_device == "cpu" and self.kv_gpu_fraction > 0:
+            raise PolicyError("policy kv_gpu_fraction > 0 needs attn_decode_device='gpu' "
+                              "(CPU attention reads the KV cache from CPU memory)")
+        for name in ("weight_dtype", "kv_dtype"):
+            if getattr(self, name) not in DTYPE_BYTES:
+                raise PolicyError(f"policy {name} must be one of {sorted(DTYPE_BYTES)}, "
+                                  f"got {getattr(self, name)!r}")
+        if self.schedule not in SCHEDULES:
+            raise PolicyError(f"policy schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.schedule == "layerwise" and self.attn_decode_device != "gpu":
+            raise PolicyError("the layerwise schedule runs attention on the GPU: "
+                              "set attn_decode_device='gpu'")
+
+    @property
+    def num_micro_batches(self) -> int:
+        """n_ub = N / mu."""
+        return self.batch_size // self.micro_batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Policy:
+        if not isinstance(data, dict):
+            raise PolicyError("a policy must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PolicyError(f"policy has unknown keys {unknown}; known: {sorted(known)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise PolicyError(f"policy is incomplete: {exc}") from None
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Policy:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PolicyError(f"{path}: cannot read policy: {exc}") from None
+        # a `hrm optimize --json` document holds the policy under "policy"
+        if isinstance(data, dict) and isinstance(data.get("policy"), dict):
+            data = data["policy"]
+        return cls.from_dict(data)
