@@ -1,4 +1,4 @@
-"""Errors the toolkit raises for bad input. The CLI prints their message on one line, exit code 2."""
+"""Errors raised for bad input. The CLI prints the message on one line and exits with code 2."""
 
 
 class HRMError(Exception):

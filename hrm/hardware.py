@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+import tomllib
 
 from hrm.errors import HardwareProfileError
 from hrm.io import write_text_atomic

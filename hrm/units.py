@@ -15,7 +15,8 @@ def dtype_bytes(dtype: str) -> float:
     try:
         return DTYPE_BYTES[dtype]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPE_BYTES)}") from None
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPE_BYTES)}") \
+            from None
 
 
 def fmt_bytes(n_bytes: float) -> str:
