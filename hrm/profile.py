@@ -1,0 +1,971 @@
+"""`hrm profile`: measure this machine and fit a HardwareProfile the cost model uses directly.
+
+Microbenchmarks (each a small function returning `Measurement`s):
+  GPU tier   gemm_series        achieved FLOP/s of x[rows, h1] @ W[h1, h2] over rows = tokens per
+                                expert, Mixtral and DBRX expert shapes, bf16/fp16; square GEMMs
+                                for the peak; hbm_copy (device copy, read + write counted);
+                                op_overhead (launch + sync of a tiny kernel from Python)
+  link       copy_series        H2D / D2H bytes/s vs copy size, pinned and pageable;
+             paged_copy_series  one buffer moved as many pages vs one copy (the page size);
+             staging_copy       pageable -> pinned memcpy by the CPU; probe_pinned_max
+  CPU tier   gemm_series (CPU), dram_read (torch sum), cpu_attention_series (the executor's
+             kernel, the model's head layout, fp32 and bf16 KV, batch x context)
+  overlap    interference       link, GPU GEMM and CPU attention each alone, then all three at
+                                once from three threads; slowdown = solo rate / together rate
+`build_profile` maps the measurements onto the profile's fields, fits the curves (hrm.fit) and
+records how each value was measured. Without CUDA (or with --device cpu) the CPU stands in for
+the GPU, as in the executor's --device cpu: "GPU" tensors are CPU tensors and the link is a CPU
+memcpy. torch is imported inside the functions so that the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+
+from hrm.errors import HRMError
+from hrm.hardware import (
+    PROFILE_DIR,
+    CPUTier,
+    GPUTier,
+    HardwareProfile,
+    Interference,
+    LinkTier,
+    SaturatingCurve,
+    load_profile,
+    save_profile,
+)
+from hrm.io import write_json_atomic
+from hrm.model import ModelSpec, load_model_spec
+from hrm.units import GiB, KiB, MiB, dtype_bytes, fmt_bytes
+
+STANDIN_NOTE = "no CUDA: GPU tier measured on the CPU stand-in"
+
+
+class ProfileError(HRMError):
+    """The profiler cannot run as asked (no CUDA for --device cuda, bad option values)."""
+
+
+# ---- measurements ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Measurement:
+    """One benchmark point: `work` (FLOPs or bytes) done per call, each call timed once.
+
+    `x` is the abscissa of the efficiency curve the point belongs to (GEMM rows, bytes per copy,
+    KV bytes per attention call); the rate is work / median time."""
+
+    bench: str
+    params: dict[str, Any]
+    x: float
+    work: float
+    unit: str
+    times_s: tuple[float, ...]
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+    @property
+    def rate(self) -> float:
+        return self.work / self.median_s
+
+    @property
+    def iqr_rel(self) -> float:
+        """Inter-quartile range of the times over their median (0 for one sample)."""
+        q25, q75 = np.percentile(self.times_s, [25, 75])
+        return float((q75 - q25) / self.median_s)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bench": self.bench, "params": self.params, "x": self.x, "work": self.work,
+                "unit": self.unit, "times_s": list(self.times_s)}
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What was measured, when, with what software."""
+
+    date: str
+    device: str            # 'cuda', or 'cpu' for the CPU stand-in
+    mode: str              # 'quick' or 'full'
+    torch_version: str
+    cuda_version: str
+    gpu_name: str
+    cpu_name: str
+    threads: int
+    gpu_memory_bytes: float
+    cpu_memory_bytes: float
+    model: str             # head layout of the CPU attention benchmark
+
+    @property
+    def standin(self) -> bool:
+        return self.device == "cpu"
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """Sizes of every benchmark; `QUICK` runs in well under 2 minutes on 2 CPU cores."""
+
+    mode: str
+    reps: int
+    gemm_rows: tuple[int, ...]
+    gemm_models: tuple[str, ...]
+    #: 'up': x[rows, h1] @ W1[h1, h2] (also W3); 'down': x[rows, h2] @ W2[h2, h1]
+    gemm_projections: tuple[str, ...]
+    gemm_dtypes: tuple[str, ...]
+    #: dtypes measured only on the square GEMM, for their peak
+    peak_only_dtypes: tuple[str, ...]
+    square_gemm_n: int
+    hbm_copy_bytes: int
+    link_sizes_bytes: tuple[int, ...]
+    paged_total_bytes: int
+    page_sizes_bytes: tuple[int, ...]
+    cpu_gemm_rows: tuple[int, ...]
+    cpu_gemm_dim: int
+    dram_bytes: int
+    attn_batches: tuple[int, ...]
+    attn_contexts: tuple[int, ...]
+    attn_max_kv_bytes: int
+    interference_window_s: float
+    #: the interference workloads: copy bytes, GEMM rows, attention (batch, context)
+    interference_copy_bytes: int
+    interference_gemm_rows: int
+    interference_attention: tuple[int, int]
+
+    def for_standin(self) -> ProfileConfig:
+        """The CPU stands in for the GPU: CPU-sized GEMMs in bf16 and fp32 (no fp16 kernels)."""
+        return dataclasses.replace(
+            self, gemm_rows=tuple(r for r in self.gemm_rows if r <= 512),
+            gemm_dtypes=("bf16", "fp32"), peak_only_dtypes=(),
+            square_gemm_n=min(self.square_gemm_n, 1024),
+            interference_gemm_rows=min(self.interference_gemm_rows, 64))
+
+
+def _powers(start: int, stop: int, factor: int) -> tuple[int, ...]:
+    """start, start * factor, ... up to and including stop."""
+    values = [start]
+    while values[-1] * factor <= stop:
+        values.append(values[-1] * factor)
+    return tuple(values)
+
+
+QUICK = ProfileConfig(
+    mode="quick", reps=3, gemm_rows=(1, 8, 64, 512), gemm_models=("mixtral-8x7b",),
+    gemm_projections=("up",), gemm_dtypes=("bf16",), peak_only_dtypes=(), square_gemm_n=1024,
+    hbm_copy_bytes=64 * MiB, link_sizes_bytes=_powers(4 * KiB, 64 * MiB, 4),
+    paged_total_bytes=16 * MiB, page_sizes_bytes=_powers(64 * KiB, 16 * MiB, 4),
+    cpu_gemm_rows=(1, 16, 128, 512), cpu_gemm_dim=1024, dram_bytes=128 * MiB,
+    attn_batches=(4, 32), attn_contexts=(128, 512), attn_max_kv_bytes=64 * MiB,
+    interference_window_s=0.4, interference_copy_bytes=8 * MiB, interference_gemm_rows=64,
+    interference_attention=(8, 256))
+
+FULL = ProfileConfig(
+    mode="full", reps=10, gemm_rows=_powers(1, 8192, 2), gemm_models=("mixtral-8x7b", "dbrx"),
+    gemm_projections=("up", "down"), gemm_dtypes=("bf16", "fp16"), peak_only_dtypes=("fp32",),
+    square_gemm_n=8192,
+    hbm_copy_bytes=1 * GiB, link_sizes_bytes=_powers(4 * KiB, 1 * GiB, 4),
+    paged_total_bytes=256 * MiB, page_sizes_bytes=_powers(64 * KiB, 256 * MiB, 4),
+    cpu_gemm_rows=_powers(1, 4096, 4), cpu_gemm_dim=4096, dram_bytes=2 * GiB,
+    attn_batches=(1, 8, 32, 128, 512), attn_contexts=(128, 512, 2048, 8192),
+    attn_max_kv_bytes=2 * GiB, interference_window_s=2.0,
+    interference_copy_bytes=64 * MiB, interference_gemm_rows=1024,
+    interference_attention=(64, 1024))
+
+
+# ---- timing ------------------------------------------------------------------------------------
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def time_calls(fn: Callable[[], Any], reps: int, device: str, warmup: int = 1
+               ) -> tuple[float, ...]:
+    """Seconds per call of `fn()`, `reps` calls after `warmup` untimed ones. Work on the GPU is
+    timed with CUDA events on the current stream, work on the CPU with the host clock."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(reps)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return tuple(start.elapsed_time(end) / 1e3 for start, end in events)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return tuple(times)
+
+
+def random_tensor(shape: tuple[int, ...], dtype: str, device: str) -> Any:
+    """A tensor of uniform values in [-0.5, 0.5) (never zeros: zeros can run faster). On the
+    CPU one random tile of 1 Mi elements is repeated (torch.rand writes only ~0.2 GB/s there)."""
+    import torch
+
+    out = torch.empty(shape, dtype=_torch_dtype(dtype), device=device)
+    flat = out.view(-1)
+    if device == "cuda":
+        return flat.uniform_(-0.5, 0.5).view(shape)
+    tile = (torch.rand(min(flat.numel(), 1 << 20)) - 0.5).to(out.dtype)
+    whole = flat.numel() // tile.numel() * tile.numel()
+    flat[:whole].view(-1, tile.numel()).copy_(tile)
+    flat[whole:].copy_(tile[:flat.numel() - whole])
+    return out
+
+
+def _reps_for_bytes(nbytes: int, budget_bytes: int, max_reps: int) -> int:
+    """Repetitions of a copy of `nbytes`: enough to move `budget_bytes`, between 3 and max."""
+    return max(3, min(max_reps, budget_bytes // max(nbytes, 1)))
+
+
+# ---- GPU tier (or its CPU stand-in) ------------------------------------------------------------
+def expert_shape(spec: ModelSpec, projection: str) -> tuple[int, int]:
+    """(k, n) of one expert GEMM x[rows, k] @ W[k, n]: 'up' = h1 -> h2 (w1, w3), 'down' = h2
+    -> h1 (w2)."""
+    h1, h2 = spec.hidden_size, spec.expert_intermediate_size
+    return (h1, h2) if projection == "up" else (h2, h1)
+
+
+def gemm_series(bench: str, k: int, n: int, rows: Iterable[int], dtype: str, device: str,
+                reps: int, tags: dict[str, Any]) -> list[Measurement]:
+    """Achieved FLOP/s of x[rows, k] @ W[k, n] (2 rows k n FLOPs) for each rows."""
+    import torch
+
+    weight = random_tensor((k, n), dtype, device)
+    out = []
+    for m in rows:
+        x = random_tensor((m, k), dtype, device)
+        times = time_calls(lambda x=x: torch.matmul(x, weight), reps, device)
+        out.append(Measurement(bench, {**tags, "rows": m, "k": k, "n": n, "dtype": dtype},
+                               x=m, work=2.0 * m * k * n, unit="FLOP/s", times_s=times))
+    return out
+
+
+def hbm_copy(nbytes: int, device: str, reps: int) -> Measurement:
+    """Device-memory bandwidth: a device-to-device copy, bytes read + bytes written."""
+    src = random_tensor((nbytes // 4,), "fp32", device)
+    dst = src.clone()
+    times = time_calls(lambda: dst.copy_(src), reps, device)
+    return Measurement("hbm_copy", {"bytes": nbytes}, x=nbytes, work=2.0 * nbytes, unit="B/s",
+                       times_s=times)
+
+
+def op_overhead(device: str, reps: int) -> Measurement:
+    """Cost of one tiny op launched from Python and waited for (launch + sync), host clock."""
+    x = random_tensor((1,), "fp32", device)
+
+    def tiny_op() -> None:
+        x.add_(1.0)
+        _sync(device)
+
+    times = time_calls(tiny_op, reps, "cpu", warmup=10)
+    return Measurement("op_overhead", {"elements": 1}, x=1, work=1.0, unit="op/s", times_s=times)
+
+
+# ---- link ----------------------------------------------------------------------------------------
+def _host_buffer(nbytes: int, pinned: bool) -> Any:
+    import torch
+
+    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    buf.fill_(1)  # touch every page before timing
+    return buf
+
+
+def copy_series(direction: str, pinned: bool, sizes: Iterable[int], device: str,
+                budget_bytes: int) -> list[Measurement]:
+    """Bytes/s of one copy of each size. direction 'h2d' or 'd2h' over PCIe from a pinned or
+    pageable host buffer; with the CPU stand-in ('cpu') a memcpy between two host buffers."""
+    import torch
+
+    sizes = list(sizes)
+    host = _host_buffer(max(sizes), pinned)
+    other = (torch.empty_like(host, device="cuda") if device == "cuda" else
+             _host_buffer(max(sizes), False))
+    src, dst = (host, other) if direction in ("h2d", "cpu") else (other, host)
+    out = []
+    for size in sizes:
+        times = time_calls(lambda s=size: dst[:s].copy_(src[:s], non_blocking=pinned),
+                           _reps_for_bytes(size, budget_bytes, 50), device)
+        out.append(Measurement("copy", {"direction": direction, "pinned": pinned,
+                                        "bytes": size}, x=size, work=size, unit="B/s",
+                               times_s=times))
+    return out
+
+
+def paged_copy_series(total_bytes: int, page_sizes: Iterable[int], device: str, reps: int
+                      ) -> list[Measurement]:
+    """Bytes/s of moving `total_bytes` host -> device as back-to-back pages of each size
+    (pinned, asynchronous, one stream): the cost of many small copies vs one large one."""
+    import torch
+
+    pinned = device == "cuda"
+    host = _host_buffer(total_bytes, pinned)
+    dev = torch.empty_like(host, device=device)
+    out = []
+    for page in page_sizes:
+        def move(page: int = page) -> None:
+            for offset in range(0, total_bytes, page):
+                dev[offset:offset + page].copy_(host[offset:offset + page], non_blocking=pinned)
+
+        out.append(Measurement("h2d_paged", {"page_bytes": page, "total_bytes": total_bytes},
+                               x=page, work=total_bytes, unit="B/s",
+                               times_s=time_calls(move, reps, device)))
+    return out
+
+
+def staging_copy(nbytes: int, reps: int) -> Measurement:
+    """Pageable -> pinned host memcpy (torch copy_ on the CPU threads): the staging copy that
+    feeds pinned H2D transfers of weights that cannot all be pinned. Bytes copied per second."""
+    src, dst = _host_buffer(nbytes, False), _host_buffer(nbytes, True)
+    times = time_calls(lambda: dst.copy_(src), reps, "cpu")
+    return Measurement("pageable_to_pinned", {"bytes": nbytes}, x=nbytes, work=nbytes,
+                       unit="B/s", times_s=times)
+
+
+def probe_pinned_max(bound_bytes: int, chunk_bytes: int = 4 * GiB, time_limit_s: float = 90.0
+                     ) -> Measurement:
+    """Pin host memory chunk by chunk until an allocation fails, `bound_bytes` is reached or
+    the time runs out; then free it all. x = bytes pinned at once; params.outcome says which
+    limit stopped the probe ('failed' means x is the largest total that could be pinned)."""
+    import gc
+
+    import torch
+
+    def release_cached_pinned_blocks() -> None:
+        """Free pinned blocks that torch's caching host allocator keeps after their tensors
+        die (the public call since torch 2.9 or so, else the private one)."""
+        gc.collect()
+        accel_memory = getattr(getattr(torch, "accelerator", None), "memory", None)
+        empty = getattr(accel_memory, "empty_host_cache", None) or \
+            getattr(torch._C, "_host_emptyCache", None)
+        if empty is not None:
+            empty()
+
+    release_cached_pinned_blocks()
+    chunks, outcome = [], "bound"
+    t0 = time.perf_counter()
+    try:
+        while (len(chunks) + 1) * chunk_bytes <= bound_bytes:
+            if time.perf_counter() - t0 > time_limit_s:
+                outcome = "time_limit"
+                break
+            try:
+                chunks.append(torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True))
+            except RuntimeError:
+                outcome = "failed"
+                break
+    finally:
+        elapsed_s = time.perf_counter() - t0
+        pinned_bytes = len(chunks) * chunk_bytes
+        chunks.clear()
+        release_cached_pinned_blocks()
+    return Measurement("pin_probe", {"chunk_bytes": chunk_bytes, "bound_bytes": bound_bytes,
+                                     "outcome": outcome}, x=pinned_bytes,
+                       work=max(pinned_bytes, 1), unit="B/s", times_s=(elapsed_s,))
+
+
+# ---- CPU tier ------------------------------------------------------------------------------------
+def dram_read(nbytes: int, dtype: str, reps: int) -> Measurement:
+    """DRAM read bandwidth: torch sum over `nbytes` of `dtype` on the CPU threads."""
+    x = random_tensor((int(nbytes // dtype_bytes(dtype)),), dtype, "cpu")
+    times = time_calls(lambda: x.sum(), reps, "cpu")
+    return Measurement("dram_read", {"bytes": nbytes, "dtype": dtype}, x=nbytes, work=nbytes,
+                       unit="B/s", times_s=times)
+
+
+def _attention_kernel() -> Callable[..., Any]:
+    try:
+        from executor.kernels import cpu_decode_attention
+    except ImportError as exc:
+        raise ProfileError(f"cannot import executor.kernels.cpu_decode_attention ({exc}); run "
+                           "from the repository root or install the package") from None
+    return cpu_decode_attention
+
+
+def kv_bytes_per_call(spec: ModelSpec, batch: int, context: int, dtype: str) -> float:
+    """K and V bytes one decode-attention call reads: 2 B Hkv S D bytes_per_element."""
+    return 2.0 * batch * spec.num_kv_heads * context * spec.head_dim * dtype_bytes(dtype)
+
+
+def attention_inputs(spec: ModelSpec, batch: int, context: int, dtype: str) -> tuple[Any, ...]:
+    """(q [B, Hq, D], k, v [B, Hkv, S, D]) for one decode step, on the CPU."""
+    q = random_tensor((batch, spec.num_heads, spec.head_dim), dtype, "cpu")
+    kv_shape = (batch, spec.num_kv_heads, context, spec.head_dim)
+    return q, random_tensor(kv_shape, dtype, "cpu"), random_tensor(kv_shape, dtype, "cpu")
+
+
+def cpu_attention_series(spec: ModelSpec, batches: Iterable[int], contexts: Iterable[int],
+                         dtype: str, max_kv_bytes: int, reps: int, threads: int
+                         ) -> list[Measurement]:
+    """KV bytes/s of the executor's CPU decode-attention kernel (grouped-query, the model's head
+    layout) for each batch x context whose KV fits in `max_kv_bytes`."""
+    kernel = _attention_kernel()
+    out = []
+    for batch in batches:
+        for context in contexts:
+            kv_bytes = kv_bytes_per_call(spec, batch, context, dtype)
+            if kv_bytes > max_kv_bytes:
+                continue
+            q, k, v = attention_inputs(spec, batch, context, dtype)
+            times = time_calls(lambda q=q, k=k, v=v: kernel(q, k, v), reps, "cpu")
+            out.append(Measurement(
+                "cpu_attention", {"batch": batch, "context": context, "dtype": dtype,
+                                  "q_heads": spec.num_heads, "kv_heads": spec.num_kv_heads,
+                                  "head_dim": spec.head_dim, "threads": threads},
+                x=kv_bytes, work=kv_bytes, unit="B/s", times_s=times))
+    return out
+
+
+# ---- overlap interference ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    """A unit of repeatable work for the interference benchmark: `op()` does `work` and returns
+    only once it is complete (device work synchronized)."""
+
+    name: str
+    op: Callable[[], Any]
+    work: float
+    unit: str
+
+
+def _run_concurrently(stages: list[Stage], window_s: float) -> dict[str, tuple[int, float]]:
+    """Run every stage's op in a loop in its own thread for `window_s`; (ops done, seconds from
+    the common start to the end of the last op) per stage."""
+    barrier, stop = threading.Barrier(len(stages) + 1), threading.Event()
+    done: dict[str, tuple[int, float]] = {}
+
+    def loop(stage: Stage) -> None:
+        stage.op()  # warm-up
+        barrier.wait()
+        t0, count = time.perf_counter(), 0
+        while not stop.is_set():
+            stage.op()
+            count += 1
+        done[stage.name] = (count, time.perf_counter() - t0)
+
+    workers = [threading.Thread(target=loop, args=(s,), daemon=True) for s in stages]
+    for worker in workers:
+        worker.start()
+    barrier.wait()
+    time.sleep(window_s)
+    stop.set()
+    for worker in workers:
+        worker.join()
+    return done
+
+
+def interference(stages: list[Stage], window_s: float) -> list[Measurement]:
+    """Each stage alone, then all together, each for `window_s`: one Measurement per stage and
+    mode whose rate is work done / time. Slowdown of a stage = solo rate / together rate."""
+    out = []
+    runs = [("solo", [s]) for s in stages] + [("together", stages)]
+    for mode, group in runs:
+        for name, (count, elapsed_s) in _run_concurrently(group, window_s).items():
+            stage = next(s for s in group if s.name == name)
+            out.append(Measurement("interference", {"stage": name, "mode": mode, "ops": count},
+                                   x=stage.work, work=count * stage.work, unit=stage.unit,
+                                   times_s=(elapsed_s,)))
+    return out
+
+
+def interference_stages(config: ProfileConfig, spec: ModelSpec, device: str) -> list[Stage]:
+    """The three overlapped stages of CGOPipe: weight H2D streaming (pinned copies), the GPU
+    expert GEMM (the model's up projection, bf16) and CPU decode attention (bf16 KV)."""
+    import torch
+
+    def on_stream(fn: Callable[[], Any]) -> Callable[[], None]:
+        """`fn` on a stream of its own, waited for; on the CPU stand-in just `fn`."""
+        stream = torch.cuda.Stream() if device == "cuda" else None
+
+        def op() -> None:
+            if stream is None:
+                fn()
+                return
+            torch.cuda.set_device(stream.device)  # makes the CUDA context current in this thread
+            with torch.cuda.stream(stream):
+                fn()
+            stream.synchronize()
+
+        return op
+
+    nbytes = config.interference_copy_bytes
+    host = _host_buffer(nbytes, pinned=device == "cuda")
+    dev = torch.empty_like(host, device=device)
+    k, n = expert_shape(spec, "up")
+    rows = config.interference_gemm_rows
+    x, weight = random_tensor((rows, k), "bf16", device), random_tensor((k, n), "bf16", device)
+    batch, context = config.interference_attention
+    kernel = _attention_kernel()
+    q, kc, vc = attention_inputs(spec, batch, context, "bf16")
+    _sync(device)  # the inputs are written on the default stream; the stages use their own
+    return [
+        Stage("link", on_stream(lambda: dev.copy_(host, non_blocking=True)), nbytes, "B/s"),
+        Stage("gpu", on_stream(lambda: torch.matmul(x, weight)), 2.0 * rows * k * n, "FLOP/s"),
+        Stage("cpu_attention", lambda: kernel(q, kc, vc),
+              kv_bytes_per_call(spec, batch, context, "bf16"), "B/s"),
+    ]
+
+
+# ---- orchestration -------------------------------------------------------------------------------
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def detect_environment(device: str, mode: str, model: str) -> Environment:
+    """Names, versions, memory sizes and the thread count of this machine."""
+    import torch
+
+    cpu_memory = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    cuda = device == "cuda"
+    return Environment(
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), device=device,
+        mode=mode,
+        torch_version=torch.__version__, cuda_version=str(torch.version.cuda or "none"),
+        gpu_name=torch.cuda.get_device_name(0) if cuda else f"CPU stand-in ({_cpu_name()})",
+        cpu_name=_cpu_name(), threads=torch.get_num_threads(),
+        gpu_memory_bytes=float(torch.cuda.get_device_properties(0).total_memory) if cuda
+        else cpu_memory,
+        cpu_memory_bytes=cpu_memory, model=model)
+
+
+def benchmark_plan(config: ProfileConfig, env: Environment, spec: ModelSpec,
+                   pin_probe_bytes: int) -> list[tuple[str, Callable[[], list[Measurement]]]]:
+    """(label, thunk) for every benchmark, in the order they run; the pinned-memory probe runs
+    last so that its allocations cannot disturb the others."""
+    dev, reps, cuda = env.device, config.reps, env.device == "cuda"
+    plan: list[tuple[str, Callable[[], list[Measurement]]]] = [
+        ("launch overhead", lambda: [op_overhead(dev, 10 * reps)]),
+        ("device memory copy", lambda: [hbm_copy(config.hbm_copy_bytes, dev, reps)]),
+    ]
+    for dtype in config.gemm_dtypes + config.peak_only_dtypes:
+        n = config.square_gemm_n
+        plan.append((f"GEMM {n}^3 {dtype}", lambda d=dtype, n=n: gemm_series(
+            "gpu_gemm_square", n, n, [n], d, dev, reps, {"model": "square", "proj": "square"})))
+    for dtype in config.gemm_dtypes:
+        for model in config.gemm_models:
+            mspec = load_model_spec(model)
+            for proj in config.gemm_projections:
+                k, n = expert_shape(mspec, proj)
+                plan.append((f"GEMM {model} {proj} {dtype}", lambda d=dtype, k=k, n=n, m=model,
+                             p=proj: gemm_series("gpu_gemm", k, n, config.gemm_rows, d, dev,
+                                                 reps, {"model": m, "proj": p})))
+    budget = 4 * config.link_sizes_bytes[-1]
+    if cuda:
+        for direction in ("h2d", "d2h"):
+            for pinned in (True, False):
+                kind = "pinned" if pinned else "pageable"
+                plan.append((f"{direction} {kind} copies", lambda di=direction, pi=pinned:
+                             copy_series(di, pi, config.link_sizes_bytes, dev, budget)))
+        plan.append(("pageable -> pinned staging",
+                     lambda: [staging_copy(config.link_sizes_bytes[-1], reps)]))
+    else:
+        plan.append(("host memcpy (link stand-in)", lambda: copy_series(
+            "cpu", False, config.link_sizes_bytes, dev, budget)))
+    plan.append(("paged copies", lambda: paged_copy_series(
+        config.paged_total_bytes, config.page_sizes_bytes, dev, reps)))
+    for dtype in ("fp32", "bf16"):
+        d_ = config.cpu_gemm_dim
+        plan.append((f"CPU GEMM {dtype}", lambda d=dtype, d_=d_: gemm_series(
+            "cpu_gemm", d_, d_, config.cpu_gemm_rows, d, "cpu", reps, {"threads": env.threads})))
+        plan.append((f"DRAM read {dtype}", lambda d=dtype: [dram_read(config.dram_bytes, d,
+                                                                      reps)]))
+        plan.append((f"CPU attention {dtype}", lambda d=dtype: cpu_attention_series(
+            spec, config.attn_batches, config.attn_contexts, d, config.attn_max_kv_bytes, reps,
+            env.threads)))
+    plan.append(("overlap interference", lambda: interference(
+        interference_stages(config, spec, dev), config.interference_window_s)))
+    if pin_probe_bytes:
+        plan.append(("pinned-memory probe", lambda: [probe_pinned_max(pin_probe_bytes)]))
+    return plan
+
+
+def skipped_benchmarks(env: Environment, pin_probe_bytes: int) -> list[str]:
+    """What this run does not measure, said on screen and stored in the profile."""
+    skipped = []
+    if env.standin:
+        skipped += ["PCIe copies (pinned vs pageable, H2D vs D2H): the link is a host memcpy",
+                    "pageable -> pinned staging copy (taken as the host memcpy)",
+                    "GPU GEMM and device memory: measured on the CPU stand-in",
+                    "fp16 GEMM (no fast fp16 CPU kernels; bf16 and fp32 measured)"]
+    if not pin_probe_bytes:
+        skipped.append("pinned-memory limit (run with --pin-probe-gib N to probe it)")
+    return skipped
+
+
+def run_benchmarks(plan: list[tuple[str, Callable[[], list[Measurement]]]], console: Any
+                   ) -> list[Measurement]:
+    """Run the plan under a rich progress bar."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    results: list[Measurement] = []
+    columns = (TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("profiling", total=len(plan))
+        for label, thunk in plan:
+            progress.update(task, description=label)
+            results.extend(thunk())
+            progress.advance(task)
+    return results
+
+
+# ---- measurements -> profile ---------------------------------------------------------------------
+def _fmt_rate(rate: float, unit: str) -> str:
+    if unit == "FLOP/s":
+        return f"{rate / 1e12:.3g} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:.3g} GFLOP/s"
+    if unit == "B/s":
+        return f"{rate / 1e12:.3g} TB/s" if rate >= 1e12 else f"{rate / 1e9:.3g} GB/s"
+    return f"{rate:.3g} {unit}"
+
+
+def _describe(params: dict[str, Any]) -> str:
+    return ", ".join(fmt_bytes(v) if k.endswith("bytes") else f"{k}={v}" for k, v in
+                     params.items())
+
+
+def source_of(m: Measurement, date: str, what: str = "median") -> str:
+    """'measured 2026-11-23: copy (h2d, pinned, 256 MiB) x 10 reps, median 54.1 GB/s (IQR
+    1.2%)'."""
+    return (f"measured {date}: {m.bench} ({_describe(m.params)}) x {len(m.times_s)} reps, "
+            f"{what} {_fmt_rate(m.rate, m.unit)} (IQR {m.iqr_rel:.1%})")
+
+
+def _select(measurements: list[Measurement], bench: str, **params: Any) -> list[Measurement]:
+    found = [m for m in measurements if m.bench == bench and
+             all(m.params.get(k) == v for k, v in params.items())]
+    if not found:
+        raise ProfileError(f"no '{bench}' measurement with {params or 'any parameters'}")
+    return found
+
+
+def _largest(measurements: list[Measurement], bench: str, **params: Any) -> Measurement:
+    return max(_select(measurements, bench, **params), key=lambda m: m.x)
+
+
+def _fastest(measurements: list[Measurement], bench: str, **params: Any) -> Measurement:
+    return max(_select(measurements, bench, **params), key=lambda m: m.rate)
+
+
+def fit_series(series: list[Measurement]) -> SaturatingCurve:
+    """Fit rate vs x of a list of measurements (hrm.fit.fit_saturating)."""
+    from hrm.fit import fit_saturating  # scipy: imported on use, so that the CLI starts fast
+
+    return fit_saturating([m.x for m in series], [m.rate for m in series])
+
+
+def measurement_tables(measurements: list[Measurement]) -> dict[str, dict[str, Any]]:
+    """Column tables per benchmark (TOML-friendly): the rate's unit, then one list per
+    parameter, x, reps, the median time, the IQR of the times over the median, and the rate."""
+    tables: dict[str, dict[str, Any]] = {}
+    for m in measurements:
+        row = {**m.params, "x": m.x, "reps": len(m.times_s), "median_s": m.median_s,
+               "iqr_rel": m.iqr_rel, "rate": m.rate}
+        table = tables.setdefault(m.bench, {"unit": m.unit})
+        for key, value in row.items():
+            table.setdefault(key, []).append(value)
+    return tables
+
+
+def min_page_bytes(paged: list[Measurement], fraction: float = 0.9) -> int:
+    """Smallest page size whose paged transfer reaches `fraction` of the best paged rate."""
+    best = max(m.rate for m in paged)
+    return int(min(m.x for m in paged if m.rate >= fraction * best))
+
+
+def build_profile(name: str, measurements: list[Measurement], env: Environment,
+                  skipped: list[str] | None = None) -> HardwareProfile:
+    """Map measurements onto the HardwareProfile fields, fit its curves and record for every
+    value how it was measured. Pure: the benchmarks' results in, the profile out."""
+    date, sources = env.date, {}
+    where = "on the CPU stand-in" if env.standin else ""
+    ms = measurements
+
+    peak_flops = {}
+    gemms = [m for m in ms if m.bench in ("gpu_gemm", "gpu_gemm_square")]
+    for dtype in sorted({m.params["dtype"] for m in gemms}):
+        best = max((m for m in gemms if m.params["dtype"] == dtype), key=lambda m: m.rate)
+        peak_flops[dtype] = best.rate
+        sources[f"gpu.peak_flops.{dtype}"] = source_of(best, date, "max achieved") + \
+            (f" {where}" if where else "")
+    hbm = _largest(ms, "hbm_copy")
+    overhead = _select(ms, "op_overhead")[0]
+    sources["gpu.hbm_bandwidth_bps"] = source_of(hbm, date) + ", read + write counted" + \
+        (f" {where}" if where else "")
+    sources["gpu.op_overhead_s"] = (f"measured {date}: op_overhead (1-element add_ + sync from "
+                                    f"Python) x {len(overhead.times_s)} reps, median "
+                                    f"{overhead.median_s * 1e6:.1f} us")
+    sources["gpu.memory_bytes"] = ("host memory (os.sysconf), the CPU stand-in's tensors live "
+                                   "there" if env.standin else
+                                   "torch.cuda.get_device_properties(0).total_memory")
+    gpu = GPUTier(name=env.gpu_name, peak_flops=peak_flops, hbm_bandwidth_bps=hbm.rate,
+                  memory_bytes=env.gpu_memory_bytes, op_overhead_s=overhead.median_s)
+
+    cpu_best = _fastest(ms, "cpu_gemm")
+    dram = _fastest(ms, "dram_read", dtype="fp32")
+    sources["cpu.cores"] = f"torch.get_num_threads() = {env.threads} threads used"
+    sources["cpu.peak_flops"] = source_of(cpu_best, date, "max achieved")
+    sources["cpu.dram_bandwidth_bps"] = source_of(dram, date)
+    sources["cpu.memory_bytes"] = "os.sysconf: SC_PHYS_PAGES x SC_PAGE_SIZE"
+    cpu = CPUTier(name=env.cpu_name, cores=env.threads, peak_flops=cpu_best.rate,
+                  dram_bandwidth_bps=dram.rate, memory_bytes=env.cpu_memory_bytes)
+
+    if env.standin:
+        memcpy = _largest(ms, "copy", direction="cpu")
+        for key in ("h2d_pinned_bps", "d2h_pinned_bps", "h2d_pageable_bps", "d2h_pageable_bps",
+                    "pageable_to_pinned_bps"):
+            sources[f"link.{key}"] = source_of(memcpy, date) + ": host memcpy, the CPU " \
+                "stand-in's link"
+        link_rates = dict.fromkeys(("h2d_pinned_bps", "d2h_pinned_bps", "h2d_pageable_bps",
+                                    "d2h_pageable_bps", "pageable_to_pinned_bps"), memcpy.rate)
+        h2d_series = _select(ms, "copy", direction="cpu")
+    else:
+        link_rates = {}
+        for direction in ("h2d", "d2h"):
+            for pinned, kind in ((True, "pinned"), (False, "pageable")):
+                m = _largest(ms, "copy", direction=direction, pinned=pinned)
+                link_rates[f"{direction}_{kind}_bps"] = m.rate
+                sources[f"link.{direction}_{kind}_bps"] = source_of(m, date)
+        staging = _largest(ms, "pageable_to_pinned")
+        link_rates["pageable_to_pinned_bps"] = staging.rate
+        sources["link.pageable_to_pinned_bps"] = source_of(staging, date) + \
+            f", torch copy_ on {env.threads} threads"
+        h2d_series = _select(ms, "copy", direction="h2d", pinned=True)
+    pinned_max = math.inf
+    probes = [m for m in ms if m.bench == "pin_probe"]
+    if probes:
+        probe = probes[0]
+        pinned_max = probe.x
+        bound = {"failed": "the next chunk failed to pin",
+                 "bound": "at least: the probe stopped at its bound",
+                 "time_limit": "at least: the probe stopped at its time limit"}
+        sources["link.pinned_max_bytes"] = (
+            f"measured {date}: pin_probe, {fmt_bytes(probe.x)} pinned in "
+            f"{fmt_bytes(probe.params['chunk_bytes'])} chunks in {probe.median_s:.0f} s; "
+            f"{bound[probe.params['outcome']]}")
+    link = LinkTier(pinned_max_bytes=pinned_max, **link_rates)
+
+    slowdown, slowdown_raw = {}, {}
+    for stage in ("link", "gpu", "cpu_attention"):
+        solo = _select(ms, "interference", stage=stage, mode="solo")[0]
+        together = _select(ms, "interference", stage=stage, mode="together")[0]
+        slowdown_raw[stage] = solo.rate / together.rate
+        slowdown[stage] = max(1.0, slowdown_raw[stage])
+        sources[f"interference.{stage}"] = (
+            f"measured {date}: {stage} alone {_fmt_rate(solo.rate, solo.unit)}, with the other "
+            f"two stages {_fmt_rate(together.rate, together.unit)} ({solo.median_s:.1f} s "
+            f"windows); ratio {slowdown_raw[stage]:.3f}, floored at 1")
+    inter = Interference(**slowdown)
+
+    series = {
+        "gpu_gemm": ("FLOP/s vs rows, bf16 expert GEMMs of every shape measured",
+                     _select(ms, "gpu_gemm", dtype="bf16")),
+        "h2d": ("bytes/s vs copy bytes, " + ("host memcpy (stand-in)" if env.standin else
+                                             "pinned H2D"), h2d_series),
+        "cpu_attention": ("KV bytes/s vs KV bytes per call, bf16 KV",
+                          _select(ms, "cpu_attention", dtype="bf16")),
+        "cpu_attention_fp32": ("KV bytes/s vs KV bytes per call, fp32 KV",
+                               _select(ms, "cpu_attention", dtype="fp32")),
+        "cpu_gemm": (f"FLOP/s vs rows, {cpu_best.params['dtype']} CPU GEMMs",
+                     _select(ms, "cpu_gemm", dtype=cpu_best.params["dtype"])),
+    }
+    curves, fits = {}, {}
+    for key, (what, points) in series.items():
+        curve = fit_series(points)
+        curves[key] = curve
+        fits[key] = {"what": what, "points": len(points), "peak": curve.peak,
+                     "half": curve.half, "rel_error": curve.rel_error}
+        src = f"fit {date}: y = peak x / (x + half) to {len(points)} points, {what}"
+        for field_name in ("peak", "half", "rel_error"):
+            sources[f"curves.{key}.{field_name}"] = src
+    for (model, proj, dtype), points in _group(_select(ms, "gpu_gemm"),
+                                               ("model", "proj", "dtype")).items():
+        curve = fit_series(points)
+        fits[f"gpu_gemm[{model},{proj},{dtype}]"] = {
+            "what": "FLOP/s vs rows", "points": len(points), "peak": curve.peak,
+            "half": curve.half, "rel_error": curve.rel_error}
+
+    paged = _select(ms, "h2d_paged")
+    description = (f"measured by hrm profile ({env.mode}) on {env.date}: {env.gpu_name}, "
+                   f"{env.cpu_name} ({env.threads} threads); torch {env.torch_version}, CUDA "
+                   f"{env.cuda_version}")
+    if env.standin:
+        description += f". {STANDIN_NOTE}; the link is a host memcpy"
+    measurements_table = {
+        "environment": dataclasses.asdict(env),
+        "skipped": list(skipped or []),
+        "fits": fits,
+        "derived": {
+            "interference_ratio": slowdown_raw,
+            "min_page_bytes_90pct": min_page_bytes(paged),
+            "paged_copy_note": "smallest page whose back-to-back copies reach 90% of the best "
+                               f"paged rate moving {fmt_bytes(paged[0].work)}",
+        },
+        "benchmarks": measurement_tables(ms),
+    }
+    return HardwareProfile(name=name, description=description, gpu=gpu, cpu=cpu, link=link,
+                           interference=inter, curves=curves, sources=sources,
+                           measurements=measurements_table)
+
+
+def _group(measurements: list[Measurement], keys: tuple[str, ...]
+           ) -> dict[tuple[Any, ...], list[Measurement]]:
+    groups: dict[tuple[Any, ...], list[Measurement]] = {}
+    for m in measurements:
+        groups.setdefault(tuple(m.params[k] for k in keys), []).append(m)
+    return groups
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device not in ("auto", "cuda", "cpu"):
+        raise ProfileError(f"--device must be auto, cuda or cpu, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ProfileError("--device cuda: torch sees no CUDA GPU here (install a CUDA build of "
+                           "torch, or use --device cpu to profile the CPU stand-in)")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _slug(text: str) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
+
+
+def _summary_rows(profile: HardwareProfile) -> list[tuple[str, str]]:
+    g, c, lk, i = profile.gpu, profile.cpu, profile.link, profile.interference
+    rows = [(f"gpu peak {k}", _fmt_rate(v, "FLOP/s")) for k, v in g.peak_flops.items()]
+    rows += [("gpu memory bandwidth", _fmt_rate(g.hbm_bandwidth_bps, "B/s")),
+             ("gpu op overhead", f"{g.op_overhead_s * 1e6:.1f} us"),
+             ("cpu peak", _fmt_rate(c.peak_flops, "FLOP/s")),
+             ("cpu DRAM read", _fmt_rate(c.dram_bandwidth_bps, "B/s")),
+             ("link h2d pinned / pageable", f"{_fmt_rate(lk.h2d_pinned_bps, 'B/s')} / "
+                                            f"{_fmt_rate(lk.h2d_pageable_bps, 'B/s')}"),
+             ("link d2h pinned / pageable", f"{_fmt_rate(lk.d2h_pinned_bps, 'B/s')} / "
+                                            f"{_fmt_rate(lk.d2h_pageable_bps, 'B/s')}"),
+             ("pageable -> pinned", _fmt_rate(lk.pageable_to_pinned_bps, "B/s")),
+             ("pinned max", "not probed" if math.isinf(lk.pinned_max_bytes) else
+              fmt_bytes(lk.pinned_max_bytes)),
+             ("interference link / gpu / cpu attn",
+              f"{i.link:.2f} / {i.gpu:.2f} / {i.cpu_attention:.2f}")]
+    for key, curve in profile.curves.items():
+        unit = "FLOP/s" if "gemm" in key else "B/s"
+        rows.append((f"curve {key}", f"peak {_fmt_rate(curve.peak, unit)}, half "
+                                     f"{curve.half:.3g}, fit error {curve.rel_error:.1%}"))
+    return rows
+
+
+def profile_command(
+    output: Path | None = typer.Option(
+        None, "-o", "--output", help="TOML to write [default: hardware_profiles/NAME.toml]"),
+    quick: bool = typer.Option(False, "--quick", help="small sizes: under 2 minutes on 2 cores"),
+    device: str = typer.Option("auto", "--device", help="cuda, cpu (the CPU stands in for the "
+                               "GPU, as in the executor's --device cpu) or auto"),
+    model: str = typer.Option("mixtral-8x7b", "--model",
+                              help="model whose attention head layout the CPU attention "
+                                   "benchmark uses"),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch "
+                                       "[default: torch's default]"),
+    pin_probe_gib: float = typer.Option(
+        0.0, "--pin-probe-gib", help="pin host memory in 4 GiB chunks up to this many GiB (at "
+        "most 3/4 of RAM) to find the pinned-memory limit; 0 skips the probe"),
+    raw_json: Path | None = typer.Option(None, "--raw-json",
+                                         help="also write every timing sample as JSON here"),
+    name: str | None = typer.Option(None, "--name", help="profile name [default: the output "
+                                    "file's stem, else derived from the GPU name]"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Measure this machine (GPU GEMM and memory, PCIe copies, CPU GEMM, DRAM and decode
+    attention, overlap interference) and write a fitted hardware profile."""
+    import torch
+    from rich.table import Table
+
+    from hrm.cli import console, emit_json, err_console
+
+    if threads is not None:
+        if threads < 1:
+            raise ProfileError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    if not (pin_probe_gib >= 0 and math.isfinite(pin_probe_gib)):
+        raise ProfileError(f"--pin-probe-gib must be >= 0, got {pin_probe_gib}")
+    spec = load_model_spec(model)
+    if spec.is_mla:
+        raise ProfileError(f"--model {model}: the CPU attention benchmark needs a grouped-query "
+                           "attention model (this one caches an MLA latent)")
+    dev = _resolve_device(device)
+    config = QUICK if quick else FULL
+    env = detect_environment(dev, config.mode, spec.name)
+    if env.standin:
+        config = config.for_standin()
+    if pin_probe_gib and env.standin:
+        raise ProfileError("--pin-probe-gib needs CUDA (pinned memory is CUDA host memory)")
+    pin_probe_bytes = int(min(pin_probe_gib * GiB, 0.75 * env.cpu_memory_bytes))
+    profile_name = name or (output.stem if output else _slug(env.gpu_name))
+    output = output or PROFILE_DIR / f"{profile_name}.toml"
+
+    skipped = skipped_benchmarks(env, pin_probe_bytes)
+    if env.standin:
+        err_console.print(f"[yellow]{STANDIN_NOTE}[/] (the link is a host memcpy)")
+    for item in skipped:
+        err_console.print(f"[yellow]skipped:[/] {item}")
+    measurements = run_benchmarks(benchmark_plan(config, env, spec, pin_probe_bytes),
+                                  err_console)
+    profile = build_profile(profile_name, measurements, env, skipped)
+    save_profile(profile, output)
+    load_profile(output)  # what was written reads back
+    if raw_json:
+        write_json_atomic(raw_json, {"environment": dataclasses.asdict(env),
+                                     "config": dataclasses.asdict(config), "skipped": skipped,
+                                     "measurements": [m.to_dict() for m in measurements]})
+    rows = _summary_rows(profile)
+    if as_json:
+        emit_json({"profile": str(output), "raw_json": str(raw_json) if raw_json else None,
+                   "standin": env.standin, "skipped": skipped, "summary": dict(rows)})
+        return
+    table = Table(title=f"{profile.name}: {env.gpu_name} + {env.cpu_name}")
+    table.add_column("quantity")
+    table.add_column("measured")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"wrote {output}" + (f" and {raw_json}" if raw_json else ""))

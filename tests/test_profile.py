@@ -1,0 +1,248 @@
+"""hrm profile: measurements -> profile mapping on synthetic data, the TOML round trip, and one
+real `hrm profile --quick --device cpu` run through the CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hrm.cli import app, main
+from hrm.hardware import SaturatingCurve, load_profile, save_profile
+from hrm.profile import (
+    FULL,
+    STANDIN_NOTE,
+    Environment,
+    Measurement,
+    build_profile,
+    min_page_bytes,
+)
+from hrm.units import GiB, KiB, MiB
+
+GEMM_CURVE = SaturatingCurve(peak=700e12, half=400.0)
+H2D_CURVE = SaturatingCurve(peak=54e9, half=2e5)
+ATTN_CURVE = SaturatingCurve(peak=60e9, half=4e6)
+CPU_GEMM_CURVE = SaturatingCurve(peak=1.4e12, half=64.0)
+#: solo rate / together rate of each stage; 0.9 (faster together: noise) must floor at 1
+SLOWDOWN = {"link": 1.25, "gpu": 0.9, "cpu_attention": 1.1}
+
+
+def _m(bench, params, x, work, rate, unit="B/s", reps=5):
+    """A measurement whose median rate is exactly `rate` (times spread +-1% around it)."""
+    t = work / rate
+    return Measurement(bench, params, x=x, work=work, unit=unit,
+                       times_s=tuple(t * f for f in (0.99, 1.0, 1.0, 1.0, 1.01)[:reps]))
+
+
+def _env(device="cuda"):
+    return Environment(date="2026-11-23", device=device, mode="full", torch_version="2.11.0",
+                       cuda_version="13.0" if device == "cuda" else "none",
+                       gpu_name="NVIDIA H100 80GB HBM3" if device == "cuda" else "CPU stand-in",
+                       cpu_name="Intel Xeon", threads=16, gpu_memory_bytes=80e9,
+                       cpu_memory_bytes=128e9, model="mixtral-8x7b")
+
+
+def synthetic_measurements(standin=False):
+    ms = [_m("op_overhead", {"elements": 1}, 1, 1.0, 1 / 12e-6, unit="op/s"),
+          _m("hbm_copy", {"bytes": GiB}, GiB, 2.0 * GiB, 2.9e12)]
+    for dtype, scale in (("bf16", 1.0), ("fp16", 0.97)):
+        ms.append(_m("gpu_gemm_square", {"model": "square", "proj": "square", "rows": 8192,
+                                         "k": 8192, "n": 8192, "dtype": dtype},
+                     8192, 2.0 * 8192**3, 780e12 * scale, unit="FLOP/s"))
+        for model, (k, n) in (("mixtral-8x7b", (4096, 14336)), ("dbrx", (6144, 10752))):
+            for rows in (2**i for i in range(14)):
+                ms.append(_m("gpu_gemm", {"model": model, "proj": "up", "rows": rows, "k": k,
+                                          "n": n, "dtype": dtype}, rows, 2.0 * rows * k * n,
+                             GEMM_CURVE(rows) * scale, unit="FLOP/s"))
+    ms.append(_m("gpu_gemm_square", {"model": "square", "proj": "square", "rows": 8192,
+                                     "k": 8192, "n": 8192, "dtype": "fp32"},
+                 8192, 2.0 * 8192**3, 50e12, unit="FLOP/s"))
+    sizes = [4 * KiB * 4**i for i in range(10)]
+    links = [("cpu", False, 1.0)] if standin else \
+        [("h2d", True, 1.0), ("d2h", True, 1.02), ("h2d", False, 0.17), ("d2h", False, 0.16)]
+    for direction, pinned, scale in links:
+        for size in sizes:
+            ms.append(_m("copy", {"direction": direction, "pinned": pinned, "bytes": size},
+                         size, size, H2D_CURVE(size) * scale))
+    if not standin:
+        ms.append(_m("pageable_to_pinned", {"bytes": GiB}, GiB, GiB, 42e9))
+        ms.append(Measurement("pin_probe", {"chunk_bytes": 4 * GiB, "bound_bytes": 80 * GiB,
+                                            "outcome": "failed"}, x=60 * GiB, work=60 * GiB,
+                              unit="B/s", times_s=(34.0,)))
+    for page in (64 * KiB * 4**i for i in range(7)):
+        ms.append(_m("h2d_paged", {"page_bytes": page, "total_bytes": 256 * MiB}, page,
+                     256 * MiB, 54e9 * page / (page + 1 * MiB)))
+    for dtype, scale in (("fp32", 0.9), ("bf16", 1.0)):
+        for rows in (4**i for i in range(7)):
+            ms.append(_m("cpu_gemm", {"threads": 16, "rows": rows, "k": 4096, "n": 4096,
+                                      "dtype": dtype}, rows, 2.0 * rows * 4096**2,
+                         CPU_GEMM_CURVE(rows) * scale, unit="FLOP/s"))
+        ms.append(_m("dram_read", {"bytes": 2 * GiB, "dtype": dtype}, 2 * GiB, 2 * GiB,
+                     100e9 * scale))
+        for batch in (1, 8, 64, 512):
+            for context in (128, 1024):
+                kv = 2.0 * batch * 8 * context * 128 * (4 if dtype == "fp32" else 2)
+                ms.append(_m("cpu_attention", {"batch": batch, "context": context,
+                                               "dtype": dtype, "threads": 16}, kv, kv,
+                             ATTN_CURVE(kv) * scale))
+    for stage, unit, solo_rate in (("link", "B/s", 50e9), ("gpu", "FLOP/s", 600e12),
+                                   ("cpu_attention", "B/s", 55e9)):
+        for mode, rate in (("solo", solo_rate), ("together", solo_rate / SLOWDOWN[stage])):
+            ms.append(Measurement("interference", {"stage": stage, "mode": mode, "ops": 100},
+                                  x=1e6, work=rate * 2.0, unit=unit, times_s=(2.0,)))
+    return ms
+
+
+def test_full_run_covers_the_sizes_the_issue_asks_for():
+    assert (FULL.link_sizes_bytes[0], FULL.link_sizes_bytes[-1]) == (4 * KiB, GiB)
+    assert (FULL.gemm_rows[0], FULL.gemm_rows[-1]) == (1, 8192)
+    assert set(FULL.gemm_models) == {"mixtral-8x7b", "dbrx"}
+    assert {"bf16", "fp16"} <= set(FULL.gemm_dtypes)
+    assert FULL.page_sizes_bytes[-1] == FULL.paged_total_bytes  # one large copy vs pages
+
+
+def test_measurement_statistics():
+    m = Measurement("copy", {"bytes": 100}, x=100, work=100.0, unit="B/s",
+                    times_s=(1.0, 2.0, 3.0, 4.0, 5.0))
+    assert m.median_s == 3.0
+    assert m.rate == pytest.approx(100 / 3)
+    assert m.iqr_rel == pytest.approx((4.0 - 2.0) / 3.0)
+
+
+def test_min_page_bytes_is_smallest_page_near_the_best_rate():
+    paged = [_m("h2d_paged", {}, page, 1e9, rate) for page, rate in
+             ((64e3, 10e9), (1e6, 40e9), (4e6, 50e9), (16e6, 52e9))]
+    assert min_page_bytes(paged) == 4_000_000  # 50 >= 0.9 * 52, 40 is not
+
+
+def test_build_profile_maps_measurements_onto_fields():
+    profile = build_profile("h100-test", synthetic_measurements(), _env(), ["nothing"])
+    gpu, link, cpu = profile.gpu, profile.link, profile.cpu
+    assert gpu.peak_flops["bf16"] == pytest.approx(780e12)       # the square GEMM is the max
+    assert gpu.peak_flops["fp16"] == pytest.approx(780e12 * 0.97)
+    assert gpu.peak_flops["fp32"] == pytest.approx(50e12)         # peak-only dtype
+    assert gpu.hbm_bandwidth_bps == pytest.approx(2.9e12)
+    assert gpu.op_overhead_s == pytest.approx(12e-6)
+    assert gpu.memory_bytes == 80e9
+    assert cpu.cores == 16 and cpu.peak_flops == pytest.approx(CPU_GEMM_CURVE(4096))
+    assert cpu.dram_bandwidth_bps == pytest.approx(90e9)          # the fp32 read
+    largest = 4 * KiB * 4**9
+    assert link.h2d_pinned_bps == pytest.approx(H2D_CURVE(largest))
+    assert link.d2h_pageable_bps == pytest.approx(H2D_CURVE(largest) * 0.16)
+    assert link.pageable_to_pinned_bps == pytest.approx(42e9)
+    assert link.pinned_max_bytes == 60 * GiB
+    assert "failed to pin" in profile.sources["link.pinned_max_bytes"]
+    inter = profile.interference
+    assert (inter.link, inter.gpu, inter.cpu_attention) == pytest.approx((1.25, 1.0, 1.1))
+    assert profile.measurements["derived"]["interference_ratio"]["gpu"] == pytest.approx(0.9)
+    for key, truth in (("gpu_gemm", GEMM_CURVE), ("h2d", H2D_CURVE),
+                       ("cpu_attention", ATTN_CURVE), ("cpu_gemm", CPU_GEMM_CURVE)):
+        fitted = profile.curves[key]
+        assert fitted.peak == pytest.approx(truth.peak, rel=1e-3), key
+        assert fitted.half == pytest.approx(truth.half, rel=1e-2), key
+    # bf16 and fp16 GEMMs must not be pooled into the one 'gpu_gemm' curve
+    assert profile.measurements["fits"]["gpu_gemm"]["points"] == 28
+    assert profile.measurements["derived"]["min_page_bytes_90pct"] == 16 * MiB
+
+
+def test_every_value_says_how_it_was_measured():
+    profile = build_profile("h100-test", synthetic_measurements(), _env())
+    for path in ("gpu.peak_flops.bf16", "gpu.hbm_bandwidth_bps", "gpu.op_overhead_s",
+                 "cpu.peak_flops", "cpu.dram_bandwidth_bps", "link.h2d_pinned_bps",
+                 "link.d2h_pinned_bps", "link.h2d_pageable_bps", "link.d2h_pageable_bps",
+                 "link.pageable_to_pinned_bps", "interference.link"):
+        assert profile.sources[path].startswith("measured 2026-11-23: "), path
+    assert "x 5 reps, median" in profile.sources["link.h2d_pinned_bps"]
+    assert "IQR" in profile.sources["link.h2d_pinned_bps"]
+    assert profile.sources["curves.h2d.rel_error"].startswith("fit 2026-11-23")
+    env = profile.measurements["environment"]
+    assert env["torch_version"] == "2.11.0" and env["gpu_name"].startswith("NVIDIA")
+    table = profile.measurements["benchmarks"]["copy"]
+    assert len(table["rate"]) == len(table["bytes"]) == 40 and table["unit"] == "B/s"
+
+
+def test_standin_profile_uses_the_memcpy_for_the_link():
+    profile = build_profile("cpu-test", synthetic_measurements(standin=True), _env("cpu"))
+    link = profile.link
+    assert link.h2d_pinned_bps == link.d2h_pageable_bps == link.pageable_to_pinned_bps
+    assert math.isinf(link.pinned_max_bytes)
+    assert STANDIN_NOTE in profile.description
+    assert "CPU stand-in" in profile.sources["gpu.peak_flops.bf16"]
+
+
+def test_toml_round_trip(tmp_path):
+    profile = build_profile("h100-test", synthetic_measurements(), _env(), ["a skipped thing"])
+    path = tmp_path / "h100-test.toml"
+    save_profile(profile, path)
+    loaded = load_profile(path)
+    assert loaded == profile
+    assert loaded.sources == profile.sources
+    assert loaded.measurements == profile.measurements
+    assert loaded.curves["gpu_gemm"].rel_error == profile.curves["gpu_gemm"].rel_error
+
+
+# ---- the real thing, through the CLI -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile")
+    toml_path, raw_path = out / "quick.toml", out / "quick.json"
+    result = CliRunner().invoke(app, ["profile", "--quick", "--device", "cpu", "-o",
+                                      str(toml_path), "--raw-json", str(raw_path)])
+    return result, toml_path, raw_path
+
+
+def test_quick_cpu_profile_runs_and_loads(quick_run):
+    result, toml_path, raw_path = quick_run
+    assert result.exit_code == 0, result.output
+    assert "CPU stand-in" in result.output
+    assert "skipped:" in result.output
+    profile = load_profile(toml_path)
+    assert profile.name == "quick"
+    assert set(profile.curves) >= {"gpu_gemm", "h2d", "cpu_attention", "cpu_gemm"}
+    for curve in profile.curves.values():
+        assert math.isfinite(curve.rel_error)
+    assert profile.gpu.peak_flops["bf16"] > 0 and profile.cpu.dram_bandwidth_bps > 0
+    assert profile.cpu.cores == torch.get_num_threads()
+    assert all(f >= 1.0 for f in (profile.interference.link, profile.interference.gpu,
+                                  profile.interference.cpu_attention))
+    env = profile.measurements["environment"]
+    assert env["mode"] == "quick" and env["torch_version"] == torch.__version__
+    raw = json.loads(raw_path.read_text())
+    benches = {m["bench"] for m in raw["measurements"]}
+    assert benches >= {"gpu_gemm", "copy", "h2d_paged", "cpu_gemm", "dram_read",
+                       "cpu_attention", "interference"}
+    assert all(len(m["times_s"]) >= 1 for m in raw["measurements"])
+
+
+def test_quick_cpu_profile_measures_attention_in_both_kv_dtypes(quick_run):
+    _, toml_path, _ = quick_run
+    table = load_profile(toml_path).measurements["benchmarks"]["cpu_attention"]
+    assert set(table["dtype"]) == {"fp32", "bf16"}
+    assert set(table["threads"]) == {torch.get_num_threads()}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "tpu"], "--device must be auto, cuda or cpu"),
+    (["--device", "cpu", "--threads", "0"], "--threads must be >= 1"),
+    (["--device", "cpu", "--pin-probe-gib", "-1"], "--pin-probe-gib must be >= 0"),
+    (["--device", "cpu", "--pin-probe-gib", "8"], "--pin-probe-gib needs CUDA"),
+    (["--device", "cpu", "--model", "deepseek-v2-lite"], "grouped-query"),
+])
+def test_bad_options_give_one_line_error(args, message, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("sys.argv", ["hrm", "profile", "-o", str(tmp_path / "x.toml"), *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.toml").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_is_an_error(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["hrm", "profile", "--device", "cuda"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 2
+    assert "torch sees no CUDA GPU" in capsys.readouterr().err
