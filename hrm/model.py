@@ -279,13 +279,16 @@ def from_hf_config(config: dict[str, Any], name: str | None = None) -> ModelSpec
         shared_intermediate_size=shared,
         shared_expert_gate=model_type == "qwen2_moe" and shared > 0,
         num_dense_layers=dense_layers, dense_intermediate_size=dense_intermediate,
-        attention_bias=bool(_get(config, "attention_bias", default=model_type == "qwen2_moe")),
+        attention_bias=bool(_get(config, "attention_bias", "qkv_bias",
+                                 default=model_type == "qwen2_moe")),
         qk_norm=model_type == "olmoe",
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         kv_lora_rank=kv_lora, q_lora_rank=int(_get(config, "q_lora_rank", default=0) or 0),
         qk_rope_head_dim=int(_get(config, "qk_rope_head_dim", default=0) or 0) if kv_lora else 0,
         v_head_dim=int(_get(config, "v_head_dim", default=0) or 0) if kv_lora else 0,
-        rope_theta=float(_get(config, "rope_theta", default=10000.0)),
+        # transformers >= 5 nests rope_theta under rope_parameters
+        rope_theta=float(_get(config, "rope_theta", default=None)
+                         or _get(config.get("rope_parameters") or {}, "rope_theta", default=1e4)),
         rms_norm_eps=float(_get(config, "rms_norm_eps", default=1e-5)),
     )
 

@@ -1,0 +1,685 @@
+"""The CGOPipe cost model: per-layer stage times, pipeline makespan, memory and tokens/s.
+
+Notation (MoE-Lightning Tab. 1): N batch, mu micro-batch, n_ub = N / mu, l layers, s mean prompt,
+n generated tokens, r_w / r_c fractions of routed-expert / KV bytes kept on the GPU.
+
+Each stage of one decoder layer (for the whole batch) is a sum over the operators of
+`hrm.roofline.layer_operators` placed on that stage:
+
+    GPU op      t = max(F / P_g(rows), B_hbm / BW_g) + launches * t_launch
+                P_g(rows) from curve 'gpu_gemm' (achieved FLOP/s vs GEMM rows), else the peak
+    CPU attn    t = max(F / P_c, t_kv(KV bytes)), t_kv from curve 'cpu_attention', else B / BW_c
+                (+ 2 o_l / BW_c: the copy thread's DRAM read+write shares the bus, MoE-Lens Eq. 5)
+    H2D         t = (1 - r_w) W_e / bw(page) + activations (+ (1 - r_c) KV when attention is on
+                the GPU, FlexGen S4); bw(x) from curve 'h2d' at the copy size, else pinned peak
+    D2H         t = q/k/v per micro-batch (+ (1 - r_c) KV offload)
+    copy thread t = o_l / BW_pageable->pinned, o_l = pinned overflow of one layer
+
+    o = max(0, (1 - r_w) W_routed + pinned buffers - pinned_max)   bytes that cannot stay pinned
+
+Schedules: cgopipe  layer_s = max_s(f_s t_s)  (f = interference factors) + a fill/drain of one
+           micro-batch per decode step;  cgopipe-serial and layerwise  layer_s = sum_s t_s.
+Decode:    step_s = sum_layers layer_s + lm head;  decode_s = (n - 1) step_s (prefill makes the
+           first token).  throughput = N n / (prefill_s + decode_s)  (FlexGen / MoE-Lightning).
+
+Every term is affine in (r_w, r_c, o) for fixed discrete choices: `cost_terms` exposes the
+coefficients, `predict` evaluates them, and `hrm.optimize` builds its MILP from the same ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from hrm.errors import PolicyError
+from hrm.hardware import HardwareProfile
+from hrm.model import ModelSpec
+from hrm.policy import Policy
+from hrm.roofline import (
+    ACT_DTYPE,
+    COMPUTE_DTYPE,
+    LOGIT_BYTES,
+    Operator,
+    attn_out_elements_per_token,
+    head_operators,
+    kv_bytes_per_token_layer,
+    layer_operators,
+    qkv_elements_per_token,
+)
+from hrm.units import GiB, dtype_bytes, fmt_bytes
+from hrm.workload import Workload
+
+#: share of GPU memory a policy may plan for: the rest is headroom for the CUDA context, cuBLAS
+#: workspaces and allocator fragmentation (an assumption, not a measurement)
+GPU_USABLE_FRACTION = 0.95
+#: share of CPU memory a policy may plan for: the rest is left to the OS, Python and the page
+#: cache (an assumption, not a measurement)
+CPU_USABLE_FRACTION = 0.90
+#: pages in the pinned staging ring that the copy thread fills when weights cannot all be pinned
+STAGING_RING_PAGES = 4
+
+#: resources of a layer; cgopipe adds "chain", one micro-batch's dependent path through a layer
+STAGES = ("h2d", "d2h", "cpu_attn", "gpu", "copy_thread")
+#: the name a stage has as a bottleneck
+BOTTLENECK_NAMES = {"h2d": "link", "d2h": "link_d2h", "cpu_attn": "cpu_attention", "gpu": "gpu",
+                    "copy_thread": "copy_thread", "chain": "micro_batch_chain"}
+
+
+# ---- affine terms ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Affine:
+    """const + r_w * a_w + r_c * a_c + o * a_o, with o the pinned-overflow bytes (all of them,
+    over every layer). The unit is the term's (seconds or bytes)."""
+
+    const: float = 0.0
+    r_w: float = 0.0
+    r_c: float = 0.0
+    overflow: float = 0.0
+
+    def __call__(self, r_w: float, r_c: float, overflow: float = 0.0) -> float:
+        return self.const + self.r_w * r_w + self.r_c * r_c + self.overflow * overflow
+
+    def __add__(self, other: Affine) -> Affine:
+        return Affine(self.const + other.const, self.r_w + other.r_w, self.r_c + other.r_c,
+                      self.overflow + other.overflow)
+
+    def scaled(self, factor: float) -> Affine:
+        return Affine(self.const * factor, self.r_w * factor, self.r_c * factor,
+                      self.overflow * factor)
+
+
+def one_minus(x_bytes: float, variable: str) -> Affine:
+    """(1 - r) * x: the part of x that is not on the GPU."""
+    return Affine(const=x_bytes, **{variable: -x_bytes})
+
+
+def affine_sum(terms: list[Affine]) -> Affine:
+    total = Affine()
+    for term in terms:
+        total = total + term
+    return total
+
+
+# ---- rates and operator times ---------------------------------------------------------------
+def gpu_achieved_flops(hw: HardwareProfile, rows: float) -> float:
+    """P_g(rows): GEMM FLOP/s at `rows` rows from curve 'gpu_gemm' (capped at the peak), else the
+    peak."""
+    peak = hw.gpu.flops(COMPUTE_DTYPE)
+    curve = hw.curves.get("gpu_gemm")
+    return min(curve(rows), peak) if curve is not None and rows > 0 else peak
+
+
+def gpu_op_time_s(hw: HardwareProfile, op: Operator) -> float:
+    """t = max(F / P_g(rows), B_hbm / BW_g) + launches * t_launch."""
+    compute_s = op.flops / gpu_achieved_flops(hw, op.rows)
+    memory_s = op.gpu_bytes / hw.gpu.hbm_bandwidth_bps
+    return max(compute_s, memory_s) + op.launches * hw.gpu.op_overhead_s
+
+
+def cpu_op_time_s(hw: HardwareProfile, op: Operator) -> float:
+    """t = max(F / P_c, t_kv): curve 'cpu_attention' (KV bytes/s vs KV bytes of one call, one
+    micro-batch) over the KV the op reads (its `link_bytes`), else all its DRAM bytes / DRAM
+    bandwidth."""
+    curve = hw.curves.get("cpu_attention")
+    if curve is not None:
+        memory_s = op.launches * curve.time_s(op.link_bytes / op.launches)
+    else:
+        memory_s = op.cpu_bytes / hw.cpu.dram_bandwidth_bps
+    return max(op.flops / hw.cpu.peak_flops, memory_s)
+
+
+def link_bps(hw: HardwareProfile, direction: str, copy_bytes: float) -> float:
+    """Pinned copy rate (bytes/s) for copies of `copy_bytes`: curve 'h2d' when present (D2H takes
+    the same size-dependence scaled to its own peak), else the pinned peak."""
+    peak = hw.link.h2d_pinned_bps if direction == "h2d" else hw.link.d2h_pinned_bps
+    curve = hw.curves.get("h2d")
+    if curve is None:
+        return peak
+    efficiency = curve(copy_bytes) / curve.peak
+    return efficiency * (curve.peak if direction == "h2d" else peak)
+
+
+def transfer_time(hw: HardwareProfile, op: Operator, page_bytes: float) -> Affine:
+    """Seconds to move `op` over the link, scaled by the fraction that is not GPU-resident:
+    routed expert weights by (1 - r_w) in pages of `page_bytes`, KV by (1 - r_c)."""
+    if op.name == "weight_h2d":
+        return one_minus(op.link_bytes / link_bps(hw, "h2d", page_bytes), "r_w")
+    seconds = op.link_bytes / link_bps(hw, op.device, op.link_bytes / op.launches)
+    if op.name.startswith("kv_"):
+        return one_minus(seconds, "r_c")
+    return Affine(const=seconds)
+
+
+# ---- the cost terms of one discrete choice ---------------------------------------------------
+@dataclass(frozen=True)
+class CostTerms:
+    """All cost and memory terms of a policy's discrete choices (N, mu, attention devices,
+    schedule, dtypes, page size), affine in (r_w, r_c, o). Stage times are per decoder layer of
+    each kind ('moe', 'dense') for the whole batch, before interference."""
+
+    policy: Policy
+    gen_len: int
+    layer_counts: dict[str, int]
+    decode_stages: dict[str, dict[str, Affine]]
+    prefill_stages: dict[str, dict[str, Affine]]
+    #: added once per decode step / once per prefill (LM head, pipeline fill and drain)
+    decode_extra_s: Affine
+    prefill_extra_s: Affine
+    #: interference factor of each stage (1 in serial schedules)
+    factors: dict[str, float]
+    overlapped: bool
+    #: o >= overflow_bytes, o >= 0; None when everything can be pinned
+    overflow_bytes: Affine | None
+    gpu_memory: dict[str, dict[str, Affine]]   # phase -> component -> bytes
+    cpu_memory: dict[str, Affine]
+    pinned_memory: dict[str, Affine]
+    gpu_capacity_bytes: float
+    cpu_capacity_bytes: float
+
+    def overflow(self, r_w: float) -> float:
+        """o = max(0, overflow_bytes(r_w)): bytes of offloaded weights that cannot be pinned."""
+        return 0.0 if self.overflow_bytes is None else max(0.0, self.overflow_bytes(r_w, 0.0))
+
+    def layer_time_s(self, stages: dict[str, Affine], r_w: float, r_c: float) -> float:
+        o = self.overflow(r_w)
+        times = [self.factors[s] * term(r_w, r_c, o) for s, term in stages.items()]
+        return max(times) if self.overlapped else sum(times)
+
+    def decode_step_s(self, r_w: float, r_c: float) -> float:
+        o = self.overflow(r_w)
+        return self.decode_extra_s(r_w, r_c, o) + sum(
+            count * self.layer_time_s(self.decode_stages[kind], r_w, r_c)
+            for kind, count in self.layer_counts.items())
+
+    def prefill_s(self, r_w: float, r_c: float) -> float:
+        o = self.overflow(r_w)
+        return self.prefill_extra_s(r_w, r_c, o) + sum(
+            count * self.layer_time_s(self.prefill_stages[kind], r_w, r_c)
+            for kind, count in self.layer_counts.items())
+
+    def gpu_need_bytes(self, r_w: float, r_c: float) -> float:
+        """Peak GPU bytes over the phases."""
+        o = self.overflow(r_w)
+        return max(sum(term(r_w, r_c, o) for term in comps.values())
+                   for comps in self.gpu_memory.values())
+
+    def cpu_need_bytes(self, r_w: float, r_c: float) -> float:
+        o = self.overflow(r_w)
+        return sum(term(r_w, r_c, o) for term in self.cpu_memory.values())
+
+    def fits(self, r_w: float, r_c: float) -> bool:
+        return (self.gpu_need_bytes(r_w, r_c) <= self.gpu_capacity_bytes
+                and self.cpu_need_bytes(r_w, r_c) <= self.cpu_capacity_bytes)
+
+    def time_per_token_s(self, r_w: float, r_c: float) -> float:
+        """The objective: (prefill_s + (n - 1) step_s) / (N n), seconds per generated token."""
+        total_s = self.prefill_s(r_w, r_c) + (self.gen_len - 1) * self.decode_step_s(r_w, r_c)
+        return total_s / (self.policy.batch_size * self.gen_len)
+
+
+def _stage_sums(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
+                overflow_per_layer: float) -> dict[str, Affine]:
+    """The five stage times of one layer from its operators. `overflow_per_layer` is the share
+    of the total pinned overflow o that one layer streams (1 / l_moe; 0 for dense layers)."""
+    stages = {s: Affine() for s in STAGES}
+    for op in ops:
+        stages[_stage_of(op)] += _op_time(hw, op, page_bytes)
+    if overflow_per_layer:
+        p2p_bps = hw.link.pageable_to_pinned_bps
+        if p2p_bps > 0:
+            stages["copy_thread"] += Affine(overflow=overflow_per_layer / p2p_bps)
+            if any(op.device == "cpu" for op in ops):
+                stages["cpu_attn"] += Affine(
+                    overflow=2.0 * overflow_per_layer / hw.cpu.dram_bandwidth_bps)
+        else:   # no staging thread measured: unpinned bytes go over the link pageable
+            extra = 1.0 / hw.link.h2d_pageable_bps - 1.0 / link_bps(hw, "h2d", page_bytes)
+            stages["h2d"] += Affine(overflow=overflow_per_layer * max(extra, 0.0))
+    return stages
+
+
+def _layer_ops(model: ModelSpec, workload: Workload, policy: Policy, phase: str,
+               kind: str) -> list[Operator]:
+    return layer_operators(
+        model, micro_batch_size=policy.micro_batch_size,
+        num_micro_batches=policy.num_micro_batches, context_len=workload.mean_decode_context,
+        phase=phase, layer_kind=kind, weight_dtype=policy.weight_dtype, kv_dtype=policy.kv_dtype,
+        attn_device=policy.attn_decode_device if phase == "decode" else policy.attn_prefill_device,
+        prompt_len=workload.prompt_len)
+
+
+def _op_time(hw: HardwareProfile, op: Operator, page_bytes: float) -> Affine:
+    if op.device == "gpu":
+        return Affine(const=gpu_op_time_s(hw, op))
+    if op.device == "cpu":
+        return Affine(const=cpu_op_time_s(hw, op))
+    return transfer_time(hw, op, page_bytes)
+
+
+def _chain_s(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
+             num_micro_batches: int, factors: dict[str, float]) -> Affine:
+    """One micro-batch's dependent chain through a layer (pre-attention, q/k/v D2H, attention,
+    output H2D, post-attention; everything but the weight stream): a layer cannot take less,
+    and one chain per step is the pipeline's fill and drain."""
+    return affine_sum([_op_time(hw, op, page_bytes).scaled(factors[_stage_of(op)])
+                       for op in ops if op.name != "weight_h2d"]).scaled(1.0 / num_micro_batches)
+
+
+def _stage_of(op: Operator) -> str:
+    return "cpu_attn" if op.device == "cpu" else op.device
+
+
+def layer_stage_sums(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
+                     overflow_per_layer: float) -> dict[str, Affine]:
+    """Public `_stage_sums`, for callers that build their own operator mix (hrm.continuous)."""
+    return _stage_sums(hw, ops, page_bytes, overflow_per_layer)
+
+
+def micro_batch_chain_s(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
+                        num_micro_batches: int, factors: dict[str, float]) -> Affine:
+    """Public `_chain_s`, for callers that build their own operator mix (hrm.continuous)."""
+    return _chain_s(hw, ops, page_bytes, num_micro_batches, factors)
+
+
+def _with_kv_dtype_curve(hw: HardwareProfile, kv_dtype: str) -> HardwareProfile:
+    """Use the CPU attention curve measured for the policy's KV dtype ('cpu_attention_fp32')
+    when the profile has one; 'cpu_attention' otherwise."""
+    curve = hw.curves.get(f"cpu_attention_{kv_dtype}")
+    return hw if curve is None else replace(hw, curves={**hw.curves, "cpu_attention": curve})
+
+
+def cost_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
+               policy: Policy) -> CostTerms:
+    """The affine cost and memory terms of `policy`'s discrete choices (its r_w, r_c are not
+    used)."""
+    hw = _with_kv_dtype_curve(hw, policy.kv_dtype)
+    n_ub, mu = policy.num_micro_batches, policy.micro_batch_size
+    page = float(policy.weight_page_bytes)
+    counts = {kind: count for kind, count in
+              (("moe", model.num_moe_layers), ("dense", model.num_dense_layers)) if count}
+    memory = _memory_terms(model, hw, workload, policy)
+    overflow_expr = memory.pop("overflow")
+    per_layer = {"moe": 1.0 / model.num_moe_layers if overflow_expr else 0.0, "dense": 0.0}
+
+    ops = {(phase, k): _layer_ops(model, workload, policy, phase, k)
+           for phase in ("decode", "prefill") for k in counts}
+    decode = {k: _stage_sums(hw, ops["decode", k], page, per_layer[k]) for k in counts}
+    prefill = {k: _stage_sums(hw, ops["prefill", k], page, per_layer[k]) for k in counts}
+    head_s = sum(gpu_op_time_s(hw, op) for op in head_operators(
+        model, micro_batch_size=mu, num_micro_batches=n_ub, weight_dtype=policy.weight_dtype))
+    overlapped = policy.schedule == "cgopipe"
+    inter = hw.interference
+    factors = ({"h2d": inter.link, "d2h": inter.link, "gpu": inter.gpu,
+                "cpu_attn": inter.cpu_attention, "copy_thread": 1.0, "chain": 1.0}
+               if overlapped else dict.fromkeys(STAGES, 1.0))
+    decode_extra, prefill_extra = Affine(const=head_s), Affine(const=head_s)
+    if overlapped:
+        for k in counts:
+            decode[k]["chain"] = _chain_s(hw, ops["decode", k], page, n_ub, factors)
+            prefill[k]["chain"] = _chain_s(hw, ops["prefill", k], page, n_ub, factors)
+        kind = "moe" if "moe" in counts else "dense"
+        decode_extra += decode[kind]["chain"]
+        # the first layer's weights arrive before any expert runs, then one micro-batch fills
+        first_weights = affine_sum([transfer_time(hw, op, page) for op in ops["prefill", kind]
+                                    if op.name == "weight_h2d"])
+        prefill_extra += first_weights + prefill[kind]["chain"]
+    return CostTerms(
+        policy=policy, gen_len=workload.gen_len, layer_counts=counts, decode_stages=decode,
+        prefill_stages=prefill, decode_extra_s=decode_extra, prefill_extra_s=prefill_extra,
+        factors=factors, overlapped=overlapped, overflow_bytes=overflow_expr,
+        gpu_memory={"prefill": memory["gpu_prefill"], "decode": memory["gpu_decode"]},
+        cpu_memory=memory["cpu"], pinned_memory=memory["pinned"],
+        gpu_capacity_bytes=GPU_USABLE_FRACTION * hw.gpu.memory_bytes,
+        cpu_capacity_bytes=CPU_USABLE_FRACTION * hw.cpu.memory_bytes)
+
+
+# ---- memory ----------------------------------------------------------------------------------
+def _memory_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
+                  policy: Policy) -> dict[str, Any]:
+    """Memory components (bytes, affine in r_w, r_c, o) of each phase, and the overflow term."""
+    n, mu, n_ub = policy.batch_size, policy.micro_batch_size, policy.num_micro_batches
+    act = dtype_bytes(ACT_DTYPE)
+    h1, k = model.hidden_size, model.top_k
+    routed_bytes = model.routed_expert_bytes(policy.weight_dtype)
+    layer_bytes = model.routed_expert_bytes_per_layer(policy.weight_dtype)
+    kv_token_layer = kv_bytes_per_token_layer(model, policy.kv_dtype)
+    kv_bytes = n * workload.max_seq_len * model.kv_bytes_per_token(policy.kv_dtype)
+    qkv, out = qkv_elements_per_token(model), attn_out_elements_per_token(model)
+    widest_ffn = max(2 * model.expert_intermediate_size * k, 2 * model.shared_intermediate_size,
+                     2 * model.dense_intermediate_size)
+    logits = mu * model.vocab_size * LOGIT_BYTES
+
+    weights = {"dense weights": Affine(const=model.dense_bytes(policy.weight_dtype)),
+               "resident experts": Affine(r_w=routed_bytes)}
+    if model.num_moe_layers:
+        weights["expert staging (2 layers)"] = one_minus(2.0 * layer_bytes, "r_w")
+    kv_gpu = {"KV cache": Affine(r_c=kv_bytes)} if policy.attn_decode_device == "gpu" else {}
+
+    # decode: the batch's residual stream + one micro-batch's activations + logits
+    decode_ws = n * h1 * act + mu * (3 * h1 + qkv + out + widest_ffn) * act + logits
+    gpu_decode = {**weights, **kv_gpu, "activations": Affine(const=decode_ws)}
+    if policy.attn_decode_device == "gpu":   # double-buffered KV of a micro-batch from the CPU
+        gpu_decode["KV staging"] = one_minus(
+            2.0 * mu * workload.max_seq_len * kv_token_layer, "r_c")
+    # prefill: one micro-batch of mu * s_max tokens, experts run one at a time over the
+    # token-expert pairs sorted by expert, KV double-buffered on its way to the CPU
+    tokens = mu * workload.max_prompt_len
+    prefill_ws = (tokens * (3 * h1 + qkv + out + k * h1 + 2 * model.shared_intermediate_size
+                            + 2 * model.dense_intermediate_size) * act
+                  + tokens * k * 2 * model.expert_intermediate_size * act / model.num_experts
+                  + 2 * tokens * kv_token_layer + logits)
+    if n_ub == 1:
+        prefill_ws += tokens * h1 * act
+    gpu_prefill = {**weights, **kv_gpu, "activations": Affine(const=prefill_ws)}
+
+    # pinned CPU buffers: per-micro-batch q/k/v and attention outputs (decode) or the batch's
+    # hidden states between micro-batches (prefill), whichever is larger
+    decode_buffers = n * (qkv + out) * act if policy.attn_decode_device == "cpu" else 0.0
+    prefill_swap = n * workload.max_prompt_len * h1 * act if n_ub > 1 else 0.0
+    buffers = max(decode_buffers, prefill_swap)
+    finite_pin = math.isfinite(hw.link.pinned_max_bytes)
+    ring = STAGING_RING_PAGES * policy.weight_page_bytes if finite_pin and routed_bytes else 0.0
+    overflow = (Affine(const=routed_bytes + buffers + ring - hw.link.pinned_max_bytes,
+                       r_w=-routed_bytes) if finite_pin and routed_bytes else None)
+    cpu = {"offloaded experts": one_minus(routed_bytes, "r_w"),
+           "KV cache": one_minus(kv_bytes, "r_c"),
+           "activation buffers": Affine(const=buffers)}
+    if ring:
+        cpu["staging ring"] = Affine(const=ring)
+    pinned = {"pinned experts": one_minus(routed_bytes, "r_w") + Affine(overflow=-1.0),
+              "activation buffers": Affine(const=buffers)}
+    if ring:
+        pinned["staging ring"] = Affine(const=ring)
+    return {"gpu_decode": gpu_decode, "gpu_prefill": gpu_prefill, "cpu": cpu, "pinned": pinned,
+            "overflow": overflow}
+
+
+@dataclass(frozen=True)
+class MemoryFootprint:
+    """Peak bytes over prefill and decode. `gpu_breakdown` is the breakdown of the peak phase."""
+
+    gpu_bytes: float
+    cpu_bytes: float
+    pinned_bytes: float
+    gpu_breakdown: dict[str, float]
+    cpu_breakdown: dict[str, float]
+    gpu_capacity_bytes: float = 0.0
+    cpu_capacity_bytes: float = 0.0
+
+
+def _footprint(terms: CostTerms, r_w: float, r_c: float) -> MemoryFootprint:
+    o = terms.overflow(r_w)
+    phases = {phase: {name: term(r_w, r_c, o) for name, term in comps.items()}
+              for phase, comps in terms.gpu_memory.items()}
+    peak_phase = max(phases, key=lambda p: sum(phases[p].values()))
+    cpu = {name: term(r_w, r_c, o) for name, term in terms.cpu_memory.items()}
+    pinned = sum(term(r_w, r_c, o) for term in terms.pinned_memory.values())
+    return MemoryFootprint(
+        gpu_bytes=sum(phases[peak_phase].values()), cpu_bytes=sum(cpu.values()),
+        pinned_bytes=pinned, gpu_breakdown={f"{k} ({peak_phase})": v
+                                            for k, v in phases[peak_phase].items()},
+        cpu_breakdown=cpu, gpu_capacity_bytes=terms.gpu_capacity_bytes,
+        cpu_capacity_bytes=terms.cpu_capacity_bytes)
+
+
+def memory_footprint(model: ModelSpec, hw: HardwareProfile, workload: Workload,
+                     policy: Policy) -> MemoryFootprint:
+    """Peak GPU, CPU and pinned memory of `policy` (bytes)."""
+    terms = cost_terms(model, hw, workload, policy)
+    return _footprint(terms, policy.weights_gpu_fraction, policy.kv_gpu_fraction)
+
+
+def breakdown_text(parts: dict[str, float]) -> str:
+    return ", ".join(f"{name} {fmt_bytes(v)}" for name, v in
+                     sorted(parts.items(), key=lambda kv: -kv[1]) if v > 0)
+
+
+def check_fits(model: ModelSpec, hw: HardwareProfile, workload: Workload, policy: Policy) -> None:
+    """Raise PolicyError naming what does not fit in GPU or CPU memory."""
+    mem = memory_footprint(model, hw, workload, policy)
+    for tier, need, usable, total, parts in (
+            ("GPU", mem.gpu_bytes, mem.gpu_capacity_bytes, hw.gpu.memory_bytes,
+             mem.gpu_breakdown),
+            ("CPU", mem.cpu_bytes, mem.cpu_capacity_bytes, hw.cpu.memory_bytes,
+             mem.cpu_breakdown)):
+        if need > usable:
+            raise PolicyError(
+                f"policy needs {need / GiB:.1f} GiB {tier} memory ({breakdown_text(parts)}), "
+                f"{usable / GiB:.1f} GiB usable of {total / GiB:.1f} GiB given")
+
+
+# ---- prediction ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StageTimes:
+    """One decoder layer (MoE) for the whole batch, seconds; `layer_s` as the schedule runs it
+    (interference applied when stages overlap)."""
+
+    cpu_attn_s: float
+    gpu_s: float
+    h2d_s: float
+    d2h_s: float
+    copy_thread_s: float
+    layer_s: float
+    #: one micro-batch's dependent path through the layer (cgopipe; 0 in serial schedules)
+    chain_s: float = 0.0
+
+    def by_stage(self) -> dict[str, float]:
+        return {"h2d": self.h2d_s, "d2h": self.d2h_s, "cpu_attn": self.cpu_attn_s,
+                "gpu": self.gpu_s, "copy_thread": self.copy_thread_s, "chain": self.chain_s}
+
+
+def _stage_times(terms: CostTerms, stages: dict[str, Affine], r_w: float,
+                 r_c: float) -> StageTimes:
+    o = terms.overflow(r_w)
+    t = {s: term(r_w, r_c, o) for s, term in stages.items()}
+    return StageTimes(cpu_attn_s=t["cpu_attn"], gpu_s=t["gpu"], h2d_s=t["h2d"], d2h_s=t["d2h"],
+                      copy_thread_s=t["copy_thread"],
+                      layer_s=terms.layer_time_s(stages, r_w, r_c), chain_s=t.get("chain", 0.0))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted run of one batch of N sequences (seconds, tokens/s, bytes)."""
+
+    model: str
+    hardware: str
+    workload: Workload
+    policy: Policy
+    prefill_s: float
+    decode_s: float
+    decode_step_s: float
+    throughput_tok_s: float
+    prefill_layer: StageTimes
+    decode_layer: StageTimes
+    memory: MemoryFootprint
+    bottleneck: str
+    bottleneck_slack: float
+    pinned_overflow_bytes: float = 0.0
+    notes: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        return {
+            "model": self.model, "hardware": self.hardware,
+            "workload": {"num_seqs": self.workload.num_seqs,
+                         "prompt_len": self.workload.prompt_len,
+                         "gen_len": self.workload.gen_len,
+                         "max_prompt_len": self.workload.max_prompt_len},
+            "policy": self.policy.to_dict(),
+            "throughput_tok_s": self.throughput_tok_s,
+            "prefill_s": self.prefill_s, "decode_s": self.decode_s,
+            "decode_step_s": self.decode_step_s,
+            "bottleneck": self.bottleneck, "bottleneck_slack": self.bottleneck_slack,
+            "gpu_mem_bytes": self.memory.gpu_bytes, "cpu_mem_bytes": self.memory.cpu_bytes,
+            "pinned_mem_bytes": self.memory.pinned_bytes,
+            "pinned_overflow_bytes": self.pinned_overflow_bytes,
+            "gpu_mem_capacity_bytes": self.memory.gpu_capacity_bytes,
+            "cpu_mem_capacity_bytes": self.memory.cpu_capacity_bytes,
+            "gpu_mem_breakdown": self.memory.gpu_breakdown,
+            "cpu_mem_breakdown": self.memory.cpu_breakdown,
+            "stages": {"prefill_layer": asdict(self.prefill_layer),
+                       "decode_layer": asdict(self.decode_layer)},
+            "notes": list(self.notes),
+        }
+
+
+def _bottleneck(terms: CostTerms, layer: StageTimes) -> tuple[str, float]:
+    """The stage that binds the decode layer and its ratio to the next-largest stage."""
+    scaled = sorted(((terms.factors.get(s, 1.0) * t, s) for s, t in layer.by_stage().items()),
+                    reverse=True)
+    (top_s, top), (second_s, _) = scaled[0], scaled[1]
+    slack = top_s / second_s if second_s > 0 else math.inf
+    return BOTTLENECK_NAMES[top], slack
+
+
+def evaluate(terms: CostTerms, model: ModelSpec, hw: HardwareProfile, workload: Workload,
+             r_w: float, r_c: float) -> Prediction:
+    """The prediction for the discrete choices of `terms` at (r_w, r_c)."""
+    policy = replace(terms.policy, weights_gpu_fraction=r_w, kv_gpu_fraction=r_c)
+    prefill_s = terms.prefill_s(r_w, r_c)
+    step_s = terms.decode_step_s(r_w, r_c)
+    decode_s = (workload.gen_len - 1) * step_s
+    kind = "moe" if "moe" in terms.layer_counts else "dense"
+    decode_layer = _stage_times(terms, terms.decode_stages[kind], r_w, r_c)
+    bottleneck, slack = _bottleneck(terms, decode_layer)
+    notes = []
+    o = terms.overflow(r_w)
+    if o > 0:
+        notes.append(f"{fmt_bytes(o)} of offloaded experts exceed the pinnable "
+                     f"{fmt_bytes(hw.link.pinned_max_bytes)}: staged by the copy thread")
+    return Prediction(
+        model=model.name, hardware=hw.name, workload=workload, policy=policy,
+        prefill_s=prefill_s, decode_s=decode_s, decode_step_s=step_s,
+        throughput_tok_s=policy.batch_size * workload.gen_len / (prefill_s + decode_s),
+        prefill_layer=_stage_times(terms, terms.prefill_stages[kind], r_w, r_c),
+        decode_layer=decode_layer, memory=_footprint(terms, r_w, r_c), bottleneck=bottleneck,
+        bottleneck_slack=slack, pinned_overflow_bytes=o, notes=tuple(notes))
+
+
+def predict(model: ModelSpec, hw: HardwareProfile, workload: Workload,
+            policy: Policy) -> Prediction:
+    """Predicted prefill/decode time, tokens/s, stage times, bottleneck and memory of `policy`
+    for one batch of N = policy.batch_size sequences."""
+    terms = cost_terms(model, hw, workload, policy)
+    return evaluate(terms, model, hw, workload, policy.weights_gpu_fraction,
+                    policy.kv_gpu_fraction)
+
+
+# ---- predicted timeline ----------------------------------------------------------------------
+@dataclass
+class _Task:
+    name: str
+    tid: str
+    dur_s: float
+    deps: list[str]
+    layer: int
+    micro_batch: int
+    start_s: float = 0.0
+
+
+def _simulate(queues: dict[str, list[_Task]]) -> list[_Task]:
+    """List-schedule tasks that run in a fixed order per track: a task starts when the previous
+    task of its track and all its dependencies have finished."""
+    done: dict[str, float] = {}
+    free_at = dict.fromkeys(queues, 0.0)
+    heads = dict.fromkeys(queues, 0)
+    out: list[_Task] = []
+    while any(heads[t] < len(q) for t, q in queues.items()):
+        progressed = False
+        for tid, queue in queues.items():
+            while heads[tid] < len(queue) and all(d in done for d in queue[heads[tid]].deps):
+                task = queue[heads[tid]]
+                task.start_s = max([free_at[tid], *(done[d] for d in task.deps)])
+                free_at[tid] = done[task.name] = task.start_s + task.dur_s
+                heads[tid] += 1
+                out.append(task)
+                progressed = True
+        if not progressed:
+            raise RuntimeError("timeline tasks have a dependency cycle")
+    return out
+
+
+def timeline(model: ModelSpec, hw: HardwareProfile, workload: Workload, policy: Policy,
+             n_layers: int = 2) -> list[dict[str, Any]]:
+    """Predicted Chrome-trace events ("ph": "X", microseconds) of the first `n_layers` layers of
+    one decode step, one track (tid) per resource: gpu, cpu_attention, h2d, d2h, copy_thread.
+
+    cgopipe with CPU attention (MoE-Lightning Alg. 1): the GPU runs PostAttn(i, j) then PreAttn
+    of the micro-batch two ahead; q/k/v go D2H, the CPU attends, the output comes back H2D, and
+    page j of layer i+1's offloaded experts (staged by the copy thread) follows each hidden-state
+    H2D. cgopipe with GPU attention (FlexGen S4): each micro-batch's KV comes H2D while the GPU
+    works on the previous one. Serial schedules: one task at a time, layer i's weights first.
+    Stage times are the cost model's, split evenly over the micro-batches."""
+    terms = cost_terms(model, hw, workload, policy)
+    r_w, r_c = policy.weights_gpu_fraction, policy.kv_gpu_fraction
+    kind = "moe" if model.num_moe_layers else "dense"
+    layer = _stage_times(terms, terms.decode_stages[kind], r_w, r_c)
+    ops = _layer_ops(model, workload, policy, "decode", kind)
+    n_ub, f = policy.num_micro_batches, terms.factors
+    gpu_times = {op.name: gpu_op_time_s(hw, op) for op in ops if op.device == "gpu"}
+    pre_share = gpu_times["qkv_proj"] / max(sum(gpu_times.values()), 1e-30)
+    weights_h2d_s = affine_sum([transfer_time(hw, op, policy.weight_page_bytes) for op in ops
+                                if op.name == "weight_h2d"])(r_w, r_c) + \
+        terms.decode_stages[kind]["h2d"].overflow * terms.overflow(r_w)
+    per_ub_s = {
+        "pre_attn": f["gpu"] * layer.gpu_s * pre_share / n_ub,
+        "post_attn": f["gpu"] * layer.gpu_s * (1 - pre_share) / n_ub,
+        "d2h": f["d2h"] * layer.d2h_s / n_ub,
+        "cpu_attn": f["cpu_attn"] * layer.cpu_attn_s / n_ub,
+        "act_h2d": f["h2d"] * (layer.h2d_s - weights_h2d_s) / n_ub,
+        "weights_h2d": f["h2d"] * weights_h2d_s / n_ub,
+        "stage_weights": layer.copy_thread_s / n_ub,
+    }
+    tids = {"pre_attn": "gpu", "post_attn": "gpu", "d2h": "d2h", "cpu_attn": "cpu_attention",
+            "act_h2d": "h2d", "weights_h2d": "h2d", "stage_weights": "copy_thread"}
+    order = [(i, j) for i in range(n_layers) for j in range(n_ub)]
+
+    def task(name: str, i: int, j: int, *deps: str) -> _Task:
+        return _Task(f"{name} L{i} mb{j}", tids[name], per_ub_s[name], list(deps), i, j)
+
+    cpu_attn = policy.attn_decode_device == "cpu"
+    queues: dict[str, list[_Task]] = {t: [] for t in dict.fromkeys(tids.values())}
+    if terms.overlapped:
+        ahead = min(2, n_ub) if cpu_attn else 0
+        gpu_seq = [("pre_attn", x) for x in order[:ahead]]
+        for t, x in enumerate(order):
+            gpu_seq += ([] if cpu_attn else [("pre_attn", x)]) + [("post_attn", x)]
+            if cpu_attn and t + ahead < len(order):
+                gpu_seq.append(("pre_attn", order[t + ahead]))
+        for name, (i, j) in gpu_seq:
+            if name == "pre_attn":
+                queues["gpu"].append(task(name, i, j, *([f"post_attn L{i - 1} mb{j}"] if i
+                                                        else [])))
+                if cpu_attn:
+                    queues["d2h"].append(task("d2h", i, j, f"pre_attn L{i} mb{j}"))
+                    queues["cpu_attention"].append(task("cpu_attn", i, j, f"d2h L{i} mb{j}"))
+                    queues["h2d"].append(task("act_h2d", i, j, f"cpu_attn L{i} mb{j}"))
+                else:
+                    queues["h2d"].append(task("act_h2d", i, j))
+                continue
+            pages = [f"weights_h2d L{i} mb{p}" for p in range(n_ub)] if i else []
+            ready = f"act_h2d L{i} mb{j}"
+            queues["gpu"].append(task(name, i, j, ready, *pages))
+            if not cpu_attn:
+                queues["d2h"].append(task("d2h", i, j, f"post_attn L{i} mb{j}"))
+            # page j of layer i+1 into the staging buffer that layer i-1 has finished with
+            queues["copy_thread"].append(task("stage_weights", i + 1, j))
+            free = [f"post_attn L{i - 1} mb{n_ub - 1}"] if i else []
+            queues["h2d"].append(task("weights_h2d", i + 1, j, f"stage_weights L{i + 1} mb{j}",
+                                      *free))
+    else:
+        chain: list[_Task] = []
+        for i, j in order:
+            if j == 0:
+                chain += [t for p in range(n_ub) for t in
+                          (task("stage_weights", i, p), task("weights_h2d", i, p))]
+            steps = (["pre_attn", "d2h", "cpu_attn", "act_h2d", "post_attn"] if cpu_attn
+                     else ["act_h2d", "pre_attn", "post_attn", "d2h"])
+            chain += [task(name, i, j) for name in steps]
+        for prev, tk in zip([None, *chain], chain, strict=False):
+            tk.deps = [prev.name] if prev else []
+            queues[tk.tid].append(tk)
+    return [{"name": tk.name.split()[0], "ph": "X", "ts": tk.start_s * 1e6,
+             "dur": tk.dur_s * 1e6, "pid": "hrm-predicted", "tid": tk.tid,
+             "args": {"layer": tk.layer, "micro_batch": tk.micro_batch}}
+            for tk in _simulate(queues) if tk.dur_s > 0]

@@ -1,0 +1,352 @@
+"""The Hierarchical Roofline Model (MoE-Lightning §3) and the operators of one decoder layer.
+
+Levels: i = GPU (peak P^g, HBM bandwidth B^g), j = CPU (P^c, DRAM bandwidth B^c), linked by
+B^{c,g} (PCIe host-to-device). For a task x, I^i_x = FLOPs / bytes x reads at level i (Def. 3.1).
+
+    (7)  P^i_x = min(P^i_peak, B^i_peak I^i_x, B^{j,i}_peak I^j_x)   data fetched from level j
+    (8)  P^i_x = min(P^i_peak, B^i_peak I^i_x)                      data already at level i
+    (9)  P1:  I^j = min(P^j_peak, B^j_peak I^j_x) / B^{j,i}_peak    below: compute in place (CPU)
+    (10) P2:  I^j = min(P^i_peak, B^i_peak I^i_x) / B^{j,i}_peak    below: bound by the link
+    (11) balance point: B^i_peak I^i_x = B^{j,i}_peak I^j_x
+
+`layer_operators` lists the work of one decoder layer for one whole batch (N = mu * n_ub
+sequences), with FLOPs and the bytes it touches at each level; `hrm.cost` times these operators,
+and `hrm roofline` places them on the plot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from hrm.hardware import HardwareProfile
+from hrm.model import ModelSpec
+from hrm.units import dtype_bytes
+
+#: activations, attention inputs/outputs and logits are bf16 on the GPU; GEMMs run in bf16
+#: (int8/fp8 weights are dequantized to 16 bits for the matmul)
+ACT_DTYPE = "bf16"
+COMPUTE_DTYPE = "bf16"
+#: GEMM launches per touched expert: gate (w1), up (w3) and down (w2) projections
+KERNELS_PER_EXPERT = 3
+#: bytes per logit (the LM head's output is kept in fp32 for sampling)
+LOGIT_BYTES = 4
+
+LAYER_KINDS = ("moe", "dense")
+PHASES = ("prefill", "decode")
+
+
+# ---- the roofline equations ------------------------------------------------------------------
+def operational_intensity(flops: float, n_bytes: float) -> float:
+    """Def. 3.1: I = FLOPs / bytes (FLOP/byte); infinite when nothing is read."""
+    return flops / n_bytes if n_bytes > 0 else float("inf")
+
+
+def attainable_flops(peak_flops: float, local_bps: float, local_intensity: float,
+                     link_bps: float | None = None, remote_intensity: float | None = None) -> float:
+    """Eq. (7) when the data comes over a link from level j (link_bps = B^{j,i},
+    remote_intensity = I^j), else Eq. (8). FLOP/s."""
+    roof = min(peak_flops, local_bps * local_intensity)
+    if link_bps is not None and remote_intensity is not None:
+        roof = min(roof, link_bps * remote_intensity)
+    return roof
+
+
+def ridge_point(peak_flops: float, bandwidth_bps: float) -> float:
+    """Intensity (FLOP/byte) where a level's memory roof meets its compute roof: P / B."""
+    return peak_flops / bandwidth_bps
+
+
+def turning_point_p1(cpu_peak_flops: float, cpu_bps: float, cpu_intensity: float,
+                     link_bps: float) -> float:
+    """Eq. (9): the link intensity I^j below which moving the data to the GPU is slower than
+    computing where it lives (on the CPU). FLOP/byte."""
+    return min(cpu_peak_flops, cpu_bps * cpu_intensity) / link_bps
+
+
+def turning_point_p2(gpu_peak_flops: float, gpu_bps: float, gpu_intensity: float,
+                     link_bps: float) -> float:
+    """Eq. (10): the link intensity I^j below which a GPU task is bound by the link. FLOP/byte."""
+    return min(gpu_peak_flops, gpu_bps * gpu_intensity) / link_bps
+
+
+def balance_point(gpu_bps: float, gpu_intensity: float, link_bps: float) -> float:
+    """Eq. (11): the link intensity I^j at which B^i I^i = B^{j,i} I^j (HBM and link roofs
+    meet). FLOP/byte."""
+    return gpu_bps * gpu_intensity / link_bps
+
+
+# ---- operators of one decoder layer ------------------------------------------------------------
+@dataclass(frozen=True)
+class Operator:
+    """One piece of work of a decoder layer over a whole batch, run on `device`: a processor
+    ('gpu', 'cpu') or, for data movement, a link direction ('h2d', 'd2h').
+
+    `flops` (FLOP), `gpu_bytes` (HBM bytes touched when run on the GPU, summed over micro-batches),
+    `cpu_bytes` (DRAM bytes touched when run on the CPU), `link_bytes` (bytes that must cross the
+    link for it: the weights or KV it needs, or the bytes a transfer moves). `rows` is the M of its
+    GEMMs (0 if not a GEMM); `launches` counts kernel launches, or copies for a transfer."""
+
+    name: str
+    device: str
+    flops: float
+    gpu_bytes: float
+    cpu_bytes: float
+    link_bytes: float
+    rows: float
+    launches: float
+
+    @property
+    def gpu_intensity(self) -> float:
+        return operational_intensity(self.flops, self.gpu_bytes)
+
+    @property
+    def cpu_intensity(self) -> float:
+        return operational_intensity(self.flops, self.cpu_bytes)
+
+    @property
+    def link_intensity(self) -> float:
+        return operational_intensity(self.flops, self.link_bytes)
+
+
+def experts_touched(num_experts: int, top_k: int, tokens: float) -> float:
+    """Expected distinct experts hit by `tokens` tokens under balanced random top-k routing:
+    E_act = E (1 - (1 - k/E)^tokens)."""
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+
+
+def qkv_elements_per_token(model: ModelSpec) -> int:
+    """Per token and layer: the query plus the new cache entry (K and V, or MLA's latent) that
+    pre-attention produces and CPU attention consumes."""
+    return model.num_heads * model.qk_head_dim + model.kv_elements_per_token_per_layer()
+
+
+def attn_out_elements_per_token(model: ModelSpec) -> int:
+    """Per token and layer: the attention output (before the O projection)."""
+    return model.num_heads * model.v_dim
+
+
+def kv_bytes_per_token_layer(model: ModelSpec, kv_dtype: str) -> float:
+    return model.kv_elements_per_token_per_layer() * dtype_bytes(kv_dtype)
+
+
+def _gemm(name: str, model_params: float, tokens_per_ub: float, num_ub: int,
+          weight_dtype: str, in_width: float, out_width: float, launches_per_ub: float
+          ) -> Operator:
+    """A dense GEMM of `model_params` weights over `tokens_per_ub` rows, run once per
+    micro-batch: the weights and the in/out activations are read/written in HBM."""
+    act = dtype_bytes(ACT_DTYPE)
+    weight_bytes = model_params * dtype_bytes(weight_dtype)
+    return Operator(
+        name=name, device="gpu", flops=2.0 * model_params * tokens_per_ub * num_ub,
+        gpu_bytes=num_ub * (weight_bytes + tokens_per_ub * (in_width + out_width) * act),
+        cpu_bytes=num_ub * weight_bytes, link_bytes=weight_bytes, rows=tokens_per_ub,
+        launches=num_ub * launches_per_ub)
+
+
+def layer_operators(model: ModelSpec, *, micro_batch_size: int, num_micro_batches: int,
+                    context_len: float, phase: str, attn_device: str = "cpu",
+                    layer_kind: str = "moe", weight_dtype: str = "bf16", kv_dtype: str = "bf16",
+                    prompt_len: float = 1.0) -> list[Operator]:
+    """The operators of one decoder layer for a batch of N = mu * n_ub sequences.
+
+    decode: one new token per sequence, attending over `context_len` cached tokens.
+    prefill: `prompt_len` tokens per sequence, causal attention (mean context prompt_len / 2).
+    The weight transfer lists the bytes of all routed experts (r_w = 0); the KV transfers all of
+    the KV (r_c = 0); `hrm.cost` scales them by (1 - r_w) and (1 - r_c)."""
+    if phase not in PHASES or layer_kind not in LAYER_KINDS:
+        raise ValueError(f"phase must be in {PHASES} and layer_kind in {LAYER_KINDS}")
+    mu, n_ub = micro_batch_size, num_micro_batches
+    act = dtype_bytes(ACT_DTYPE)
+    tokens_per_seq = prompt_len if phase == "prefill" else 1.0
+    tokens_ub = mu * tokens_per_seq                 # rows of every GEMM of one micro-batch
+    tokens = tokens_ub * n_ub                       # tokens of the whole batch
+    h1 = model.hidden_size
+    qkv_width, out_width = qkv_elements_per_token(model), attn_out_elements_per_token(model)
+    kv_token = kv_bytes_per_token_layer(model, kv_dtype)
+    attn_params = model.attention_params()
+    o_params = model.num_heads * model.v_dim * h1
+    ops = [
+        _gemm("qkv_proj", attn_params - o_params, tokens_ub, n_ub, weight_dtype, h1, qkv_width,
+              1),
+    ]
+
+    # attention core: decode reads the whole cached context; prefill is causal, mean ctx s/2
+    attn_ctx = context_len if phase == "decode" else tokens_per_seq / 2.0
+    attn_flops = tokens * model.attention_core_flops_per_token(attn_ctx)
+    kv_read_bytes = (mu * n_ub * context_len * kv_token if phase == "decode"
+                     else tokens * kv_token)
+    io_bytes = tokens * (qkv_width + out_width) * act
+    ops.append(Operator(
+        name=f"attention_{phase}", device=attn_device, flops=attn_flops,
+        gpu_bytes=kv_read_bytes + io_bytes, cpu_bytes=kv_read_bytes + io_bytes,
+        link_bytes=kv_read_bytes, rows=0.0, launches=n_ub))
+    ops.append(_gemm("o_proj", o_params, tokens_ub, n_ub, weight_dtype, out_width, h1, 1))
+
+    if layer_kind == "dense":
+        ops.append(_gemm("dense_mlp", model.dense_mlp_params(), tokens_ub, n_ub, weight_dtype,
+                         h1, h1 + 2 * model.dense_intermediate_size, KERNELS_PER_EXPERT))
+    else:
+        ops.append(_gemm("router", model.router_params(), tokens_ub, n_ub, weight_dtype, h1,
+                         model.num_experts, 1))
+        if model.shared_intermediate_size:
+            ops.append(_gemm("shared_experts", model.shared_expert_params(), tokens_ub, n_ub,
+                             weight_dtype, h1, h1 + 2 * model.shared_intermediate_size,
+                             KERNELS_PER_EXPERT))
+        e, k, h2 = model.num_experts, model.top_k, model.expert_intermediate_size
+        e_act = experts_touched(e, k, tokens_ub)
+        expert_w = model.expert_bytes(weight_dtype)
+        routed_rows = tokens_ub * k                  # token-expert pairs of one micro-batch
+        ops.append(Operator(
+            name="expert_ffn", device="gpu",
+            flops=n_ub * routed_rows * model.expert_params() * 2.0,
+            gpu_bytes=n_ub * (e_act * expert_w + routed_rows * (2 * h1 + 3 * h2) * act),
+            cpu_bytes=n_ub * e_act * expert_w, link_bytes=e * expert_w,
+            rows=routed_rows / e_act, launches=n_ub * e_act * KERNELS_PER_EXPERT))
+        ops.append(Operator(
+            name="weight_h2d", device="h2d", flops=0.0, gpu_bytes=0.0, cpu_bytes=e * expert_w,
+            link_bytes=e * expert_w, rows=0.0, launches=1))
+
+    # data movement between the tiers for this placement
+    if attn_device == "cpu":
+        ops.append(_transfer("qkv_d2h", "d2h", tokens * qkv_width * act, n_ub))
+        ops.append(_transfer("attn_out_h2d", "h2d", tokens * out_width * act, n_ub))
+    elif phase == "decode":
+        # FlexGen S4: the CPU-resident KV comes to the GPU, the new token's entry goes back
+        ops.append(_transfer("kv_h2d", "h2d", kv_read_bytes, n_ub))
+        ops.append(_transfer("kv_append_d2h", "d2h", tokens * kv_token, n_ub))
+    if phase == "prefill":
+        if attn_device == "gpu":
+            ops.append(_transfer("kv_offload_d2h", "d2h", tokens * kv_token, n_ub))
+        if n_ub > 1:
+            # the batch's hidden states wait in pinned CPU memory between micro-batches
+            ops.append(_transfer("hidden_h2d", "h2d", tokens * h1 * act, n_ub))
+            ops.append(_transfer("hidden_d2h", "d2h", tokens * h1 * act, n_ub))
+    return ops
+
+
+def _transfer(name: str, direction: str, n_bytes: float, copies: int) -> Operator:
+    return Operator(name=name, device=direction, flops=0.0, gpu_bytes=n_bytes, cpu_bytes=n_bytes,
+                    link_bytes=n_bytes, rows=0.0, launches=copies)
+
+
+def head_operators(model: ModelSpec, *, micro_batch_size: int, num_micro_batches: int,
+                   weight_dtype: str = "bf16") -> list[Operator]:
+    """The LM head for one token of each of the N sequences (once per decode step, and once at
+    the end of prefill), fp32 logits."""
+    h1, vocab = model.hidden_size, model.vocab_size
+    op = _gemm("lm_head", vocab * h1, micro_batch_size, num_micro_batches, weight_dtype, h1, 0, 1)
+    logits = num_micro_batches * micro_batch_size * vocab * LOGIT_BYTES
+    return [replace(op, gpu_bytes=op.gpu_bytes + logits)]
+
+
+# ---- turning batch sizes --------------------------------------------------------------------
+def expert_ffn_link_intensity(model: ModelSpec, batch_size: float,
+                              weight_dtype: str = "bf16") -> float:
+    """I^c of the decode expert FFN with all experts streamed: the FLOPs of N tokens over the
+    bytes of all routed experts of one layer, 2 N k / (E b). FLOP/byte."""
+    return 2.0 * batch_size * model.top_k / (model.num_experts * dtype_bytes(weight_dtype))
+
+
+def turning_batch_size(model: ModelSpec, hw: HardwareProfile, *, roof: str = "compute",
+                       micro_batch_size: int = 128, weight_dtype: str = "bf16") -> float:
+    """Batch size N (sequences per pass over the weights) at which the decode expert FFN, with
+    every routed expert streamed over the link, stops being link bound:
+
+    roof='compute': B^{c,g} I^c(N) = P^g_peak          (P2 with a compute-bound GPU kernel)
+    roof='hbm':     B^{c,g} I^c(N) = B^g I^g(mu)         (balance point, Eq. 11)
+
+    I^g(mu) is the HBM intensity of one micro-batch's expert GEMMs (touched experts' weights)."""
+    link_bps = hw.link.h2d_pinned_bps
+    if roof == "compute":
+        target_flops = hw.gpu.flops(COMPUTE_DTYPE)
+    elif roof == "hbm":
+        ops = layer_operators(model, micro_batch_size=micro_batch_size, num_micro_batches=1,
+                              context_len=1.0, phase="decode", weight_dtype=weight_dtype)
+        ffn = next(op for op in ops if op.name == "expert_ffn")
+        target_flops = hw.gpu.hbm_bandwidth_bps * ffn.gpu_intensity
+    else:
+        raise ValueError(f"roof must be 'compute' or 'hbm', got {roof!r}")
+    per_seq_intensity = expert_ffn_link_intensity(model, 1.0, weight_dtype)
+    return target_flops / (link_bps * per_seq_intensity)
+
+
+# ---- the HRM of one decode layer (what `hrm roofline` plots) --------------------------------
+@dataclass(frozen=True)
+class OperatorPoint:
+    """An operator on the HRM: its intensities (FLOP/byte) at each level, the attainable
+    FLOP/s with its data on the GPU (Eq. 8), fetched over the link (Eq. 7) and on the CPU
+    (Eq. 8 at the CPU), and its turning points P1 (Eq. 9), P2 (Eq. 10) and balance (Eq. 11)."""
+
+    name: str
+    gpu_intensity: float
+    cpu_intensity: float
+    link_intensity: float
+    gpu_resident_flops: float
+    offloaded_flops: float
+    cpu_flops: float
+    p1_intensity: float
+    p2_intensity: float
+    balance_intensity: float
+
+    @property
+    def best_device(self) -> str:
+        """Left of P1 moving the data costs more than computing where it lives (the CPU)."""
+        return "cpu" if self.link_intensity < self.p1_intensity else "gpu"
+
+
+@dataclass(frozen=True)
+class RooflineSummary:
+    model: str
+    hardware: str
+    batch_size: int
+    micro_batch_size: int
+    context_len: float
+    gpu_peak_flops: float
+    gpu_bps: float
+    cpu_peak_flops: float
+    cpu_bps: float
+    link_bps: float
+    ridge_points: dict[str, float]
+    operators: list[OperatorPoint]
+    turning_batch_sizes: dict[str, float]
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for op, point in zip(out["operators"], self.operators, strict=True):
+            op["best_device"] = point.best_device
+        return out
+
+
+def summarize(model: ModelSpec, hw: HardwareProfile, *, batch_size: int, micro_batch_size: int,
+              context_len: float, weight_dtype: str = "bf16",
+              kv_dtype: str = "bf16") -> RooflineSummary:
+    """Roofs, ridge points and the decode operators of one MoE layer at (N, mu, context)."""
+    p_g, b_g = hw.gpu.flops(COMPUTE_DTYPE), hw.gpu.hbm_bandwidth_bps
+    p_c, b_c, b_cg = hw.cpu.peak_flops, hw.cpu.dram_bandwidth_bps, hw.link.h2d_pinned_bps
+    n_ub = max(1, batch_size // micro_batch_size)
+    ops = layer_operators(model, micro_batch_size=micro_batch_size, num_micro_batches=n_ub,
+                          context_len=context_len, phase="decode", attn_device="cpu",
+                          weight_dtype=weight_dtype, kv_dtype=kv_dtype)
+    points = []
+    for op in ops:
+        if op.flops <= 0:
+            continue
+        i_g, i_c, i_l = op.gpu_intensity, op.cpu_intensity, op.link_intensity
+        points.append(OperatorPoint(
+            name=op.name, gpu_intensity=i_g, cpu_intensity=i_c, link_intensity=i_l,
+            gpu_resident_flops=attainable_flops(p_g, b_g, i_g),
+            offloaded_flops=attainable_flops(p_g, b_g, i_g, b_cg, i_l),
+            cpu_flops=attainable_flops(p_c, b_c, i_c),
+            p1_intensity=turning_point_p1(p_c, b_c, i_c, b_cg),
+            p2_intensity=turning_point_p2(p_g, b_g, i_g, b_cg),
+            balance_intensity=balance_point(b_g, i_g, b_cg)))
+    return RooflineSummary(
+        model=model.name, hardware=hw.name, batch_size=micro_batch_size * n_ub,
+        micro_batch_size=micro_batch_size, context_len=context_len, gpu_peak_flops=p_g,
+        gpu_bps=b_g, cpu_peak_flops=p_c, cpu_bps=b_c, link_bps=b_cg,
+        ridge_points={"gpu": ridge_point(p_g, b_g), "cpu": ridge_point(p_c, b_c),
+                      "link": ridge_point(p_g, b_cg)},
+        operators=points,
+        turning_batch_sizes={
+            roof: turning_batch_size(model, hw, roof=roof, micro_batch_size=micro_batch_size,
+                                     weight_dtype=weight_dtype) for roof in ("compute", "hbm")})

@@ -1,0 +1,223 @@
+"""The cost model: stage equations, memory accounting by hand, monotonicity, the timeline."""
+
+import json
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hrm.cost import (
+    CPU_USABLE_FRACTION,
+    STAGING_RING_PAGES,
+    check_fits,
+    cost_terms,
+    memory_footprint,
+    predict,
+    timeline,
+)
+from hrm.errors import PolicyError
+from hrm.hardware import Interference, SaturatingCurve, load_profile
+from hrm.model import load_model_spec
+from hrm.policy import Policy
+from hrm.units import GiB, KiB
+from hrm.workload import Workload
+
+MIXTRAL = load_model_spec("mixtral-8x7b")
+T4, H100 = load_profile("t4"), load_profile("h100")
+WORK = Workload(num_seqs=10000, prompt_len=100, gen_len=128)
+W_LAYER = 8 * 3 * 4096 * 14336 * 2          # routed experts of one Mixtral layer, bf16 bytes
+
+
+def test_memory_accounting_by_hand():
+    policy = Policy(batch_size=64, micro_batch_size=32, weights_gpu_fraction=0.25)
+    mem = memory_footprint(MIXTRAL, T4, WORK, policy)
+    gpu = {k.split(" (")[0]: v for k, v in mem.gpu_breakdown.items()}
+    assert gpu["dense weights"] == pytest.approx(3.2113e9, rel=1e-4)
+    assert gpu["resident experts"] == pytest.approx(0.25 * 32 * W_LAYER)
+    assert gpu["expert staging"] == pytest.approx(2 * 0.75 * W_LAYER)
+    assert mem.cpu_breakdown["offloaded experts"] == pytest.approx(0.75 * 32 * W_LAYER)
+    assert mem.cpu_breakdown["KV cache"] == 64 * (100 + 128) * 128 * KiB
+    assert mem.gpu_bytes == pytest.approx(sum(mem.gpu_breakdown.values()))
+    assert mem.cpu_bytes == pytest.approx(sum(mem.cpu_breakdown.values()))
+    assert mem.cpu_capacity_bytes == CPU_USABLE_FRACTION * T4.cpu.memory_bytes
+
+
+def test_gpu_kv_fraction_moves_kv_to_the_gpu():
+    policy = Policy(batch_size=64, micro_batch_size=32, attn_decode_device="gpu",
+                    kv_gpu_fraction=0.5)
+    mem = memory_footprint(MIXTRAL, H100, WORK, policy)
+    kv = 64 * 228 * 128 * KiB
+    assert mem.cpu_breakdown["KV cache"] == pytest.approx(0.5 * kv)
+    assert any(k.startswith("KV cache") and v == pytest.approx(0.5 * kv)
+               for k, v in mem.gpu_breakdown.items())
+
+
+def test_decode_stage_equations_without_curves():
+    n_ub, mu = 4, 64
+    policy = Policy(batch_size=n_ub * mu, micro_batch_size=mu)
+    layer = predict(MIXTRAL, T4, WORK, policy).decode_layer
+    out_bytes = n_ub * mu * 4096 * 2                     # attention outputs, bf16
+    assert layer.h2d_s == pytest.approx((W_LAYER + out_bytes) / T4.link.h2d_pinned_bps)
+    qkv_bytes = n_ub * mu * (4096 + 2 * 1024) * 2
+    assert layer.d2h_s == pytest.approx(qkv_bytes / T4.link.d2h_pinned_bps)
+    kv_read = n_ub * mu * WORK.mean_decode_context * 8 * 128 * 2 * 2
+    assert layer.cpu_attn_s >= kv_read / T4.cpu.dram_bandwidth_bps
+    assert layer.layer_s == pytest.approx(max(layer.by_stage().values()))
+    # all experts resident: nothing but activations crosses the link
+    resident = predict(MIXTRAL, T4, WORK, replace(policy, weights_gpu_fraction=1.0))
+    assert resident.decode_layer.h2d_s == pytest.approx(out_bytes / T4.link.h2d_pinned_bps)
+
+
+def test_throughput_is_generated_tokens_over_prefill_plus_decode():
+    pred = predict(MIXTRAL, T4, WORK, Policy(batch_size=512, micro_batch_size=128))
+    assert pred.decode_s == pytest.approx((WORK.gen_len - 1) * pred.decode_step_s)
+    assert pred.throughput_tok_s == pytest.approx(512 * 128 / (pred.prefill_s + pred.decode_s))
+    assert pred.decode_step_s > MIXTRAL.num_layers * pred.decode_layer.layer_s   # + head, fill
+    assert pred.bottleneck == "link" and pred.bottleneck_slack > 1
+    doc = json.loads(json.dumps(pred.to_dict()))
+    for key in ("policy", "throughput_tok_s", "prefill_s", "decode_s", "bottleneck",
+                "gpu_mem_bytes", "cpu_mem_bytes", "stages"):
+        assert key in doc
+
+
+def test_serial_schedules_sum_the_stages():
+    base = Policy(batch_size=512, micro_batch_size=128)
+    piped = predict(MIXTRAL, T4, WORK, base)
+    serial = predict(MIXTRAL, T4, WORK, replace(base, schedule="cgopipe-serial"))
+    stages = serial.decode_layer.by_stage()
+    assert serial.decode_layer.layer_s == pytest.approx(sum(stages.values()))
+    assert piped.throughput_tok_s > serial.throughput_tok_s
+    layerwise = predict(MIXTRAL, T4, WORK, replace(base, schedule="layerwise",
+                                                   attn_decode_device="gpu"))
+    assert layerwise.decode_layer.cpu_attn_s == 0 and layerwise.decode_layer.h2d_s > \
+        piped.decode_layer.h2d_s                      # the KV now crosses the link too
+
+
+def test_interference_slows_overlapped_stages():
+    policy = Policy(batch_size=512, micro_batch_size=128)
+    slow = replace(T4, interference=Interference(link=1.2, gpu=1.0, cpu_attention=1.0))
+    a, b = predict(MIXTRAL, T4, WORK, policy), predict(MIXTRAL, slow, WORK, policy)
+    assert b.decode_layer.layer_s == pytest.approx(1.2 * a.decode_layer.layer_s)
+
+
+def test_pinned_overflow_goes_through_the_copy_thread():
+    policy = Policy(batch_size=256, micro_batch_size=128)
+    pred = predict(MIXTRAL, H100, WORK, policy)
+    buffers = pred.memory.cpu_breakdown["activation buffers"]
+    overflow = 32 * W_LAYER + buffers + STAGING_RING_PAGES * policy.weight_page_bytes - 60e9
+    assert pred.pinned_overflow_bytes == pytest.approx(overflow)
+    per_layer = overflow / 32
+    assert pred.decode_layer.copy_thread_s == pytest.approx(per_layer / 42e9)
+    no_pin_limit = replace(H100, link=replace(H100.link, pinned_max_bytes=float("inf")))
+    free = predict(MIXTRAL, no_pin_limit, WORK, policy).decode_layer
+    # the copy's DRAM read + write slows CPU attention (MoE-Lens Eq. 5)
+    assert pred.decode_layer.cpu_attn_s - free.cpu_attn_s == pytest.approx(
+        2 * per_layer / H100.cpu.dram_bandwidth_bps)
+    assert pred.memory.pinned_bytes == pytest.approx(60e9)
+    # keep half the experts on the GPU: the rest fits in pinned memory
+    half = predict(MIXTRAL, H100, WORK, replace(policy, weights_gpu_fraction=0.5))
+    assert half.pinned_overflow_bytes == 0 and half.decode_layer.copy_thread_s == 0
+
+
+def test_fitted_curves_replace_the_peaks():
+    policy = Policy(batch_size=512, micro_batch_size=128)
+    slow_gemm = replace(T4, curves={"gpu_gemm": SaturatingCurve(peak=20e12, half=64.0)})
+    assert predict(MIXTRAL, slow_gemm, WORK, policy).decode_layer.gpu_s > \
+        predict(MIXTRAL, T4, WORK, policy).decode_layer.gpu_s
+    attn_curve = SaturatingCurve(peak=40e9, half=1e6)
+    cpu = replace(T4, curves={"cpu_attention": attn_curve})
+    kv_per_ub = 128 * WORK.mean_decode_context * 8 * 128 * 2 * 2
+    layer = predict(MIXTRAL, cpu, WORK, policy).decode_layer
+    assert layer.cpu_attn_s == pytest.approx(4 * attn_curve.time_s(kv_per_ub))
+    fp32_curve = SaturatingCurve(peak=60e9, half=1e6)
+    both = replace(T4, curves={"cpu_attention": attn_curve, "cpu_attention_fp32": fp32_curve})
+    fp32_layer = predict(MIXTRAL, both, WORK, replace(policy, kv_dtype="fp32")).decode_layer
+    assert fp32_layer.cpu_attn_s == pytest.approx(4 * fp32_curve.time_s(2 * kv_per_ub))
+    page_curve = replace(T4, curves={"h2d": SaturatingCurve(peak=12.89e9, half=4 * 2**20)})
+    small_pages = replace(policy, weight_page_bytes=2**20)
+    assert predict(MIXTRAL, page_curve, WORK, small_pages).decode_layer.h2d_s > \
+        predict(MIXTRAL, page_curve, WORK, policy).decode_layer.h2d_s
+
+
+policies = st.builds(
+    lambda mu, n_ub, r_w, gpu_attn, r_c, sched: Policy(
+        batch_size=mu * n_ub, micro_batch_size=mu, weights_gpu_fraction=r_w,
+        attn_decode_device="gpu" if gpu_attn or sched == "layerwise" else "cpu",
+        kv_gpu_fraction=r_c if gpu_attn or sched == "layerwise" else 0.0, schedule=sched),
+    st.sampled_from([1, 8, 64, 256]), st.sampled_from([1, 2, 5, 16]), st.floats(0, 1),
+    st.booleans(), st.floats(0, 1), st.sampled_from(["cgopipe", "cgopipe-serial", "layerwise"]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(policy=policies, profile=st.sampled_from(["t4", "h100"]), scale=st.floats(1.0, 8.0),
+       part=st.sampled_from(["h2d", "dram", "gpu"]))
+def test_more_bandwidth_or_flops_never_lowers_throughput(policy, profile, scale, part):
+    hw = load_profile(profile)
+    if part == "h2d":
+        faster = replace(hw, link=replace(hw.link, h2d_pinned_bps=hw.link.h2d_pinned_bps * scale,
+                                          d2h_pinned_bps=hw.link.d2h_pinned_bps * scale))
+    elif part == "dram":
+        faster = replace(hw, cpu=replace(hw.cpu, dram_bandwidth_bps=hw.cpu.dram_bandwidth_bps
+                                         * scale))
+    else:
+        faster = replace(hw, gpu=replace(hw.gpu, peak_flops={
+            k: v * scale for k, v in hw.gpu.peak_flops.items()}))
+    before = predict(MIXTRAL, hw, WORK, policy).throughput_tok_s
+    assert predict(MIXTRAL, faster, WORK, policy).throughput_tok_s >= before * (1 - 1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(policy=policies)
+def test_terms_are_affine_and_predict_evaluates_them(policy):
+    terms = cost_terms(MIXTRAL, T4, WORK, policy)
+    r_w, r_c = policy.weights_gpu_fraction, policy.kv_gpu_fraction
+    pred = predict(MIXTRAL, T4, WORK, policy)
+    assert 1.0 / terms.time_per_token_s(r_w, r_c) == pytest.approx(pred.throughput_tok_s)
+    for stages in terms.decode_stages.values():
+        for term in stages.values():   # affine: the midpoint is the mean of the ends
+            ends = (term(0.0, 0.0), term(1.0, 1.0))
+            assert term(0.5, 0.5) == pytest.approx(sum(ends) / 2, abs=1e-12)
+
+
+def test_check_fits_names_what_does_not_fit():
+    too_big = Policy(batch_size=8192, micro_batch_size=512)
+    with pytest.raises(PolicyError, match=r"GiB CPU memory \(KV cache .*GiB given"):
+        check_fits(MIXTRAL, T4, WORK, too_big)
+    all_on_gpu = Policy(batch_size=8, micro_batch_size=8, weights_gpu_fraction=1.0)
+    with pytest.raises(PolicyError, match=r"GiB GPU memory \(resident experts"):
+        check_fits(MIXTRAL, T4, WORK, all_on_gpu)
+    check_fits(MIXTRAL, T4, WORK, Policy(batch_size=64, micro_batch_size=32))
+    small = T4.with_memory(cpu_memory_bytes=24 * GiB)
+    with pytest.raises(PolicyError, match="21.6 GiB usable of 24.0 GiB given"):
+        check_fits(MIXTRAL, small, WORK, Policy(batch_size=1, micro_batch_size=1))
+
+
+@pytest.mark.parametrize("policy", [
+    Policy(batch_size=1024, micro_batch_size=256, weights_gpu_fraction=0.1),
+    Policy(batch_size=256, micro_batch_size=256),
+    Policy(batch_size=512, micro_batch_size=128, attn_decode_device="gpu", kv_gpu_fraction=0.3),
+    Policy(batch_size=512, micro_batch_size=128, schedule="cgopipe-serial"),
+    Policy(batch_size=512, micro_batch_size=128, attn_decode_device="gpu", schedule="layerwise"),
+])
+def test_timeline_events(policy):
+    events = timeline(MIXTRAL, H100, WORK, policy, n_layers=2)
+    assert events and {e["tid"] for e in events} <= {"gpu", "cpu_attention", "h2d", "d2h",
+                                                      "copy_thread"}
+    assert all(e["ph"] == "X" and e["dur"] > 0 and e["ts"] >= 0 for e in events)
+    by_tid: dict[str, list] = {}
+    for e in events:
+        by_tid.setdefault(e["tid"], []).append(e)
+    for track in by_tid.values():     # one resource runs one task at a time
+        track.sort(key=lambda e: e["ts"])
+        assert all(a["ts"] + a["dur"] <= b["ts"] + 1e-6
+                   for a, b in zip(track, track[1:], strict=False))
+    pred = predict(MIXTRAL, H100, WORK, policy)
+    end_us = max(e["ts"] + e["dur"] for e in events)
+    if policy.schedule == "cgopipe":
+        # overlapped: at least the binding stage of two layers, less than running them serially
+        assert end_us >= 2 * pred.decode_layer.layer_s * 1e6 * 0.999 - 1
+        assert end_us <= 2e6 * sum(v for k, v in pred.decode_layer.by_stage().items()
+                                   if k != "chain") * 1.001
+    else:
+        assert end_us == pytest.approx(2 * pred.decode_layer.layer_s * 1e6)

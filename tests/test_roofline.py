@@ -1,0 +1,121 @@
+"""The HRM equations, the operators of a decoder layer and the turning batch sizes."""
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hrm.hardware import load_profile
+from hrm.model import load_model_spec, shipped_models
+from hrm.roofline import (
+    attainable_flops,
+    balance_point,
+    experts_touched,
+    layer_operators,
+    ridge_point,
+    summarize,
+    turning_batch_size,
+    turning_point_p1,
+    turning_point_p2,
+)
+
+MIXTRAL = load_model_spec("mixtral-8x7b")
+
+
+def test_roofline_equations_by_hand():
+    # GPU 100 FLOP/s, HBM 10 B/s, link 1 B/s
+    assert attainable_flops(100, 10, 2) == 20                # Eq. 8, memory bound
+    assert attainable_flops(100, 10, 50) == 100              # Eq. 8, compute bound
+    assert attainable_flops(100, 10, 50, 1, 30) == 30        # Eq. 7, link bound
+    assert ridge_point(100, 10) == 10
+    # P1: CPU 5 FLOP/s, DRAM 2 B/s, I_cpu 1 -> min(5, 2) / link 1 = 2
+    assert turning_point_p1(5, 2, 1, 1) == 2
+    # P2: min(100, 10 * 4) / 1 = 40, the balance point of the same op too (memory bound GPU)
+    assert turning_point_p2(100, 10, 4, 1) == 40 == balance_point(10, 4, 1)
+    assert turning_point_p2(100, 10, 50, 1) == 100
+
+
+@given(tokens=st.floats(1, 1e5), e=st.integers(2, 128), k=st.integers(1, 8))
+def test_experts_touched_is_bounded_and_monotone(tokens, e, k):
+    k = min(k, e)
+    touched = experts_touched(e, k, tokens)
+    assert k - 1e-9 <= touched <= e + 1e-9
+    assert experts_touched(e, k, tokens + 1) >= touched - 1e-9
+
+
+def test_decode_operator_flops_match_the_model():
+    n_ub, mu, ctx = 4, 32, 300.0
+    ops = {op.name: op for op in layer_operators(
+        MIXTRAL, micro_batch_size=mu, num_micro_batches=n_ub, context_len=ctx, phase="decode")}
+    tokens = mu * n_ub
+    gemm = sum(ops[n].flops for n in ("qkv_proj", "o_proj", "router", "expert_ffn"))
+    per_token = (MIXTRAL.attention_proj_flops_per_token() + MIXTRAL.router_flops_per_token()
+                 + MIXTRAL.expert_flops_per_token())
+    assert gemm == pytest.approx(tokens * per_token)
+    kv_layer = MIXTRAL.kv_elements_per_token_per_layer() * 2
+    assert ops["attention_decode"].cpu_bytes >= tokens * ctx * kv_layer
+    assert ops["weight_h2d"].link_bytes == MIXTRAL.routed_expert_bytes_per_layer()
+    # decode on the CPU moves q/k/v down and the attention output up, never the KV
+    assert {"qkv_d2h", "attn_out_h2d"} <= set(ops) and "kv_h2d" not in ops
+    # every touched expert's weights are read once per micro-batch
+    assert ops["expert_ffn"].gpu_bytes > n_ub * experts_touched(8, 2, mu) * \
+        MIXTRAL.expert_bytes()
+
+
+def test_gpu_attention_streams_kv_and_prefill_offloads_it():
+    decode = {op.name for op in layer_operators(
+        MIXTRAL, micro_batch_size=8, num_micro_batches=2, context_len=100, phase="decode",
+        attn_device="gpu")}
+    assert {"kv_h2d", "kv_append_d2h"} <= decode
+    prefill = {op.name: op for op in layer_operators(
+        MIXTRAL, micro_batch_size=8, num_micro_batches=2, context_len=100, phase="prefill",
+        attn_device="gpu", prompt_len=100)}
+    assert prefill["kv_offload_d2h"].link_bytes == 16 * 100 * 8 * 128 * 2 * 2
+    assert {"hidden_h2d", "hidden_d2h"} <= set(prefill)
+
+
+@pytest.mark.parametrize("name", shipped_models())
+def test_every_model_has_operators(name):
+    model = load_model_spec(name)
+    for phase in ("prefill", "decode"):
+        ops = layer_operators(model, micro_batch_size=4, num_micro_batches=2, context_len=64,
+                              phase=phase, prompt_len=32)
+        assert all(op.flops >= 0 and op.gpu_bytes >= 0 for op in ops)
+        assert any(op.name == "expert_ffn" for op in ops)
+
+
+def test_turning_batch_size_lands_on_the_roof():
+    hw = load_profile("t4")
+    n_compute = turning_batch_size(MIXTRAL, hw, roof="compute")
+    ops = layer_operators(MIXTRAL, micro_batch_size=1, num_micro_batches=int(n_compute),
+                          context_len=1, phase="decode")
+    ffn = next(op for op in ops if op.name == "expert_ffn")
+    # at the turning batch the link roof reaches the GPU peak (within the rounding of N)
+    assert hw.link.h2d_pinned_bps * ffn.link_intensity == pytest.approx(hw.gpu.flops("bf16"),
+                                                                        rel=1e-3)
+    n_hbm = turning_batch_size(MIXTRAL, hw, roof="hbm", micro_batch_size=128)
+    assert 0 < n_hbm < n_compute
+    # twice the link bandwidth halves the batch needed
+    fast = replace(hw, link=replace(hw.link, h2d_pinned_bps=2 * hw.link.h2d_pinned_bps))
+    assert turning_batch_size(MIXTRAL, fast) == pytest.approx(n_compute / 2)
+
+
+def test_turning_batch_size_is_moe_lens_eq2():
+    """MoE-Lens Eq. 2: GEMMs saturate the GPU at n >= (C_GPU / B_IO) (N_e / N_k) tokens."""
+    a40 = load_profile("a40")
+    a40 = replace(a40, link=replace(a40.link, h2d_pinned_bps=32e9))
+    expected = a40.gpu.flops("bf16") / 32e9 * 8 / 2
+    assert turning_batch_size(MIXTRAL, a40) == pytest.approx(expected)
+    assert 18_000 < expected < 20_000          # MoE-Lens Table 2 quotes 19.2k for the A40
+
+
+def test_summary_places_expert_ffn_between_p1_and_p2():
+    s = summarize(MIXTRAL, load_profile("t4"), batch_size=1024, micro_batch_size=128,
+                  context_len=512)
+    ffn = next(p for p in s.operators if p.name == "expert_ffn")
+    assert ffn.p1_intensity < ffn.link_intensity < ffn.p2_intensity   # link bound, worth moving
+    assert ffn.best_device == "gpu"
+    attn = next(p for p in s.operators if p.name == "attention_decode")
+    assert attn.best_device == "cpu"            # MoE-Lightning §3: attention left of P1
+    assert s.to_dict()["operators"][0]["best_device"] in ("cpu", "gpu")
