@@ -53,21 +53,55 @@ DtypeOpt = Annotated[str, typer.Option(help="bf16 | fp16 | fp8 | int8")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output on stdout")]
 ScheduleOpt = Annotated[str, typer.Option("--schedule", help="cgopipe | cgopipe-serial | "
                                                              "layerwise")]
+SchedulerOpt = Annotated[str, typer.Option("--scheduler", help="static (fixed batches) | "
+                                           "continuous (KV-capacity-aware, hrm.continuous)")]
+SyntheticOpt = Annotated[str | None, typer.Option(
+    "--synthetic", help="mtbench | rag | reasoning: --num-seqs sequences with the lengths of a "
+                        "seeded synthetic workload (--prompt-len is then ignored, --gen-len "
+                        "caps reasoning)")]
 
 
 def _inputs(model: str, hardware: str, prompt_len: int, gen_len: int, num_seqs: int,
-            gpu_mem: float | None, cpu_mem: float | None) -> tuple[Any, Any, Any]:
+            gpu_mem: float | None, cpu_mem: float | None, synthetic: str | None = None
+            ) -> tuple[Any, Any, Any]:
     """Load the model spec, the (memory-capped) hardware profile and the workload."""
     from hrm.hardware import load_profile
     from hrm.model import load_model_spec
     from hrm.units import GiB
-    from hrm.workload import Workload
+    from hrm.workload import Workload, synthetic_workload
 
     spec = load_model_spec(model)
     hw = load_profile(hardware).with_memory(
         gpu_memory_bytes=None if gpu_mem is None else gpu_mem * GiB,
         cpu_memory_bytes=None if cpu_mem is None else cpu_mem * GiB)
+    if synthetic:
+        return spec, hw, synthetic_workload(synthetic, num_seqs, gen_len)
     return spec, hw, Workload(num_seqs=num_seqs, prompt_len=prompt_len, gen_len=gen_len)
+
+
+def _continuous(spec: Any, hw: Any, workload: Any, policy: Any, schedule: str, as_json: bool,
+                title: str, output: Path | None = None, weight_dtype: str = "bf16",
+                kv_dtype: str = "bf16") -> None:
+    """`--scheduler continuous`: the report of hrm.continuous (bound, what binds, dry run,
+    static comparison)."""
+    from hrm.continuous import continuous_report, print_continuous_report
+    from hrm.policy import Policy
+
+    doc = continuous_report(spec, hw, workload, policy=policy, schedule=schedule,
+                            weight_dtype=weight_dtype, kv_dtype=kv_dtype)
+    if output is not None:
+        Policy.from_dict(doc["policy"]).save(output)
+    if as_json:
+        emit_json(doc)
+    else:
+        print_continuous_report(doc, title)
+
+
+def _check_scheduler(scheduler: str) -> None:
+    from hrm.errors import PolicyError
+
+    if scheduler not in ("static", "continuous"):
+        raise PolicyError(f"--scheduler must be static or continuous, got {scheduler!r}")
 
 
 def _print_prediction(pred: Any, title: str) -> None:
@@ -177,6 +211,7 @@ def predict_command(model: ModelOpt, hardware: HardwareOpt, prompt_len: PromptOp
                     trace: Annotated[Path | None, typer.Option(
                         "--trace", help="write the predicted timeline of two decode layers as "
                                         "a Chrome/Perfetto trace")] = None,
+                    scheduler: SchedulerOpt = "static", synthetic: SyntheticOpt = None,
                     as_json: JsonOpt = False) -> None:
     """Predict throughput, stage times, bottleneck and memory of a policy."""
     from hrm.cost import check_fits, predict, timeline
@@ -184,8 +219,16 @@ def predict_command(model: ModelOpt, hardware: HardwareOpt, prompt_len: PromptOp
     from hrm.optimize import optimize
     from hrm.policy import Policy
 
+    _check_scheduler(scheduler)
     spec, hw, workload = _inputs(model, hardware, prompt_len, gen_len, num_seqs, gpu_mem,
-                                 cpu_mem)
+                                 cpu_mem, synthetic)
+    if scheduler == "continuous":
+        if trace is not None:
+            raise HRMError("--trace draws a static decode step; leave it out with "
+                           "--scheduler continuous")
+        return _continuous(spec, hw, workload, policy and Policy.load(policy), "cgopipe",
+                           as_json, f"continuous scheduling, {spec.name} on {hw.name}: "
+                           f"{workload.name or 'fixed lengths'}")
     if policy is None:
         pred = optimize(spec, hw, workload).prediction
     else:
@@ -212,6 +255,7 @@ def optimize_command(model: ModelOpt, hardware: HardwareOpt, prompt_len: PromptO
                      gpu_mem: GpuMemOpt = None, cpu_mem: CpuMemOpt = None,
                      compare: Annotated[bool, typer.Option(
                          help="also optimize the other schedules")] = True,
+                     scheduler: SchedulerOpt = "static", synthetic: SyntheticOpt = None,
                      as_json: JsonOpt = False) -> None:
     """Find the policy with the highest predicted throughput that fits in memory."""
     from rich.table import Table
@@ -222,8 +266,13 @@ def optimize_command(model: ModelOpt, hardware: HardwareOpt, prompt_len: PromptO
 
     if schedule not in SCHEDULES:
         raise PolicyError(f"--schedule must be one of {SCHEDULES}, got {schedule!r}")
+    _check_scheduler(scheduler)
     spec, hw, workload = _inputs(model, hardware, prompt_len, gen_len, num_seqs, gpu_mem,
-                                 cpu_mem)
+                                 cpu_mem, synthetic)
+    if scheduler == "continuous":
+        return _continuous(spec, hw, workload, None, schedule, as_json,
+                           f"best continuous policy for {spec.name} on {hw.name}: "
+                           f"{workload.name or 'fixed lengths'}", output, weight_dtype, kv_dtype)
     result = optimize(spec, hw, workload, schedule=schedule, method=method,
                       weight_dtype=weight_dtype, kv_dtype=kv_dtype)
     others = {}

@@ -1,0 +1,157 @@
+"""Continuous vs static scheduling on the GPU machine: Mixtral-8x7B shapes, random bf16 weights,
+GPU capped at 16 GiB, the three synthetic workloads (executor/scheduler.py, hrm/continuous.py).
+
+For each workload (mtbench, rag, reasoning), in one device session:
+  static      `hrm run --scheduler static` with the cgopipe policy `hrm optimize` finds,
+  continuous  `hrm run --scheduler continuous` with the policy `optimize_continuous` finds,
+on sequences of the same seeded generator (--synthetic KIND, --ignore-eos): the static run one
+batch of N (every batch of a static job runs the same way), the continuous run a job of a few
+times its running set (so that ramp-up and drain are a small part). Both policies are optimized
+for the full model (32 layers) under the full limits, and run on the first L layers with the
+per-layer share of the limits (bench_executor's scaling: GPU cap minus what the missing layers
+would hold, L/32 of the CPU memory and of the pinned budget), so a run sees the full model's KV
+capacity in tokens and each pass carries the full model's tokens. Useful throughput counts each
+sequence's own generation budget (the static engine generates max(g) for every sequence of a
+reasoning batch; the tokens past a sequence's budget are not counted).
+
+Run (one device session):
+    python benchmarks/bench_continuous.py --layers 1 --out $OUT
+Results: benchmarks/results/continuous_bench_<L>layers.json (every run's result.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_executor import (  # noqa: E402
+    FULL_LAYERS,
+    fit_to_executor,
+    layer_gpu_bytes,
+    run_cli,
+    scaled_limits,
+)
+from hrm.continuous import optimize_continuous  # noqa: E402
+from hrm.hardware import load_profile, save_profile  # noqa: E402
+from hrm.io import write_json_atomic  # noqa: E402
+from hrm.model import load_model_spec  # noqa: E402
+from hrm.optimize import optimize  # noqa: E402
+from hrm.units import GiB  # noqa: E402
+from hrm.workload import synthetic_workload  # noqa: E402
+
+#: sequences offered to the optimizers (the batch / running set is then limited by memory)
+OPTIMIZER_NUM_SEQS = 20000
+#: generation cap of the reasoning workload in this benchmark (its lognormal reaches 1024)
+REASONING_GEN_CAP = 256
+
+
+def continuous_gpu_cap(spec, policy, gpu_bytes: float, layers: int) -> float:
+    """The full model's GPU limit minus what its 32 - L missing layers would hold (their dense
+    weights and resident experts)."""
+    w = 2  # bf16
+    dense_layer = (spec.dense_params() - spec.embedding_params()) * w / spec.num_layers
+    resident_layer = policy.weights_gpu_fraction * spec.routed_expert_bytes_per_layer("bf16")
+    return gpu_bytes - (FULL_LAYERS - layers) * (dense_layer + resident_layer)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--workloads", nargs="+", default=["mtbench", "rag", "reasoning"])
+    ap.add_argument("--seqs-per-running", type=float, default=3.0,
+                    help="sequences of the continuous run, in multiples of its running set")
+    ap.add_argument("--gen-len", type=int, default=128, help="mtbench and rag")
+    ap.add_argument("--gpu-mem", type=float, default=16.0, help="GiB, for the full model")
+    ap.add_argument("--hardware", default="h100-machine")
+    ap.add_argument("--deadline-s", type=float, default=float("inf"),
+                    help="start no new run after this many seconds")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the `hrm run` commands (policies, caps) without running them")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+
+    spec = load_model_spec("mixtral-8x7b")
+    config = json.loads((ROOT / "hrm" / "model_configs" / "mixtral-8x7b.json").read_text())
+    hw = load_profile(args.hardware)
+    host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if args.dry_run:   # plan as if on the profiled machine
+        host_bytes = hw.cpu.memory_bytes
+    cpu_full = min(host_bytes, hw.cpu.memory_bytes)
+    limits = scaled_limits(args.layers, cpu_full,
+                           min(hw.link.pinned_max_bytes, 0.45 * host_bytes))
+    hw_full = hw.with_memory(gpu_memory_bytes=args.gpu_mem * GiB, cpu_memory_bytes=cpu_full)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-continuous-"))
+    layer_config = workdir / f"mixtral-8x7b-{args.layers}layers.json"
+    layer_config.write_text(json.dumps(dict(config, num_hidden_layers=args.layers,
+                                            _name_or_path=f"mixtral-8x7b-{args.layers}layers")))
+    results: list[dict] = []
+    summary_path = args.out / f"continuous_bench_{args.layers}layers.json"
+
+    def save() -> None:
+        write_json_atomic(summary_path, {"layers": args.layers, "limits": limits,
+                                         "hardware_profile": hw.name, "runs": results})
+
+    started = time.perf_counter()
+    for kind in args.workloads:
+        gen_cap = REASONING_GEN_CAP if kind == "reasoning" else args.gen_len
+        wl = synthetic_workload(kind, OPTIMIZER_NUM_SEQS, gen_cap)
+        cont = optimize_continuous(spec, hw_full, wl)
+        static = optimize(spec, hw_full, wl)
+        for scheduler, opt in (("static", static), ("continuous", cont)):
+            num_seqs = static.policy.batch_size if scheduler == "static" else \
+                round(args.seqs_per_running * cont.prediction.running_seqs)
+            job = synthetic_workload(kind, num_seqs, gen_cap)
+            if time.perf_counter() - started > args.deadline_s:
+                break
+            if scheduler == "static":
+                lens = list(synthetic_workload(kind, opt.policy.batch_size, gen_cap).prompt_lens)
+                policy, plan = fit_to_executor(spec, opt.policy, lens, job.gen_len,
+                                               args.gpu_mem * GiB, cpu_full)
+                gpu_cap = args.gpu_mem * GiB - (FULL_LAYERS - args.layers) * \
+                    layer_gpu_bytes(spec, plan)
+            else:
+                policy = opt.policy
+                gpu_cap = continuous_gpu_cap(spec, policy, args.gpu_mem * GiB, args.layers)
+            policy_path = workdir / f"policy_{scheduler}_{kind}.json"
+            policy.save(policy_path)
+            hw_l = hw.with_memory(gpu_memory_bytes=gpu_cap,
+                                  cpu_memory_bytes=limits["cpu_mem_bytes"])
+            hw_l = replace(hw_l, link=replace(hw_l.link, pinned_max_bytes=limits["pin_bytes"]))
+            profile_path = workdir / f"{hw.name}-{scheduler}-{kind}.toml"
+            save_profile(hw_l, profile_path)
+            cli_args = ["--model", str(layer_config), "--dummy-weights", "--device", "cuda",
+                        "--cpu-mem", f"{limits['cpu_mem_bytes'] / GiB:.4f}",
+                        "--pin-mem", f"{limits['pin_bytes'] / GiB:.4f}", "--ignore-eos",
+                        "--gpu-mem", f"{gpu_cap / GiB:.4f}", "--scheduler", scheduler,
+                        "--policy", str(policy_path), "--hardware", str(profile_path),
+                        "--synthetic", kind, "--num-seqs", str(num_seqs),
+                        "--gen-len", str(gen_cap)]
+            if args.dry_run:
+                print(f"[{scheduler} {kind}] {policy.to_dict()}\n  hrm run {' '.join(cli_args)}")
+                continue
+            res = run_cli(cli_args, workdir, f"{scheduler}_{kind}")
+            res["workload_kind"] = kind
+            res["full_model_prediction"] = opt.prediction.to_dict()
+            if "throughput_tok_s" in res:
+                total_s = res["prefill_s"] + res["decode_s"]
+                res["useful_tokens"] = job.generated_tokens()
+                res["useful_throughput_tok_s"] = job.generated_tokens() / total_s
+                res["full_model_tok_s_estimate"] = \
+                    res["useful_throughput_tok_s"] * args.layers / FULL_LAYERS
+            results.append(res)
+            save()
+    save()
+    print(f"wrote {summary_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""Executor benchmark on the GPU machine: Mixtral-8x7B shapes, random bf16 weights, GPU capped at
+16 GiB, MTBench-like prompts (~100 tokens), gen 32/64/128/256:
+
+  (1) cgopipe with the policy `hrm optimize` finds for the machine's profile,
+  (2) layerwise with the policy `hrm optimize --schedule layerwise` finds (its best batch size
+      under the same model),
+  (3) Hugging Face transformers + accelerate `cpu_offload`, best of a few batch sizes.
+
+Layers: with --layers L < 32 the model keeps the first L decoder layers, and the limits keep one
+layer's view of the full model: the policy is optimized for all 32 layers under 16 GiB (r_w then
+lowered, if needed, until the executor's own memory plan fits), and the L-layer run gets a GPU
+cap of 16 GiB minus what the 32 - L missing layers would hold (dense weights, resident experts,
+GPU KV), L/32 of the CPU memory and L/32 of the pinned budget. Throughput
+of the full model is then about measured * L/32 (reported as `full_model_tok_s_estimate`, an
+extrapolation, not a measurement). accelerate moves one layer at a time, so its cap is the
+unscaled 16 GiB.
+
+Run (one device session):  python benchmarks/bench_executor.py --layers 4 --out $OUT
+Results: one JSON with every run's result.json (benchmarks/results/executor_*.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from hrm.hardware import load_profile, save_profile  # noqa: E402
+from hrm.io import write_json_atomic  # noqa: E402
+from hrm.model import load_model_spec  # noqa: E402
+from hrm.optimize import optimize  # noqa: E402
+from hrm.units import GiB  # noqa: E402
+from hrm.workload import synthetic_workload  # noqa: E402
+
+FULL_LAYERS = 32
+#: sequences offered to the optimizer: the batch it picks is then run once
+OPTIMIZER_NUM_SEQS = 4096
+
+
+def scaled_limits(layers: int, host_bytes: float, pinned_bytes: float) -> dict[str, float]:
+    """The L/32 share of the CPU memory and the pinned budget (both hold per-layer data)."""
+    f = layers / FULL_LAYERS
+    return {"cpu_mem_bytes": host_bytes * f, "pin_bytes": pinned_bytes * f}
+
+
+def fit_to_executor(spec, policy, prompt_lens: list[int], gen_len: int, gpu_bytes: float,
+                    cpu_bytes: float):
+    """The policy with r_w lowered (one expert of the model at a time) until the executor's own
+    memory plan fits the full model's limits (the executor keeps two whole-layer staging buffers
+    and counts its activation workspace, which the cost model may size differently)."""
+    from executor.engine import plan_memory
+    from executor.weights import resident_experts_per_layer
+
+    step = 1 / (spec.num_layers * spec.num_experts)
+    while True:
+        plan = plan_memory(spec, policy, resident_experts_per_layer(
+            spec, policy.weights_gpu_fraction), prompt_lens, gen_len)
+        fits = sum(plan.gpu.values()) <= gpu_bytes and sum(plan.cpu.values()) <= cpu_bytes
+        if fits or policy.weights_gpu_fraction <= 0:
+            return policy, plan
+        policy = replace(policy, weights_gpu_fraction=max(0.0, policy.weights_gpu_fraction - step))
+
+
+def layer_gpu_bytes(spec, plan) -> float:
+    """GPU bytes one decoder layer adds under a plan (dense layer weights, resident experts,
+    GPU KV): what dropping a layer frees."""
+    per_layer_dense = (plan.gpu["dense weights"] - spec.embedding_params() * 2) / spec.num_layers
+    return per_layer_dense + (plan.gpu["resident experts"] + plan.gpu["KV cache"]) / spec.num_layers
+
+
+def run_cli(args: list[str], workdir: Path, name: str) -> dict:
+    """`hrm run` in a fresh process (its pinned memory and GPU cap die with it)."""
+    result = workdir / f"{name}.json"
+    cmd = [sys.executable, "-m", "hrm.cli", "run", *args, "-o", str(result)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    print(f"[{name}] rc={proc.returncode} {wall:.0f}s {proc.stdout.strip()[-300:]}"
+          f"{proc.stderr.strip()[-600:]}", flush=True)
+    if proc.returncode != 0:
+        return {"name": name, "error": (proc.stderr or proc.stdout).strip()[-2000:],
+                "command": " ".join(cmd)}
+    data = json.loads(result.read_text())
+    data["name"], data["process_wall_s"] = name, wall
+    return data
+
+
+def accelerate_run(config: dict, layers: int, prompt_lens: list[int], gen_len: int,
+                   batch: int, gpu_cap_bytes: float) -> dict:
+    """transformers + accelerate cpu_offload: weights in CPU memory, each module's weights moved
+    to the GPU when it runs. Random weights are a repeated random tile (fast init)."""
+    import torch
+    from accelerate import cpu_offload
+    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
+
+    from executor.weights import RANDOM_STD, _fill_tiled
+
+    cfg = MixtralConfig(**{k: v for k, v in config.items() if not k.startswith("_")})
+    cfg.num_hidden_layers = layers
+    with torch.device("meta"):
+        model = MixtralForCausalLM(cfg).to(torch.bfloat16)
+    model.to_empty(device="cpu")
+    tile = (torch.randn((1 << 22) + 7) * RANDOM_STD).to(torch.bfloat16)
+    for name, p in model.named_parameters():
+        with torch.no_grad():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                _fill_tiled(p.view(-1), tile)
+    model.model.rotary_emb = MixtralRotaryEmbedding(config=cfg)
+    model.eval()
+    device = torch.device("cuda")
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_cap_bytes / total), 0)
+    cpu_offload(model, execution_device=device)
+    lens = prompt_lens[:batch]
+    width = max(lens)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (len(lens), width), generator=gen)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lens):  # left padding
+        mask[i, width - n:] = 1
+    torch.cuda.reset_peak_memory_stats(device)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            out = model.generate(ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=gen_len, min_new_tokens=gen_len,
+                                 do_sample=False, pad_token_id=0)
+    except torch.OutOfMemoryError as exc:
+        return {"schedule": "accelerate", "batch_size": batch, "gen_len": gen_len,
+                "error": f"out of memory: {str(exc).splitlines()[0]}"}
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    generated = (out.shape[1] - width) * len(lens)
+    return {"schedule": "accelerate", "num_layers": layers, "batch_size": batch,
+            "gen_len": gen_len, "generated_tokens": generated, "total_s": elapsed,
+            "throughput_tok_s": generated / elapsed,
+            "full_model_tok_s_estimate": generated / elapsed * layers / FULL_LAYERS,
+            "peak_gpu_mem_bytes": torch.cuda.max_memory_allocated(device),
+            "gpu_mem_limit_bytes": gpu_cap_bytes,
+            "mean_prompt_len": sum(lens) / len(lens)}
+
+
+def attention_bench(threads: int | None = None) -> list[dict]:
+    """CPU decode attention at decode shapes (32 q / 8 kv heads, D=128): KV bytes read per
+    second, next to the DRAM read bandwidth of a torch sum over 4 GiB (the roof)."""
+    import torch
+
+    from executor.kernels import cpu_decode_attention, cpu_decode_attention_paged
+    from executor.kv_cache import BLOCK_TOKENS
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    def best_s(fn, reps: int = 5) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        big = torch.ones(GiB * 4 // torch.empty((), dtype=dtype).element_size(), dtype=dtype)
+        dram_bps = big.numel() * big.element_size() / best_s(lambda b=big: b.sum())
+        del big
+        for batch, seq in ((64, 1024), (256, 512), (1024, 256)):
+            q = torch.randn(batch, 32, 128).to(dtype)
+            k, v = (torch.randn(batch, 8, seq, 128).to(dtype) for _ in "kv")
+            kv_bytes = 2 * k.numel() * k.element_size()
+            lens = sorted((seq - (i * 7) % (seq // 4) for i in range(batch)), reverse=True)
+            ragged_bytes = kv_bytes * sum(lens) / (batch * seq)
+            dense_s = best_s(lambda q=q, k=k, v=v: cpu_decode_attention(q, k, v))
+            kb, vb = ([x[:sum(1 for n in lens if n > j * BLOCK_TOKENS), :,
+                         j * BLOCK_TOKENS:(j + 1) * BLOCK_TOKENS].contiguous()
+                       for j in range(-(-lens[0] // BLOCK_TOKENS))] for x in (k, v))
+            ragged_s = best_s(lambda q=q, k=kb, v=vb, n=lens: cpu_decode_attention_paged(q, k, v,
+                                                                                        n))
+            rows.append({"dtype": str(dtype).removeprefix("torch."), "batch": batch,
+                         "context": seq, "dram_read_bps": dram_bps,
+                         "dense_kv_bps": kv_bytes / dense_s,
+                         "paged_ragged_kv_bps": ragged_bytes / ragged_s,
+                         "dense_fraction_of_dram": kv_bytes / dense_s / dram_bps,
+                         "threads": torch.get_num_threads()})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=FULL_LAYERS)
+    ap.add_argument("--gen-lens", type=int, nargs="+", default=[32, 64, 128, 256])
+    ap.add_argument("--gpu-mem", type=float, default=16.0, help="GiB, for the full model")
+    ap.add_argument("--hardware", default="h100")
+    ap.add_argument("--accelerate-gen-lens", type=int, nargs="*", default=[32])
+    ap.add_argument("--accelerate-batches", type=int, nargs="*", default=[8, 16, 32])
+    ap.add_argument("--only", nargs="*", default=["cgopipe", "layerwise", "accelerate"])
+    ap.add_argument("--trace", action="store_true", help="keep the trace of the first cgopipe run")
+    ap.add_argument("--deadline-s", type=float, default=float("inf"),
+                    help="start no new run after this many seconds")
+    ap.add_argument("--attention", action="store_true",
+                    help="only benchmark CPU decode attention (no GPU needed)")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    if args.attention:
+        write_json_atomic(args.out / "executor_cpu_attention.json", attention_bench())
+        return
+
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("bench_executor needs a CUDA GPU")
+    spec = load_model_spec("mixtral-8x7b")
+    config = json.loads((ROOT / "hrm" / "model_configs" / "mixtral-8x7b.json").read_text())
+    hw = load_profile(args.hardware)
+    host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limits = scaled_limits(args.layers, min(host_bytes, hw.cpu.memory_bytes),
+                           min(hw.link.pinned_max_bytes, 0.45 * host_bytes))
+    workdir = Path(tempfile.mkdtemp(prefix="bench-executor-"))
+    layer_config = workdir / f"mixtral-8x7b-{args.layers}layers.json"
+    layer_config.write_text(json.dumps(dict(config, num_hidden_layers=args.layers,
+                                            _name_or_path=f"mixtral-8x7b-{args.layers}layers")))
+    hw_full = hw.with_memory(gpu_memory_bytes=args.gpu_mem * GiB,
+                             cpu_memory_bytes=min(host_bytes, hw.cpu.memory_bytes))
+    common = ["--model", str(layer_config), "--dummy-weights", "--device", "cuda",
+              "--cpu-mem", f"{limits['cpu_mem_bytes'] / GiB:.4f}",
+              "--pin-mem", f"{limits['pin_bytes'] / GiB:.4f}", "--ignore-eos",
+              "--synthetic", "mtbench"]
+    results: list[dict] = []
+    summary_path = args.out / f"executor_bench_{args.layers}layers.json"
+
+    def save() -> None:
+        write_json_atomic(summary_path, {"layers": args.layers, "limits": limits,
+                                         "hardware_profile": hw.name, "runs": results})
+
+    started = time.perf_counter()
+    for gen_len in args.gen_lens:
+        wl = synthetic_workload("mtbench", OPTIMIZER_NUM_SEQS, gen_len)
+        for schedule in ("cgopipe", "layerwise"):
+            if schedule not in args.only or time.perf_counter() - started > args.deadline_s:
+                continue
+            # the policy is optimized for the full model under the full limits, then run on
+            # the first L layers with the per-layer share of the limits
+            opt = optimize(spec, hw_full, wl, schedule=schedule)
+            lens = list(synthetic_workload("mtbench", opt.policy.batch_size, gen_len).prompt_lens)
+            policy, plan = fit_to_executor(spec, opt.policy, lens, gen_len, args.gpu_mem * GiB,
+                                           hw_full.cpu.memory_bytes)
+            policy_path = workdir / f"policy_{schedule}_g{gen_len}.json"
+            policy.save(policy_path)
+            gpu_cap_l = args.gpu_mem * GiB - (FULL_LAYERS - args.layers) * \
+                layer_gpu_bytes(spec, plan)
+            caps = ["--gpu-mem", f"{gpu_cap_l / GiB:.4f}"]
+            hw_l = hw.with_memory(gpu_memory_bytes=gpu_cap_l,
+                                  cpu_memory_bytes=limits["cpu_mem_bytes"])
+            hw_l = replace(hw_l, link=replace(hw_l.link, pinned_max_bytes=limits["pin_bytes"]))
+            profile_path = workdir / f"{hw.name}-{schedule}-g{gen_len}.toml"
+            save_profile(hw_l, profile_path)
+            extra = ["--trace", str(args.out / "executor_trace_cgopipe.json")] \
+                if args.trace and schedule == "cgopipe" and gen_len == args.gen_lens[0] else []
+            res = run_cli([*common, *caps, "--policy", str(policy_path), "--hardware",
+                           str(profile_path), "--num-seqs",
+                           str(opt.policy.batch_size), "--gen-len", str(gen_len), *extra],
+                          workdir, f"{schedule}_g{gen_len}")
+            res["full_model_prediction"] = opt.prediction.to_dict()
+            res["optimizer_policy"] = opt.policy.to_dict()
+            if "throughput_tok_s" in res:
+                res["full_model_tok_s_estimate"] = \
+                    res["throughput_tok_s"] * args.layers / FULL_LAYERS
+            results.append(res)
+            save()
+        if "accelerate" in args.only and gen_len in args.accelerate_gen_lens:
+            lens = list(synthetic_workload("mtbench", max(args.accelerate_batches),
+                                           gen_len).prompt_lens)
+            for batch in args.accelerate_batches:
+                if time.perf_counter() - started > args.deadline_s:
+                    break
+                code = (f"import json,sys; sys.path.insert(0, {str(ROOT)!r}); "
+                        "from benchmarks.bench_executor import accelerate_run; "
+                        f"print(json.dumps(accelerate_run({config!r}, {args.layers}, {lens!r}, "
+                        f"{gen_len}, {batch}, {args.gpu_mem * GiB})))")
+                proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                                      capture_output=True, text=True)
+                line = proc.stdout.strip().splitlines()[-1:] or [""]
+                try:
+                    res = json.loads(line[0])
+                except json.JSONDecodeError:
+                    res = {"schedule": "accelerate", "batch_size": batch, "gen_len": gen_len,
+                           "error": proc.stderr.strip()[-1500:]}
+                print(f"[accelerate b{batch} g{gen_len}] {json.dumps(res)[:300]}", flush=True)
+                results.append(res)
+                save()
+    save()
+    print(f"wrote {summary_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,469 @@
+"""The engine: offline batch generation of an MoE model under a Policy.
+
+Sequences are processed in rounds of `batch_size` (N); a round is split into micro-batches of
+`micro_batch_size` (mu) sequences, ordered by decreasing prompt length so every micro-batch is a
+run of consecutive KV-cache slots with non-increasing context lengths (what the ragged CPU kernel
+needs). Each round is prefill (attention on the GPU, KV written to its cache) followed by
+gen_len - 1 decode steps. Work items (step, layer, micro-batch) run in one global order:
+
+  cgopipe (MoE-Lightning S1): pre(i) = QKV of item i on the GPU, its q/k/v copied D2H and CPU
+      attention started on the worker thread; then post(i-1) = attention output H2D, O projection
+      and MoE FFN of the previous item on the GPU. So CPU attention of micro-batch i overlaps the
+      GPU FFN of micro-batch i-1, and the copy thread streams the next layer's weights meanwhile.
+  cgopipe-serial (S3): the same placement, every item finished before the next starts, weights
+      fetched when their layer starts.
+  layerwise: attention on the GPU (KV on the GPU for the first r_c of the micro-batches, else read
+      from the CPU cache every layer), weights fetched when their layer starts, no overlap.
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from executor import layers as L
+from executor.kernels import cpu_decode_attention_paged
+from executor.kv_cache import BLOCK_TOKENS, KVCache, kv_cache_bytes
+from executor.sampling import Sampling, sample
+from executor.schedule import (
+    LayerWeightsInFlight,
+    Streams,
+    host_wait,
+    on,
+    pipeline_threads,
+    record,
+    wait,
+)
+from executor.trace import Span, Tracer
+from executor.weights import (
+    ModelWeights,
+    load_checkpoint,
+    random_weights,
+    read_model,
+    renormalize_topk,
+    resident_experts_per_layer,
+    torch_dtype,
+)
+from hrm.errors import HRMError, InfeasibleError, PolicyError
+from hrm.model import ModelSpec
+from hrm.policy import Policy
+from hrm.units import fmt_bytes
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes the run needs on the GPU and in CPU memory, by component."""
+
+    gpu: dict[str, float]
+    cpu: dict[str, float]
+    kv_gpu_micro_batches: int
+    capacities: list[int]
+    kv_block_tokens: int
+
+    def check(self, gpu_limit_bytes: float, cpu_limit_bytes: float) -> None:
+        for where, parts, limit in (("GPU", self.gpu, gpu_limit_bytes),
+                                    ("CPU", self.cpu, cpu_limit_bytes)):
+            need = sum(parts.values())
+            if need > limit:
+                detail = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in parts.items() if v)
+                raise InfeasibleError(f"the policy does not fit {where} memory: needs "
+                                      f"{fmt_bytes(need)} ({detail}) but the limit is "
+                                      f"{fmt_bytes(limit)}; lower batch_size/micro_batch_size "
+                                      f"or weights_gpu_fraction, or raise --"
+                                      f"{where.lower()}-mem")
+
+
+def prefill_tokens_per_micro_batch(prompt_lens: list[int], micro_batch_size: int) -> int:
+    """Most prompt tokens any micro-batch prefills (sequences run longest first)."""
+    lens = sorted(prompt_lens, reverse=True)
+    return max(sum(lens[s:s + micro_batch_size]) for s in range(0, len(lens), micro_batch_size))
+
+
+def workspace_bytes(spec: ModelSpec, policy: Policy, prefill_tokens: int, max_seq_len: int,
+                    elem_bytes: int) -> float:
+    """Estimate of the GPU activation workspace (bytes) of the largest prefill micro-batch: per
+    token the hidden states and their temporaries (6 h1), q/k/v, the expert-sorted copies of the
+    hidden states and outputs (2 k h1), one expert's intermediate in the worst case that every
+    token picks it (3 h2), the shared experts' (3 h2_shared); plus the logits of mu sequences in
+    fp32 and, for GPU decode attention, the scores and one micro-batch of K/V."""
+    qkv = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+    per_token = (6 * spec.hidden_size + qkv + 2 * spec.top_k * spec.hidden_size
+                 + 3 * spec.expert_intermediate_size + 3 * spec.shared_intermediate_size)
+    logits = policy.micro_batch_size * spec.vocab_size * 4 * 2
+    attn = 0
+    if policy.attn_decode_device == "gpu":
+        attn = policy.micro_batch_size * max_seq_len * (
+            spec.num_heads * 4 + 2 * spec.num_kv_heads * spec.head_dim * elem_bytes)
+    return prefill_tokens * per_token * elem_bytes + logits + attn
+
+
+def slot_capacities(prompt_lens: list[int], gen_len: int, batch_size: int) -> list[int]:
+    """Tokens each KV slot must hold: sequences run longest prompt first, in rounds of
+    batch_size, so slot r holds at most the r-th longest prompt + gen_len."""
+    return [n + gen_len for n in sorted(prompt_lens, reverse=True)[:batch_size]]
+
+
+def plan_memory(spec: ModelSpec, policy: Policy, resident: list[int], prompt_lens: list[int],
+                gen_len: int, kv_block_tokens: int = BLOCK_TOKENS) -> MemoryPlan:
+    """Memory of weights (dense + resident experts + 2 staging buffers on the GPU, streamed
+    experts in CPU memory), KV cache (the first r_c of the micro-batches on the GPU, each slot
+    sized by `slot_capacities`) and GPU workspace."""
+    capacities = slot_capacities(prompt_lens, gen_len, policy.batch_size)
+    w_elem = int(torch.empty((), dtype=torch_dtype(policy.weight_dtype)).element_size())
+    kv_dtype = torch_dtype(policy.kv_dtype)
+    expert = spec.expert_params() * w_elem
+    streamed = [(spec.num_experts - r) * expert for r in resident]
+    n_gpu_mb = round(policy.kv_gpu_fraction * policy.num_micro_batches) \
+        if policy.attn_decode_device == "gpu" else 0
+    gpu_slots = n_gpu_mb * policy.micro_batch_size
+    prefill_tokens = prefill_tokens_per_micro_batch(prompt_lens, policy.micro_batch_size)
+    gpu = {"dense weights": spec.dense_params() * w_elem,
+           "resident experts": sum(resident) * expert,
+           "weight staging (2 buffers)": 2 * max(streamed, default=0),
+           "KV cache": kv_cache_bytes(spec, capacities[:gpu_slots], kv_dtype, kv_block_tokens),
+           "activation workspace": workspace_bytes(spec, policy, prefill_tokens, capacities[0],
+                                                   w_elem)}
+    cpu = {"streamed experts": sum(streamed),
+           "KV cache": kv_cache_bytes(spec, capacities[gpu_slots:], kv_dtype, kv_block_tokens)}
+    return MemoryPlan(gpu, cpu, n_gpu_mb, capacities, kv_block_tokens)
+
+
+@dataclass
+class MicroBatch:
+    seqs: list[int]            # indices into the prompt list
+    prompt_lens: list[int]     # non-increasing
+    cache: KVCache
+    slots: slice
+    hidden: torch.Tensor | None = None
+    positions: torch.Tensor | None = None   # [n] position of the token being fed (device)
+    tokens: list[torch.Tensor] = field(default_factory=list)  # sampled ids per step (device)
+    logits: list[torch.Tensor] = field(default_factory=list)  # per step, if kept
+
+
+@dataclass
+class Generation:
+    outputs: list[list[int]]
+    prefill_s: float
+    decode_s: float
+    spans: list[Span]
+    decode_windows: list[tuple[float, float]]
+    bytes_moved: dict[str, int]
+    #: per prompt [gen_len, vocab] fp32 logits, with Engine(keep_logits=True)
+    logits: list[torch.Tensor] | None = None
+
+
+class Engine:
+    def __init__(self, weights: ModelWeights, policy: Policy, device: torch.device,
+                 plan: MemoryPlan, sampling: Sampling = Sampling(),
+                 eos_token_id: int | None = None, keep_logits: bool = False) -> None:
+        self.keep_logits = keep_logits  # keep every step's logits (tests compare them with HF)
+        self.w, self.spec, self.policy, self.device = weights, weights.spec, policy, device
+        self.plan = plan
+        self.sampling, self.eos = sampling, eos_token_id
+        self.renorm = renormalize_topk(self.spec, weights.config)
+        self.cpu_attention = policy.attn_decode_device == "cpu"
+        self.overlap = policy.schedule == "cgopipe"
+        if policy.attn_prefill_device != "gpu":
+            raise PolicyError("the executor runs prefill attention on the GPU: set "
+                              "attn_prefill_device='gpu'")
+        kv_dtype = torch_dtype(policy.kv_dtype)
+        mu = policy.micro_batch_size
+        self.n_gpu_mb = plan.kv_gpu_micro_batches
+        caps, gpu_slots = plan.capacities, self.n_gpu_mb * mu
+        # sizes were checked by plan_memory before the weights were loaded
+        self.gpu_cache = KVCache.allocate(self.spec, caps[:gpu_slots], kv_dtype, device,
+                                          float("inf"), "GPU", plan.kv_block_tokens)
+        self.cpu_cache = KVCache.allocate(self.spec, caps[gpu_slots:], kv_dtype,
+                                          torch.device("cpu"), float("inf"), "CPU",
+                                          plan.kv_block_tokens)
+        self.cos, self.sin = L.rope_tables(self.spec, caps[0], device)
+        self.streams = Streams(device)
+        cuda = device.type == "cuda"
+        qkv = (self.spec.num_heads + 2 * self.spec.num_kv_heads) * self.spec.head_dim
+        q_out = self.spec.num_heads * self.spec.head_dim
+        n_ub = policy.num_micro_batches
+        # pinned link buffers per micro-batch: q/k/v down, attention output up
+        self.qkv_host = [torch.empty(mu, qkv, dtype=kv_dtype, pin_memory=cuda)
+                         for _ in range(n_ub)] if cuda else []
+        self.out_host = [torch.empty(mu, q_out, dtype=weights.lm_head.dtype, pin_memory=cuda)
+                         for _ in range(n_ub)] if cuda else []
+        self.out_dev = [torch.empty(mu, q_out, dtype=weights.lm_head.dtype, device=device)
+                        for _ in range(n_ub)] if cuda else []
+        self.generator = torch.Generator(device=device).manual_seed(sampling.seed)
+        self.bytes = {"weights_h2d_pinned": 0, "weights_h2d_staged": 0, "qkv_d2h": 0,
+                      "attn_out_h2d": 0, "kv_d2h": 0, "kv_h2d": 0}
+
+    # ---- placement ---------------------------------------------------------------------------
+    def _micro_batches(self, seqs: list[int], prompts: list[list[int]]) -> list[MicroBatch]:
+        mu, mbs = self.policy.micro_batch_size, []
+        order = sorted(seqs, key=lambda i: -len(prompts[i]))
+        for m, start in enumerate(range(0, len(order), mu)):
+            chunk = order[start:start + mu]
+            on_gpu = m < self.n_gpu_mb
+            first = (m if on_gpu else m - self.n_gpu_mb) * mu
+            mbs.append(MicroBatch(chunk, [len(prompts[i]) for i in chunk],
+                                  self.gpu_cache if on_gpu else self.cpu_cache,
+                                  slice(first, first + len(chunk))))
+        return mbs
+
+    # ---- the layer pieces ------------------------------------------------------------------
+    def _lm_head_and_sample(self, mb: MicroBatch, last_hidden: torch.Tensor) -> None:
+        h = L.rms_norm(last_hidden, self.w.final_norm, self.spec.rms_norm_eps)
+        logits = torch.nn.functional.linear(h, self.w.lm_head)
+        if self.keep_logits:
+            mb.logits.append(logits.float().cpu())
+        tokens = sample(logits, self.sampling, self.generator)
+        mb.tokens.append(tokens)
+        mb.hidden = self.w.embed[tokens]
+
+    def _prefill_item(self, layer: int, mb: MicroBatch, buffer: int, tracer: Tracer) -> None:
+        spec, dense = self.spec, self.w.layers[layer]
+        with tracer.span("gpu", "prefill", self.streams.compute, layer):
+            q, k, v = L.attention_in(mb.hidden, dense, spec, self.cos[mb.positions],
+                                     self.sin[mb.positions])
+            # the whole micro-batch's K/V crosses the link once (one sync), then is filed
+            k_dst, v_dst = (t.to(mb.cache.k[layer][0].device) for t in (k, v))
+            if mb.cache is self.cpu_cache:
+                self.bytes["kv_d2h"] += 2 * k.numel() * k.element_size()
+            outs, token, seq = [], 0, 0
+            while seq < len(mb.seqs):  # equal-length prompts are adjacent: one SDPA call each
+                length = mb.prompt_lens[seq]
+                n = next((j for j in range(seq, len(mb.seqs)) if mb.prompt_lens[j] != length),
+                         len(mb.seqs)) - seq
+                shape = (n, length, -1, spec.head_dim)
+                qg, kg, vg = (t[token:token + n * length].reshape(shape) for t in (q, k, v))
+                outs.append(L.prefill_attention(qg, kg, vg).reshape(n * length, -1))
+                slots = slice(mb.slots.start + seq, mb.slots.start + seq + n)
+                mb.cache.write_prompt(layer, slots, k_dst[token:token + n * length].reshape(shape),
+                                      v_dst[token:token + n * length].reshape(shape))
+                token, seq = token + n * length, seq + n
+            x = L.attention_out(mb.hidden, torch.cat(outs), dense)
+            x = L.moe_ffn(x, dense, spec, self.w.experts.expert_fn(layer, buffer), self.renorm)
+            if layer == spec.num_layers - 1:
+                ends = torch.tensor(mb.prompt_lens, device=self.device).cumsum(0) - 1
+                self._lm_head_and_sample(mb, x[ends])
+                mb.positions = torch.tensor(mb.prompt_lens, device=self.device)
+            else:
+                mb.hidden = x
+
+    def _decode_pre(self, layer: int, m: int, mb: MicroBatch, worker: Any, tracer: Tracer
+                    ) -> Any:
+        """QKV on the GPU; then attention: started on the CPU worker (returns its future) or
+        done on the GPU (returns the output tensor)."""
+        spec, compute = self.spec, self.streams.compute
+        with tracer.span("gpu", "pre_attn", compute, layer, m):
+            q, k, v = L.attention_in(mb.hidden, self.w.layers[layer], spec,
+                                     self.cos[mb.positions], self.sin[mb.positions])
+        context_lens = [n + len(mb.tokens) - 1 for n in mb.prompt_lens]  # before this token
+        if not self.cpu_attention:
+            with tracer.span("gpu", "gpu_attn", compute, layer, m):
+                mb.cache.append(layer, mb.slots, context_lens, k, v)
+                kc, vc = mb.cache.gather(layer, mb.slots, context_lens[0] + 1, self.device)
+                if mb.cache is self.cpu_cache:
+                    self.bytes["kv_h2d"] += 2 * kc.numel() * kc.element_size()
+                lens = torch.tensor(context_lens, device=self.device) + 1
+                return L.gpu_decode_attention(q, kc.to(q.dtype), vc.to(q.dtype), lens)
+        qkv = torch.cat((q.flatten(1), k.flatten(1), v.flatten(1)), dim=1)
+        done = None
+        if self.device.type == "cuda":
+            d2h = self.streams.d2h
+            wait(d2h, record(compute))
+            with on(d2h), tracer.span("d2h", "d2h", d2h, layer, m):
+                host = self.qkv_host[m][:len(mb.seqs)]
+                host.copy_(qkv, non_blocking=True)
+                qkv.record_stream(d2h)
+            done = record(d2h)
+            qkv = host
+            self.bytes["qkv_d2h"] += qkv.numel() * qkv.element_size()
+        return worker.submit(self._cpu_attention, layer, m, mb, qkv, done, context_lens, tracer)
+
+    def _cpu_attention(self, layer: int, m: int, mb: MicroBatch, qkv: torch.Tensor, ready: Any,
+                       context_lens: list[int], tracer: Tracer) -> tuple[torch.Tensor, Any]:
+        """Worker thread: append k/v to the CPU cache, attend, send the output up."""
+        host_wait(ready)
+        spec, n = self.spec, len(mb.seqs)
+        q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        with tracer.span("cpu_attention", "cpu_attn", None, layer, m):
+            q = qkv[:, :q_out].view(n, spec.num_heads, spec.head_dim)
+            k = qkv[:, q_out:q_out + kv_out].view(n, spec.num_kv_heads, spec.head_dim)
+            v = qkv[:, q_out + kv_out:].view(n, spec.num_kv_heads, spec.head_dim)
+            mb.cache.append(layer, mb.slots, context_lens, k, v)
+            lens = [c + 1 for c in context_lens]
+            kc, vc = mb.cache.blocks(layer, mb.slots, lens[0])
+            out = cpu_decode_attention_paged(q, kc, vc, lens)
+            out = out.reshape(n, -1)
+        if self.device.type != "cuda":
+            return out, None
+        h2d = self.streams.h2d
+        with on(h2d), tracer.span("h2d", "act_h2d", h2d, layer, m):
+            self.out_host[m][:n].copy_(out)
+            self.out_dev[m][:n].copy_(self.out_host[m][:n], non_blocking=True)
+        self.bytes["attn_out_h2d"] += out.numel() * self.out_host[m].element_size()
+        return self.out_dev[m][:n], record(h2d)
+
+    def _decode_post(self, layer: int, m: int, mb: MicroBatch, attention: Any, buffer: int,
+                     tracer: Tracer) -> None:
+        if isinstance(attention, torch.Tensor):
+            attn, ready = attention, None
+        else:
+            attn, ready = attention.result()
+        compute = self.streams.compute
+        wait(compute, ready)
+        dense = self.w.layers[layer]
+        with tracer.span("gpu", "post_attn", compute, layer, m):
+            x = L.attention_out(mb.hidden, attn, dense)
+            x = L.moe_ffn(x, dense, self.spec, self.w.experts.expert_fn(layer, buffer),
+                          self.renorm)
+            if layer == self.spec.num_layers - 1:
+                self._lm_head_and_sample(mb, x)
+                mb.positions = mb.positions + 1
+            else:
+                mb.hidden = x
+
+    # ---- phases ----------------------------------------------------------------------------
+    def _prefill(self, mbs: list[MicroBatch], prompts: list[list[int]], weights: Any,
+                 visit: int, tracer: Tracer) -> int:
+        for mb in mbs:
+            ids = torch.tensor([t for i in mb.seqs for t in prompts[i]], device=self.device)
+            mb.hidden = self.w.embed[ids]
+            mb.positions = torch.cat([torch.arange(n, device=self.device)
+                                      for n in mb.prompt_lens])
+        for layer in range(self.spec.num_layers):
+            buffer = weights.acquire(visit, self.streams.compute)
+            for mb in mbs:
+                self._prefill_item(layer, mb, buffer, tracer)
+            weights.release(visit, self.streams.compute)
+            visit += 1
+        return visit
+
+    def _decode_step(self, mbs: list[MicroBatch], weights: Any, visit: int, worker: Any,
+                     tracer: Tracer) -> int:
+        """One decode step over all layers and micro-batches (module docstring for the order)."""
+        pending: tuple[int, int, Any] | None = None
+        buffers: dict[int, int] = {}
+        last = len(mbs) - 1
+
+        def post(layer: int, m: int, attention: Any) -> None:
+            g = visit + layer
+            if g not in buffers:
+                buffers[g] = weights.acquire(g, self.streams.compute)
+            self._decode_post(layer, m, mbs[m], attention, buffers[g], tracer)
+            if m == last:
+                weights.release(g, self.streams.compute)
+
+        for layer in range(self.spec.num_layers):
+            if not self.overlap:
+                buffers[visit + layer] = weights.acquire(visit + layer, self.streams.compute)
+            for m, mb in enumerate(mbs):
+                if pending is not None and pending[1] == m:  # this micro-batch's previous layer
+                    post(*pending)
+                    pending = None
+                attention = self._decode_pre(layer, m, mb, worker, tracer)
+                if pending is not None:
+                    post(*pending)
+                pending = (layer, m, attention)
+                if not self.overlap:
+                    post(*pending)
+                    pending = None
+        if pending is not None:
+            post(*pending)
+        return visit + self.spec.num_layers
+
+    def generate(self, prompts: list[list[int]], gen_len: int) -> Generation:
+        """Generate `gen_len` tokens for every prompt; outputs in input order (cut after EOS)."""
+        if not prompts or any(not p for p in prompts):
+            raise HRMError("every prompt needs at least one token")
+        caps = slot_capacities([len(p) for p in prompts], gen_len, self.policy.batch_size)
+        if any(need > cap for need, cap in zip(caps, self.plan.capacities, strict=False)):
+            raise HRMError("these prompts + gen_len do not fit the KV slots the engine was "
+                           "built for; build it for these prompt lengths and gen_len")
+        bad = [t for p in prompts for t in p if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise HRMError(f"token id {bad[0]} is outside the vocabulary "
+                           f"(size {self.spec.vocab_size})")
+        tracer = Tracer(self.device)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        rounds = [order[s:s + self.policy.batch_size]
+                  for s in range(0, len(prompts), self.policy.batch_size)]
+        visits = len(rounds) * self.spec.num_layers * gen_len
+        outputs: list[list[int]] = [[] for _ in prompts]
+        logits: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+        prefill_s = decode_s = 0.0
+        windows = []
+        with pipeline_threads(self.w.experts, self.streams, tracer) as (link, worker):
+            weights = LayerWeightsInFlight(link, self.spec.num_layers, visits, self.overlap)
+            visit = 0
+            with torch.inference_mode():
+                for seqs in rounds:
+                    mbs = self._micro_batches(seqs, prompts)
+                    t0 = tracer.now_s()
+                    visit = self._prefill(mbs, prompts, weights, visit, tracer)
+                    self._sync()
+                    t1 = tracer.now_s()
+                    for _ in range(gen_len - 1):
+                        visit = self._decode_step(mbs, weights, visit, worker, tracer)
+                    self._sync()
+                    t2 = tracer.now_s()
+                    prefill_s, decode_s = prefill_s + t1 - t0, decode_s + t2 - t1
+                    windows.append((t1, t2))
+                    for mb in mbs:
+                        tokens = torch.stack(mb.tokens, dim=1).tolist()
+                        for seq, row in zip(mb.seqs, tokens, strict=True):
+                            outputs[seq] = self._cut_at_eos(row)
+                        if self.keep_logits:
+                            for j, seq in enumerate(mb.seqs):
+                                logits[seq] = torch.stack([s[j] for s in mb.logits])
+            self.bytes["weights_h2d_pinned"] = link.bytes_pinned_path
+            self.bytes["weights_h2d_staged"] = link.bytes_staged_path
+        return Generation(outputs, prefill_s, decode_s, tracer.spans(), windows, dict(self.bytes),
+                          logits if self.keep_logits else None)
+
+    def _cut_at_eos(self, tokens: list[int]) -> list[int]:
+        if self.eos is not None and self.eos in tokens:
+            return tokens[:tokens.index(self.eos) + 1]
+        return tokens
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def peak_cpu_mem_bytes() -> int:
+    """Peak resident set size of this process (bytes; Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def load_weights(model: str, policy: Policy, *, device: torch.device, resident: list[int],
+                 checkpoint: str | None = None, pin_budget_bytes: float = 0.0, seed: int = 0
+                 ) -> ModelWeights:
+    """The model's weights placed as `resident` says: from `checkpoint`, else random at the
+    shapes of `model` (a shipped name or config path)."""
+    dtype = torch_dtype(policy.weight_dtype)
+    if checkpoint:
+        return load_checkpoint(checkpoint, dtype=dtype, device=device, resident=resident,
+                               page_bytes=policy.weight_page_bytes,
+                               pin_budget_bytes=pin_budget_bytes)
+    spec, config = read_model(model)
+    return random_weights(spec, config, dtype=dtype, device=device, resident=resident,
+                          page_bytes=policy.weight_page_bytes,
+                          pin_budget_bytes=pin_budget_bytes, seed=seed)
+
+
+def build_engine(model: str, policy: Policy, *, device: torch.device, prompt_lens: list[int],
+                 gen_len: int, checkpoint: str | None = None, gpu_mem_bytes: float,
+                 cpu_mem_bytes: float, pin_budget_bytes: float = 0.0,
+                 sampling: Sampling = Sampling(), eos_token_id: int | None = None,
+                 keep_logits: bool = False, seed: int = 0,
+                 kv_block_tokens: int = BLOCK_TOKENS) -> Engine:
+    """Check the memory plan, then load (checkpoint) or create (random) weights and the engine.
+    `model` names a shipped config or a config path when `checkpoint` is None."""
+    spec, _ = read_model(checkpoint or model)
+    resident = resident_experts_per_layer(spec, policy.weights_gpu_fraction)
+    plan = plan_memory(spec, policy, resident, prompt_lens, gen_len, kv_block_tokens)
+    plan.check(gpu_mem_bytes, cpu_mem_bytes)
+    weights = load_weights(model, policy, device=device, resident=resident,
+                           checkpoint=checkpoint, pin_budget_bytes=pin_budget_bytes, seed=seed)
+    return Engine(weights, policy, device, plan, sampling, eos_token_id, keep_logits)

@@ -1,0 +1,71 @@
+"""CPU decode attention: grouped-query attention of one new token per sequence over a CPU KV cache.
+
+GQA is computed on grouped *views*: the n_q query heads are viewed as [n_kv, s, D] (s = n_q / n_kv,
+MoE-Lens Eq. 1) so each KV head is read once for its s query heads; K and V are never expanded
+with repeat_interleave (40x slower on the GPU machine, /work/shared/hardware/h100-machine.md).
+torch's matmul runs on all intra-op threads. Scores and softmax are fp32; bf16 KV is read as bf16.
+
+    scores = q K^T * scale,  p = softmax(scores),  out = p V          (per sequence, per head)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+def cpu_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         scale: float | None = None) -> torch.Tensor:
+    """Decode attention for a dense batch of equal-length contexts.
+
+    q: [B, Hq, D]; k, v: [B, Hkv, S, D] (fp32 or bf16, any strides with a unit last stride);
+    returns [B, Hq, D] in q's dtype. `scale` defaults to 1/sqrt(D)."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    q_grouped = q.view(batch, num_kv_heads, group, head_dim).to(k.dtype)
+    scores = torch.matmul(q_grouped, k.transpose(-1, -2)).float() * scale   # [B, Hkv, s, S]
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v)                                             # [B, Hkv, s, D]
+    return out.reshape(batch, num_heads, head_dim).to(q.dtype)
+
+
+def cpu_decode_attention_paged(q: torch.Tensor, k_blocks: Sequence[torch.Tensor],
+                               v_blocks: Sequence[torch.Tensor], context_lens: list[int],
+                               scale: float | None = None) -> torch.Tensor:
+    """Decode attention over ragged contexts stored in token blocks, without padding the reads.
+
+    q: [B, Hq, D]; k_blocks[j], v_blocks[j]: [rows_j, Hkv, T, D], positions j*T..(j+1)*T-1 of
+    the first rows_j sequences (contiguous, so each block is one matmul on torch's fast path).
+    Sequence b's first `context_lens[b]` tokens are valid and `context_lens` is non-increasing
+    (the engine orders sequences by length), so block j is needed exactly by the prefix of
+    sequences longer than j*T, and only that prefix is read: at most T - 1 positions per sequence
+    beyond its length, which are masked. Softmax runs jointly over (block, position). Returns
+    [B, Hq, D] in q's dtype."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads, block_tokens = k_blocks[0].shape[1], k_blocks[0].shape[2]
+    group = num_heads // num_kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if any(a < b for a, b in zip(context_lens, context_lens[1:], strict=False)):
+        raise ValueError("context_lens must be non-increasing")
+    num_blocks = -(-context_lens[0] // block_tokens)
+    lens = torch.tensor(context_lens)
+    active = [sum(1 for n in context_lens if n > j * block_tokens) for j in range(num_blocks)]
+    if any(k_blocks[j].shape[0] < rows for j, rows in enumerate(active)):
+        raise ValueError("a KV block holds fewer sequences than need it")
+    q_grouped = q.view(batch, num_kv_heads, group, head_dim).to(k_blocks[0].dtype)
+    scores = torch.full((num_blocks, batch, num_kv_heads, group, block_tokens), float("-inf"))
+    for j, rows in enumerate(active):
+        scores[j, :rows] = torch.matmul(q_grouped[:rows], k_blocks[j][:rows].transpose(-1, -2))
+    positions = torch.arange(num_blocks * block_tokens).view(num_blocks, 1, block_tokens)
+    past_end = (positions >= lens.view(1, batch, 1))[:, :, None, None, :]
+    scores = scores.masked_fill_(past_end, float("-inf")).mul_(scale)
+    scores = scores.sub_(scores.amax(dim=(0, 4), keepdim=True)).exp_()
+    probs = scores.div_(scores.sum(dim=(0, 4), keepdim=True)).to(v_blocks[0].dtype)
+    out = torch.zeros(batch, num_kv_heads, group, head_dim)
+    for j, rows in enumerate(active):
+        out[:rows] += torch.matmul(probs[j, :rows], v_blocks[j][:rows]).float()
+    return out.reshape(batch, num_heads, head_dim).to(q.dtype)

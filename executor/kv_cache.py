@@ -1,0 +1,116 @@
+"""KV cache in token blocks, sized exactly to each sequence.
+
+Slots are ordered by decreasing capacity (prompt length + gen_len; the engine sorts sequences
+by prompt length), so the slots that reach block j (positions j*T..(j+1)*T-1, T = block_tokens)
+are a prefix 0..rows_j-1. Per layer and block, K and V are one tensor [rows_j, n_kv, T, D]:
+memory is sum_b ceil(cap_b / T) blocks, with no padding to the longest sequence, and block j
+of a run of consecutive slots (a micro-batch) is one contiguous tensor, which CPU attention
+reads with one matmul (executor/kernels.py). Capacity is checked up front against the memory the
+caller grants, so a policy that does not fit fails with a clear error, not an out-of-memory
+crash halfway through.
+
+bytes = 2 (K, V) * l * T * n_kv * D * dtype_bytes * sum_b ceil(cap_b / T)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hrm.errors import InfeasibleError
+from hrm.model import ModelSpec
+from hrm.units import fmt_bytes
+
+BLOCK_TOKENS = 64
+
+
+def blocks_per_slot(capacities: list[int], block_tokens: int) -> list[int]:
+    return [-(-c // block_tokens) for c in capacities]
+
+
+def kv_cache_bytes(spec: ModelSpec, capacities: list[int], dtype: torch.dtype,
+                   block_tokens: int = BLOCK_TOKENS) -> int:
+    """Bytes of a cache for sequences of the given capacities (tokens), all layers, K and V."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    blocks = sum(blocks_per_slot(capacities, block_tokens))
+    return 2 * spec.num_layers * blocks * block_tokens * spec.num_kv_heads * spec.head_dim * elem
+
+
+@dataclass
+class KVCache:
+    k: list[list[torch.Tensor]]  # [layer][block j] -> [rows_j, n_kv, T, D]
+    v: list[list[torch.Tensor]]
+    block_tokens: int
+
+    @classmethod
+    def allocate(cls, spec: ModelSpec, capacities: list[int], dtype: torch.dtype,
+                 device: torch.device, budget_bytes: float, where: str,
+                 block_tokens: int = BLOCK_TOKENS) -> KVCache:
+        """Zero-filled cache (masked positions must read finite values) for slots with
+        non-increasing `capacities` (tokens); raises InfeasibleError naming the shortfall if it
+        exceeds `budget_bytes` of `where` memory."""
+        if any(a < b for a, b in zip(capacities, capacities[1:], strict=False)):
+            raise ValueError("slot capacities must be non-increasing")
+        need = kv_cache_bytes(spec, capacities, dtype, block_tokens)
+        if need > budget_bytes:
+            raise InfeasibleError(
+                f"KV cache for {len(capacities)} sequences needs {fmt_bytes(need)} of {where} "
+                f"memory but only {fmt_bytes(budget_bytes)} is left; lower batch_size or "
+                f"gen_len, or raise the {where} memory limit")
+        per_slot = blocks_per_slot(capacities, block_tokens)
+        rows = [sum(1 for b in per_slot if b > j) for j in range(max(per_slot, default=0))]
+
+        def layer() -> list[torch.Tensor]:
+            return [torch.zeros(n, spec.num_kv_heads, block_tokens, spec.head_dim, dtype=dtype,
+                                device=device) for n in rows]
+
+        return cls([layer() for _ in range(spec.num_layers)],
+                   [layer() for _ in range(spec.num_layers)], block_tokens)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for blocks in self.k + self.v for t in blocks)
+
+    def write_prompt(self, layer: int, slots: slice, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [n, L, n_kv, D] of n equal-length prompts stored in `slots` at positions 0..L-1."""
+        length, t = k.shape[1], self.block_tokens
+        for cache, new in ((self.k[layer], k), (self.v[layer], v)):
+            new = new.to(cache[0].device, cache[0].dtype)
+            for j, start in enumerate(range(0, length, t)):
+                end = min(start + t, length)
+                cache[j][slots, :, :end - start] = new[:, start:end].transpose(1, 2)
+
+    def append(self, layer: int, slots: slice, positions: list[int], k: torch.Tensor,
+               v: torch.Tensor) -> None:
+        """Store one new token per sequence: k, v [n, n_kv, D] at `positions` of `slots`, one
+        indexed write per block the positions fall in."""
+        device, t = self.k[layer][0].device, self.block_tokens
+        for j in sorted({p // t for p in positions}):
+            idx = [i for i, p in enumerate(positions) if p // t == j]
+            sel = torch.tensor(idx, device=k.device)
+            rows = torch.tensor([slots.start + i for i in idx], device=device)
+            offsets = torch.tensor([positions[i] % t for i in idx], device=device)
+            for cache, new in ((self.k[layer][j], k), (self.v[layer][j], v)):
+                cache[rows, :, offsets] = new[sel].to(device, cache.dtype)
+
+    def blocks(self, layer: int, slots: slice, length: int
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per block covering positions 0..length-1, the views of `slots` that reach it."""
+        n_blocks = -(-length // self.block_tokens)
+        return tuple([b[slots.start:min(slots.stop, b.shape[0])] for b in cache[layer][:n_blocks]]
+                     for cache in (self.k, self.v))
+
+    def gather(self, layer: int, slots: slice, length: int, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense [n, n_kv, n_blocks * T, D] copies on `device` (for SDPA; positions a sequence
+        does not reach are zeros and must be masked)."""
+        t, n = self.block_tokens, slots.stop - slots.start
+        out = []
+        for blocks in self.blocks(layer, slots, length):
+            dense = torch.zeros(n, blocks[0].shape[1], len(blocks) * t, blocks[0].shape[-1],
+                                dtype=blocks[0].dtype, device=device)
+            for j, block in enumerate(blocks):
+                dense[:block.shape[0], :, j * t:(j + 1) * t] = block.to(device)
+            out.append(dense)
+        return out[0], out[1]

@@ -1,0 +1,156 @@
+"""Decoder-layer math shared by Mixtral and Qwen2-MoE (one code path; the architectures differ only
+in QKV biases, shared experts with a sigmoid gate, and whether top-k router weights are
+renormalized). Functions are pure: tensors in, tensors out; weights come as `DenseLayer` views and
+an `expert` callable, so the same code runs on GPU-resident, streamed or CPU tensors.
+
+Per layer (pre-norm):   a = x + W_o Attn(RoPE(W_q n1(x)), RoPE(W_k n1(x)), W_v n1(x))
+                        y = a + sum_{e in topk} g_e FFN_e(n2(a)) [+ sigmoid(w_s n2(a)) FFN_s(n2(a))]
+with FFN(h) = W2 (silu(W1 h) * W3 h) and g = softmax(W_r h) restricted to the top-k experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hrm.model import ModelSpec
+
+#: expert index -> (w13 [2*h2, h1], w2 [h1, h2]) on the compute device
+ExpertFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class DenseLayer:
+    """The always-GPU-resident weights of one decoder layer (MoE-Lightning's dense part)."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    wq: torch.Tensor
+    wk: torch.Tensor
+    wv: torch.Tensor
+    wo: torch.Tensor
+    router: torch.Tensor
+    bq: torch.Tensor | None = None
+    bk: torch.Tensor | None = None
+    bv: torch.Tensor | None = None
+    shared_w13: torch.Tensor | None = None   # [2 * shared_intermediate, h1]
+    shared_w2: torch.Tensor | None = None    # [h1, shared_intermediate]
+    shared_gate: torch.Tensor | None = None  # [1, h1]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32, cast back (as transformers' MixtralRMSNorm / Qwen2MoeRMSNorm)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rope_tables(spec: ModelSpec, max_positions: int, device: torch.device | str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_positions, head_dim] (fp32) of rotary embeddings with base rope_theta."""
+    dim = spec.head_dim
+    inv_freq = 1.0 / spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+    emb = torch.cat((angles, angles), dim=-1)
+    return emb.cos().to(device), emb.sin().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, D]; cos/sin: [T, D]. x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return x * cos + rotated * sin
+
+
+def attention_in(x: torch.Tensor, layer: DenseLayer, spec: ModelSpec, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: [T, h1] tokens at the positions whose cos/sin rows are given. Returns q [T, n_q, D] and
+    k, v [T, n_kv, D], with RoPE applied to q and k."""
+    h = rms_norm(x, layer.input_norm, spec.rms_norm_eps)
+    tokens, d = x.shape[0], spec.head_dim
+    q = F.linear(h, layer.wq, layer.bq).view(tokens, spec.num_heads, d)
+    k = F.linear(h, layer.wk, layer.bk).view(tokens, spec.num_kv_heads, d)
+    v = F.linear(h, layer.wv, layer.bv).view(tokens, spec.num_kv_heads, d)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal GQA self-attention of n equal-length prompts: q [n, L, n_q, D], k/v [n, L, n_kv, D]
+    -> [n, L, n_q * D]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=True, enable_gqa=True)
+    n, _, length, _ = out.shape
+    return out.transpose(1, 2).reshape(n, length, -1)
+
+
+def gpu_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         context_lens: torch.Tensor) -> torch.Tensor:
+    """Decode attention on the accelerator: q [B, n_q, D], k/v [B, n_kv, S, D] (S >= every
+    length), positions >= context_lens[b] masked. Returns [B, n_q * D]."""
+    positions = torch.arange(k.shape[2], device=k.device)
+    mask = (positions[None, :] < context_lens[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, enable_gqa=True)
+    return out.reshape(q.shape[0], -1)
+
+
+def attention_out(x: torch.Tensor, attn: torch.Tensor, layer: DenseLayer) -> torch.Tensor:
+    """Residual + output projection: x + attn W_o^T. attn: [T, n_q * D]."""
+    return x + F.linear(attn.to(x.dtype), layer.wo)
+
+
+def route(h: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing: softmax over all experts in fp32, keep the k largest (indices [T, k] and
+    weights [T, k] fp32), renormalized to sum 1 when the architecture does (Mixtral always,
+    Qwen2-MoE when norm_topk_prob)."""
+    probs = torch.softmax(F.linear(h, router).float(), dim=-1)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return experts, weights
+
+
+def swiglu(h: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """FFN(h) = W2 (silu(W1 h) * W3 h) with W1 and W3 stacked as w13 = [W1; W3]."""
+    gate, up = F.linear(h, w13).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w2)
+
+
+def routed_experts(h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                   num_experts: int, expert: ExpertFn) -> torch.Tensor:
+    """sum_k g_k FFN_{e_k}(h) for every token, as one GEMM pair per expert over the tokens routed
+    to it: the (token, slot) pairs are sorted by expert, so each expert's rows are contiguous."""
+    top_k = experts.shape[1]
+    order = torch.argsort(experts.reshape(-1), stable=True)
+    token_of = order // top_k
+    gate_sorted = weights.reshape(-1)[order]
+    rows_per_expert = torch.bincount(experts.reshape(-1), minlength=num_experts).tolist()
+    h_sorted = h[token_of]
+    out_sorted = torch.empty_like(h_sorted)
+    start = 0
+    for e, rows in enumerate(rows_per_expert):
+        if rows:
+            w13, w2 = expert(e)
+            y = swiglu(h_sorted[start:start + rows], w13, w2)
+            out_sorted[start:start + rows] = (y.float() * gate_sorted[start:start + rows, None]
+                                              ).to(h.dtype)
+            start += rows
+    return torch.zeros_like(h).index_add_(0, token_of, out_sorted)
+
+
+def moe_ffn(x: torch.Tensor, layer: DenseLayer, spec: ModelSpec, expert: ExpertFn,
+            renormalize: bool) -> torch.Tensor:
+    """x + MoE(n2(x)): routed experts plus the (gated) shared experts, if the model has them."""
+    h = rms_norm(x, layer.post_norm, spec.rms_norm_eps)
+    experts, weights = route(h, layer.router, spec.top_k, renormalize)
+    out = routed_experts(h, experts, weights, spec.num_experts, expert)
+    if layer.shared_w13 is not None:
+        shared = swiglu(h, layer.shared_w13, layer.shared_w2)
+        if layer.shared_gate is not None:
+            shared = torch.sigmoid(F.linear(h, layer.shared_gate)) * shared
+        out = out + shared
+    return x + out

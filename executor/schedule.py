@@ -1,0 +1,211 @@
+"""The three resources of an offloading schedule and how work is put on them.
+
+- GPU: the compute stream (QKV/O projections, router, expert GEMMs, LM head), driven by the main
+  thread.
+- Link: weight pages of the next layer stream into a GPU staging buffer on a dedicated stream,
+  driven by a copy thread (`WeightLink`). Pinned pages are copied straight to the GPU; pageable
+  pages first go through a small pinned ring (memcpy on the copy thread, then H2D), the two paths
+  of MoE-Lightning's cost model (B_pinned vs. the pageable->pinned->GPU path).
+  Hidden states and q/k/v cross the link in pinned buffers on their own streams (h2d, d2h).
+  On the CPU stand-in nothing is pinned, so every page takes the staging-ring path.
+- CPU: decode attention over the CPU KV cache on a worker thread (`CPUWorker`).
+
+With `--device cpu` the streams are absent: "GPU" work runs on the main thread with CPU tensors,
+copies are memcpys, and the threads still overlap, so the whole schedule is exercised in CI.
+Events are CUDA events on the GPU and None on the CPU (work is complete when its call returns).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+
+from executor.trace import Tracer
+from executor.weights import ExpertStore
+
+#: pinned staging-ring slots (pages) for weights that could not be pinned
+RING_SLOTS = 4
+#: threads of the copy thread's host memcpy (each moves about 10 GB/s)
+COPY_THREADS = 4
+
+
+class Streams:
+    """CUDA streams of the pipeline (all None on the CPU)."""
+
+    def __init__(self, device: torch.device) -> None:
+        cuda = device.type == "cuda"
+        self.compute = torch.cuda.current_stream(device) if cuda else None
+        self.weights = torch.cuda.Stream(device) if cuda else None
+        self.h2d = torch.cuda.Stream(device) if cuda else None
+        self.d2h = torch.cuda.Stream(device) if cuda else None
+
+
+def on(stream: Any) -> Any:
+    """Context that makes `stream` current (no-op on the CPU)."""
+    return torch.cuda.stream(stream) if stream is not None else nullcontext()
+
+
+def record(stream: Any) -> Any:
+    """An event marking all work queued so far on `stream` (None on the CPU)."""
+    if stream is None:
+        return None
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
+
+
+def wait(stream: Any, event: Any) -> None:
+    """Make `stream` wait for `event` without blocking the host."""
+    if stream is not None and event is not None:
+        stream.wait_event(event)
+
+
+def host_wait(event: Any) -> None:
+    """Block the calling thread until `event` has completed."""
+    if event is not None:
+        event.synchronize()
+
+
+def host_copy(dst: torch.Tensor, src: torch.Tensor, pool: ThreadPoolExecutor, parts: int
+              ) -> None:
+    """dst[:] = src for contiguous host tensors of one dtype, as `parts` memmoves on `pool`
+    (ctypes releases the GIL). Unlike torch's copy_, this stays out of torch's OpenMP pool, which
+    the CPU-attention worker is using at the same time: two threads entering OpenMP regions at
+    once oversubscribe the cores and slow both."""
+    nbytes = src.numel() * src.element_size()
+    chunk = -(-nbytes // parts)
+    jobs = [pool.submit(ctypes.memmove, dst.data_ptr() + off, src.data_ptr() + off,
+                        min(chunk, nbytes - off)) for off in range(0, nbytes, chunk)]
+    for job in jobs:
+        job.result()
+
+
+class WeightLink:
+    """Streams the non-resident experts of a layer into a staging buffer, on the copy thread."""
+
+    def __init__(self, store: ExpertStore, streams: Streams, tracer: Tracer) -> None:
+        self.store, self.streams, self.tracer = store, streams, tracer
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="weight-link")
+        self.memcpy = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="weight-memcpy")
+        cuda = store.device.type == "cuda"
+        needs_ring = not all(store.pinned[i] or store.cpu[i].numel() == 0
+                             for i in range(len(store.cpu)))
+        self.ring = [torch.empty(store.page_elements, dtype=store.dtype, pin_memory=cuda)
+                     for _ in range(RING_SLOTS)] if needs_ring else []
+        self.ring_events: list[Any] = [None] * len(self.ring)
+        self.bytes_pinned_path = 0
+        self.bytes_staged_path = 0
+
+    def fetch(self, layer: int, buffer: int, after: Any) -> Future:
+        """Copy `layer`'s streamed experts into staging buffer `buffer` once `after` (an event on
+        the compute stream: the last use of that buffer) has passed. The future yields the event
+        that marks the copy done."""
+        return self.pool.submit(self._copy, layer, buffer, after)
+
+    def _copy(self, layer: int, buffer: int, after: Any) -> Any:
+        src = self.store.cpu[layer]
+        if src.numel() == 0:
+            return None
+        dst, stream = self.store.staging[buffer], self.streams.weights
+        wait(stream, after)
+        nbytes = src.numel() * src.element_size()
+        if self.store.pinned[layer]:  # (only on CUDA)
+            with on(stream), self.tracer.span("h2d", "weights_h2d", stream, layer):
+                for start, end in self.store.pages(layer):
+                    dst[start:end].copy_(src[start:end], non_blocking=True)
+            self.bytes_pinned_path += nbytes
+            return record(stream)
+        for i, (start, end) in enumerate(self.store.pages(layer)):
+            slot = i % len(self.ring)
+            host_wait(self.ring_events[slot])  # the slot's previous H2D has finished reading it
+            staged = self.ring[slot][:end - start]
+            with self.tracer.span("copy_thread", "stage_weights", None, layer):
+                host_copy(staged, src[start:end], self.memcpy, COPY_THREADS)
+            with on(stream), self.tracer.span("h2d", "weights_h2d", stream, layer):
+                if stream is None:  # CPU stand-in: the link is a host memcpy
+                    host_copy(dst[start:end], staged, self.memcpy, COPY_THREADS)
+                else:
+                    dst[start:end].copy_(staged, non_blocking=True)
+            self.ring_events[slot] = record(stream)
+        self.bytes_staged_path += nbytes
+        return record(stream)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.memcpy.shutdown(wait=True)
+
+
+class LayerWeightsInFlight:
+    """Which layer visit uses which staging buffer, and the copies in flight.
+
+    Visits are numbered globally (prefill layers, then each decode step's layers); visit g uses
+    staging buffer g mod 2. With `prefetch`, visit g+2 is requested as soon as visit g's last
+    expert GEMM is queued (double buffering: the copy of layer l+1 overlaps layer l's compute);
+    without it, each visit's weights are fetched only when it starts, and awaited (no overlap)."""
+
+    def __init__(self, link: WeightLink, num_layers: int, total_visits: int, prefetch: bool
+                 ) -> None:
+        self.link, self.num_layers, self.total = link, num_layers, total_visits
+        self.prefetch = prefetch
+        self.pending: dict[int, Future] = {}
+        if prefetch:
+            for g in range(min(2, total_visits)):
+                self._request(g, None)
+
+    def _request(self, visit: int, after: Any) -> None:
+        if visit < self.total and visit not in self.pending:
+            self.pending[visit] = self.link.fetch(visit % self.num_layers, visit % 2, after)
+
+    def acquire(self, visit: int, stream: Any) -> int:
+        """Make `stream` wait until visit's weights are staged; returns the staging buffer."""
+        self._request(visit, None)
+        wait(stream, self.pending.pop(visit).result())
+        return visit % 2
+
+    def release(self, visit: int, stream: Any) -> None:
+        """The visit's compute has been queued: its buffer may be refilled for visit + 2."""
+        if self.prefetch:
+            self._request(visit + 2, record(stream))
+
+
+class CPUWorker:
+    """One worker thread for CPU attention (torch uses all intra-op threads inside it)."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="cpu-attention")
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        return self.pool.submit(fn, *args)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def compute_threads(cores: int | None = None) -> int:
+    """torch intra-op threads while the pipeline runs: the cores minus one each for the main
+    (GPU-driving) thread and the link thread and COPY_THREADS for the memcpy. OpenMP regions
+    spin at barriers; with as many OpenMP threads as cores, any other busy thread deschedules
+    one of them and every small op of CPU attention waits milliseconds (measured: 5 ms vs.
+    300 ms per call on a 2-core machine with one busy core)."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores - 2 - COPY_THREADS)
+
+
+@contextmanager
+def pipeline_threads(store: ExpertStore, streams: Streams, tracer: Tracer
+                     ) -> Iterator[tuple[WeightLink, CPUWorker]]:
+    link, worker = WeightLink(store, streams, tracer), CPUWorker()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(compute_threads())
+    try:
+        yield link, worker
+    finally:
+        torch.set_num_threads(threads)
+        worker.close()
+        link.close()

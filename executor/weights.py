@@ -1,0 +1,364 @@
+"""Model weights for the executor: dense weights on the GPU, routed experts in paged CPU memory.
+
+Placement (hrm/policy.py): attention, norms, routers, shared experts and embeddings stay on the
+GPU. Of the routed experts, r_w = weights_gpu_fraction is realized in whole experts: R = round(r_w
+* l * n_e) experts are GPU-resident, spread over the layers (layer i keeps the first R // l
+experts, plus one for i < R mod l), so the realized fraction R / (l * n_e) is within 1 / (2 l n_e)
+of r_w. The other experts of a layer live in one flat CPU buffer, [w13_e | w2_e] per expert, cut
+into pages of `weight_page_bytes` that stream to the GPU. Layers are pinned while the pinned
+budget lasts (one large pinned allocation per layer); the rest stays pageable and goes through
+the pinned staging ring of the link (executor/schedule.py).
+
+Weights come from a local Hugging Face checkpoint (config.json + *.safetensors, read lazily
+tensor by tensor straight into the pages) or are random at the real shapes: a random tile is
+repeated (values do not matter for throughput, and 90 GB of normal_ on the CPU takes minutes).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from executor.layers import DenseLayer, ExpertFn
+from hrm.errors import ModelConfigError
+from hrm.model import ModelSpec, from_hf_config, load_model_spec
+
+SUPPORTED = ("mixtral", "qwen2_moe")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: standard deviation of random weights (the models' initializer_range)
+RANDOM_STD = 0.02
+RANDOM_TILE_ELEMENTS = (1 << 22) + 7  # not a divisor of any expert size
+
+
+class CheckpointError(ModelConfigError):
+    """A checkpoint directory is incomplete or does not match its config."""
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """torch dtype of a policy dtype name; int8/fp8 weights are not supported by the executor."""
+    try:
+        return TORCH_DTYPES[name]
+    except KeyError:
+        raise ModelConfigError(f"the executor runs {sorted(TORCH_DTYPES)} weights and KV, not "
+                               f"{name!r}; change weight_dtype/kv_dtype in the policy") from None
+
+
+def read_model(name_or_path: str | Path) -> tuple[ModelSpec, dict[str, Any]]:
+    """The spec and raw config.json of a shipped model name, config file or checkpoint dir."""
+    spec = load_model_spec(name_or_path)
+    path = Path(name_or_path)
+    if not path.exists():
+        path = Path(__file__).resolve().parent.parent / "hrm" / "model_configs" / \
+            f"{name_or_path}.json"
+    config = json.loads((path / "config.json" if path.is_dir() else path).read_text())
+    check_supported(spec)
+    return spec, config
+
+
+def check_supported(spec: ModelSpec) -> None:
+    if spec.model_type not in SUPPORTED:
+        raise ModelConfigError(f"model {spec.name!r}: the executor runs {SUPPORTED} models, not "
+                               f"model_type {spec.model_type!r}")
+    if spec.num_dense_layers:
+        raise ModelConfigError(f"model {spec.name!r}: layers with a dense MLP instead of experts "
+                               "(mlp_only_layers / decoder_sparse_step) are not supported")
+
+
+def renormalize_topk(spec: ModelSpec, config: dict[str, Any]) -> bool:
+    """Mixtral renormalizes the top-k router weights; Qwen2-MoE only with norm_topk_prob."""
+    return spec.model_type == "mixtral" or bool(config.get("norm_topk_prob", False))
+
+
+def resident_experts_per_layer(spec: ModelSpec, weights_gpu_fraction: float) -> list[int]:
+    """GPU-resident experts of each layer realizing r_w in whole experts (module docstring)."""
+    total = round(weights_gpu_fraction * spec.num_layers * spec.num_experts)
+    base, extra = divmod(total, spec.num_layers)
+    return [base + (1 if i < extra else 0) for i in range(spec.num_layers)]
+
+
+@dataclass
+class ExpertStore:
+    """Routed experts: per layer a GPU flat buffer (resident experts 0..R_i-1) and a CPU flat
+    buffer (streamed experts R_i..n_e-1), each expert laid out as [w13 (2 h2 x h1) | w2 (h1 x
+    h2)]; plus two GPU staging buffers (double buffering) sized for the largest streamed layer."""
+
+    spec: ModelSpec
+    dtype: torch.dtype
+    device: torch.device
+    resident: list[int]
+    gpu: list[torch.Tensor]
+    cpu: list[torch.Tensor]
+    pinned: list[bool]
+    staging: list[torch.Tensor]
+    page_elements: int
+
+    @property
+    def expert_elements(self) -> int:
+        return 3 * self.spec.hidden_size * self.spec.expert_intermediate_size
+
+    def views(self, flat: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13, w2) of the index-th expert stored in a flat buffer."""
+        h1, h2 = self.spec.hidden_size, self.spec.expert_intermediate_size
+        base = index * self.expert_elements
+        w13 = flat[base:base + 2 * h1 * h2].view(2 * h2, h1)
+        return w13, flat[base + 2 * h1 * h2:base + 3 * h1 * h2].view(h1, h2)
+
+    def expert_fn(self, layer: int, staging_index: int) -> ExpertFn:
+        """Expert lookup for `layer` whose streamed experts sit in staging buffer
+        `staging_index`."""
+        resident = self.resident[layer]
+
+        def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if e < resident:
+                return self.views(self.gpu[layer], e)
+            return self.views(self.staging[staging_index], e - resident)
+
+        return expert
+
+    def pages(self, layer: int) -> list[tuple[int, int]]:
+        """[start, end) element ranges of the fixed-size pages of a layer's streamed experts."""
+        total = self.cpu[layer].numel()
+        return [(s, min(s + self.page_elements, total))
+                for s in range(0, total, self.page_elements)]
+
+    def streamed_bytes(self, layer: int) -> int:
+        return self.cpu[layer].numel() * self.cpu[layer].element_size()
+
+    def resident_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.gpu)
+
+    def staging_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.staging)
+
+    def realized_gpu_fraction(self) -> float:
+        return sum(self.resident) / (self.spec.num_layers * self.spec.num_experts)
+
+
+@dataclass
+class ModelWeights:
+    spec: ModelSpec
+    config: dict[str, Any]
+    embed: torch.Tensor
+    final_norm: torch.Tensor
+    lm_head: torch.Tensor
+    layers: list[DenseLayer]
+    experts: ExpertStore
+    source: str
+    #: bytes of GPU tensors by role (dense, resident experts, staging)
+    gpu_bytes: dict[str, int] = field(default_factory=dict)
+
+
+def _allocate_store(spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                    resident: list[int], page_bytes: int, pin_budget_bytes: float) -> ExpertStore:
+    unit = 3 * spec.hidden_size * spec.expert_intermediate_size
+    elem = torch.empty((), dtype=dtype).element_size()
+    gpu = [torch.empty(r * unit, dtype=dtype, device=device) for r in resident]
+    cpu, pinned, pin_left = [], [], pin_budget_bytes if device.type == "cuda" else 0
+    for r in resident:
+        n = (spec.num_experts - r) * unit
+        buffer = torch.empty(n, dtype=dtype)
+        want = 0 < n * elem <= pin_left
+        pin = want and _pin(buffer)
+        if want:  # after a refusal the rest stays pageable
+            pin_left = pin_left - n * elem if pin else 0
+        cpu.append(buffer)
+        pinned.append(pin)
+    max_streamed = max((t.numel() for t in cpu), default=0)
+    staging = [torch.empty(max_streamed, dtype=dtype, device=device) for _ in range(2)] \
+        if max_streamed else []
+    page_elements = max(1, page_bytes // elem)
+    return ExpertStore(spec, dtype, device, resident, gpu, cpu, pinned, staging, page_elements)
+
+
+def _pin(buffer: torch.Tensor) -> bool:
+    """Page-lock a host buffer in place with cudaHostRegister (exactly its size: torch's pinned
+    allocator would round each allocation up to a power of two). False if the driver refuses."""
+    rc = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(),
+                                              buffer.numel() * buffer.element_size(), 0)
+    return int(rc) == 0
+
+
+def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _dense_bytes(embed: torch.Tensor, final_norm: torch.Tensor, lm_head: torch.Tensor,
+                 layers: list[DenseLayer]) -> int:
+    per_layer = sum(_tensor_bytes(*vars(layer).values()) for layer in layers)
+    head = 0 if lm_head.data_ptr() == embed.data_ptr() else _tensor_bytes(lm_head)
+    return per_layer + _tensor_bytes(embed, final_norm) + head
+
+
+def _finish(spec: ModelSpec, config: dict[str, Any], embed: torch.Tensor, final_norm: torch.Tensor,
+            lm_head: torch.Tensor, layers: list[DenseLayer], store: ExpertStore,
+            source: str) -> ModelWeights:
+    gpu_bytes = {"dense": _dense_bytes(embed, final_norm, lm_head, layers),
+                 "resident_experts": store.resident_bytes(), "staging": store.staging_bytes()}
+    return ModelWeights(spec, config, embed, final_norm, lm_head, layers, store, source, gpu_bytes)
+
+
+# ---- random weights ----------------------------------------------------------------------------
+def random_weights(spec: ModelSpec, config: dict[str, Any], *, dtype: torch.dtype,
+                   device: torch.device, resident: list[int], page_bytes: int,
+                   pin_budget_bytes: float, seed: int = 0) -> ModelWeights:
+    """Random weights at the model's real shapes. Dense weights are drawn on the device; expert
+    buffers are filled by repeating one random tile (a memcpy-speed fill)."""
+    check_supported(spec)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32)
+                * RANDOM_STD).to(dtype)
+
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, dtype=dtype, device=device)
+
+    h1, d = spec.hidden_size, spec.head_dim
+    q_out, kv_out = spec.num_heads * d, spec.num_kv_heads * d
+    shared = spec.shared_intermediate_size
+    layers = [DenseLayer(
+        input_norm=ones(h1), post_norm=ones(h1), wq=rand(q_out, h1), wk=rand(kv_out, h1),
+        wv=rand(kv_out, h1), wo=rand(h1, q_out), router=rand(spec.num_experts, h1),
+        bq=rand(q_out) if spec.attention_bias else None,
+        bk=rand(kv_out) if spec.attention_bias else None,
+        bv=rand(kv_out) if spec.attention_bias else None,
+        shared_w13=rand(2 * shared, h1) if shared else None,
+        shared_w2=rand(h1, shared) if shared else None,
+        shared_gate=rand(1, h1) if spec.shared_expert_gate else None,
+    ) for _ in range(spec.num_layers)]
+    embed = rand(spec.vocab_size, h1)
+    lm_head = embed if spec.tie_word_embeddings else rand(spec.vocab_size, h1)
+    store = _allocate_store(spec, dtype, device, resident, page_bytes, pin_budget_bytes)
+    tile = rand(RANDOM_TILE_ELEMENTS)
+    cpu_tile = tile.cpu()
+    for flat in store.gpu:
+        _fill_tiled(flat, tile)
+    for flat in store.cpu:
+        _fill_tiled(flat, cpu_tile)
+    return _finish(spec, config, embed, ones(h1), lm_head, layers, store, "random")
+
+
+def _fill_tiled(flat: torch.Tensor, tile: torch.Tensor) -> None:
+    """flat[i] = tile[i mod len(tile)], as one broadcast copy plus a tail."""
+    n, t = flat.numel(), tile.numel()
+    full = n // t
+    if full:
+        flat[:full * t].view(full, t).copy_(tile.expand(full, t))
+    flat[full * t:].copy_(tile[:n - full * t])
+
+
+# ---- Hugging Face checkpoints -----------------------------------------------------------------
+class _Checkpoint:
+    """Lazy access to the tensors of a safetensors checkpoint directory."""
+
+    def __init__(self, directory: Path) -> None:
+        from safetensors import safe_open
+
+        index = directory / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (directory / f).exists()]
+            if missing:
+                raise CheckpointError(f"{directory}: shard(s) {', '.join(missing)} listed in "
+                                      "model.safetensors.index.json are missing")
+        else:
+            files = sorted(p.name for p in directory.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{directory}: no *.safetensors files (only safetensors "
+                                      "checkpoints are supported)")
+        self.handles = [safe_open(str(directory / f), framework="pt") for f in files]
+        self.where = {k: h for h in self.handles for k in h.keys()}  # noqa: SIM118
+        self.directory = directory
+
+    def has(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if name not in self.where:
+            raise CheckpointError(f"{self.directory}: checkpoint lacks tensor {name!r}")
+        tensor = self.where[name].get_tensor(name)
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(f"{self.directory}: tensor {name!r} has shape "
+                                  f"{tuple(tensor.shape)}, config.json implies {shape}")
+        return tensor.to(dtype)
+
+
+def _expert_tensors(ckpt: _Checkpoint, spec: ModelSpec, layer: int, e: int, dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w13, w2) of expert e in any of the layouts transformers writes: Mixtral's per-expert
+    w1/w3/w2, Qwen2-MoE's gate_proj/up_proj/down_proj, or fused gate_up_proj/down_proj
+    [n_e, ...]."""
+    h1, h2 = spec.hidden_size, spec.expert_intermediate_size
+    for prefix, (n1, n3, n2) in ((f"model.layers.{layer}.block_sparse_moe.experts",
+                                  ("w1", "w3", "w2")),
+                                 (f"model.layers.{layer}.mlp.experts",
+                                  ("gate_proj", "up_proj", "down_proj"))):
+        if ckpt.has(f"{prefix}.{e}.{n1}.weight"):
+            w1 = ckpt.get(f"{prefix}.{e}.{n1}.weight", (h2, h1), dtype)
+            w3 = ckpt.get(f"{prefix}.{e}.{n3}.weight", (h2, h1), dtype)
+            return torch.cat((w1, w3)), ckpt.get(f"{prefix}.{e}.{n2}.weight", (h1, h2), dtype)
+        if ckpt.has(f"{prefix}.gate_up_proj"):
+            n_e = spec.num_experts
+            w13 = ckpt.get(f"{prefix}.gate_up_proj", (n_e, 2 * h2, h1), dtype)[e]
+            return w13, ckpt.get(f"{prefix}.down_proj", (n_e, h1, h2), dtype)[e]
+    raise CheckpointError(f"{ckpt.directory}: no weights for expert {e} of layer {layer}")
+
+
+def load_checkpoint(directory: str | Path, *, dtype: torch.dtype, device: torch.device,
+                    resident: list[int], page_bytes: int, pin_budget_bytes: float
+                    ) -> ModelWeights:
+    """Load a local HF checkpoint: dense tensors to `device`, experts into their pages."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint {directory} is not a directory")
+    spec, config = read_model(directory)
+    spec = from_hf_config(config, name=directory.name)
+    ckpt = _Checkpoint(directory)
+    h1, d, shared = spec.hidden_size, spec.head_dim, spec.shared_intermediate_size
+    q_out, kv_out = spec.num_heads * d, spec.num_kv_heads * d
+
+    def get(name: str, *shape: int) -> torch.Tensor:
+        return ckpt.get(name, tuple(shape), dtype).to(device)
+
+    def bias(name: str, n: int) -> torch.Tensor | None:
+        return get(name, n) if spec.attention_bias and ckpt.has(name) else None
+
+    layers = []
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}"
+        moe = f"{p}.block_sparse_moe" if spec.model_type == "mixtral" else f"{p}.mlp"
+        sp = f"{p}.mlp.shared_expert"
+        layers.append(DenseLayer(
+            input_norm=get(f"{p}.input_layernorm.weight", h1),
+            post_norm=get(f"{p}.post_attention_layernorm.weight", h1),
+            wq=get(f"{p}.self_attn.q_proj.weight", q_out, h1),
+            wk=get(f"{p}.self_attn.k_proj.weight", kv_out, h1),
+            wv=get(f"{p}.self_attn.v_proj.weight", kv_out, h1),
+            wo=get(f"{p}.self_attn.o_proj.weight", h1, q_out),
+            router=get(f"{moe}.gate.weight", spec.num_experts, h1),
+            bq=bias(f"{p}.self_attn.q_proj.bias", q_out),
+            bk=bias(f"{p}.self_attn.k_proj.bias", kv_out),
+            bv=bias(f"{p}.self_attn.v_proj.bias", kv_out),
+            shared_w13=torch.cat((get(f"{sp}.gate_proj.weight", shared, h1),
+                                  get(f"{sp}.up_proj.weight", shared, h1))) if shared else None,
+            shared_w2=get(f"{sp}.down_proj.weight", h1, shared) if shared else None,
+            shared_gate=get(f"{p}.mlp.shared_expert_gate.weight", 1, h1)
+            if spec.shared_expert_gate else None,
+        ))
+    embed = get("model.embed_tokens.weight", spec.vocab_size, h1)
+    lm_head = embed if spec.tie_word_embeddings else get("lm_head.weight", spec.vocab_size, h1)
+    store = _allocate_store(spec, dtype, device, resident, page_bytes, pin_budget_bytes)
+    for i in range(spec.num_layers):
+        for e in range(spec.num_experts):
+            r = store.resident[i]
+            w13, w2 = store.views(store.gpu[i], e) if e < r else store.views(store.cpu[i], e - r)
+            src13, src2 = _expert_tensors(ckpt, spec, i, e, dtype)
+            w13.copy_(src13)
+            w2.copy_(src2)
+    return _finish(spec, config, embed, get("model.norm.weight", h1), lm_head, layers, store,
+                   str(directory))

@@ -1,0 +1,657 @@
+"""`hrm validate`: how far the HRM's predictions are from what the executor measures.
+
+The executor (`executor/`) runs a grid of policies and workloads on this machine; for every
+configuration the cost model (`hrm.cost.predict`, same model, hardware profile, workload and
+policy) predicts throughput, stage times and peak memory. Errors are signed percentages
+
+    e = 100 (predicted - measured) / measured            (positive: the model is optimistic)
+
+and the summary reports over the grid
+
+    throughput MAPE = mean_c |e_c(tokens/s)|,  the worst configuration, per-stage errors,
+    optimizer gap   = 100 (best measured in the grid - measured(optimizer's policy)) / best
+                      (<= 3 is the target; negative: the optimizer beat every grid point),
+    memory error    = max_c |e_c(peak GPU bytes)|, |e_c(peak CPU bytes)|  (<= 5 is the target).
+
+Stage errors compare busy time per decoder layer during decode (the executor's tracer: union of
+the spans of each track, divided by steps x layers) with the model's stage time times its
+interference factor, and the decode layer time (decode wall time / (steps x layers)) with the
+model's `decode_step_s / layers`: a stage that is right while the layer is wrong points at the
+overlap (pipeline fill/drain, interference, Python overheads).
+
+Measured memory. GPU: `torch.cuda.max_memory_allocated` over the configuration (on the CPU
+stand-in: the bytes of the tensors in the GPU role, counted, as `hrm run` does). CPU (CUDA only):
+the peak resident set of the process during the configuration (VmHWM, reset per configuration)
+above its resident set just before, plus the bytes of the experts the configuration streams,
+which sit in the model loaded once for the whole grid. On the CPU stand-in both tiers share one
+heap, so CPU memory is not measured there (NaN).
+
+The data the profile was fitted to (`hrm profile`: microbenchmarks of GEMMs, copies and CPU
+attention) and the data validated here (end-to-end executor runs) are different by construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import gc
+import math
+import re
+import statistics
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from hrm.errors import HRMError, InfeasibleError, PolicyError
+from hrm.hardware import HardwareProfile
+from hrm.io import write_json_atomic, write_text_atomic
+from hrm.model import ModelSpec
+from hrm.policy import Policy
+from hrm.units import GiB
+from hrm.workload import Workload
+
+#: targets of issue 6
+THROUGHPUT_MAPE_TARGET_PCT = 5.0
+WORST_CONFIG_TARGET_PCT = 12.0
+OPTIMIZER_GAP_TARGET_PCT = 3.0
+MEMORY_TARGET_PCT = 5.0
+#: stages compared per decoder layer (cost-model name -> executor tracer track)
+STAGE_TRACKS = {"gpu": "gpu", "cpu_attn": "cpu_attention", "h2d": "h2d", "d2h": "d2h",
+                "copy_thread": "copy_thread"}
+#: busy times below this share of the decode layer time are not scored (a stage that is absent
+#: in both, or noise around zero, would make a percentage meaningless)
+MIN_STAGE_SHARE = 0.02
+
+
+class ValidationError(HRMError):
+    """Bad arguments to `hrm validate`."""
+
+
+# ---- grids -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    """One grid point: a policy and the workload of one batch (num_seqs = batch_size)."""
+
+    name: str
+    policy: Policy
+    workload: Workload
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A base point and variations of it, one axis at a time plus a few crossings. Every
+    variation is (name, changes) with changes among N, n_ub, r_w, attn, schedule, prompt, gen."""
+
+    name: str
+    base: dict[str, Any]
+    variations: tuple[tuple[str, dict[str, Any]], ...]
+
+    def configs(self) -> list[Config]:
+        out = [_config("base", self.base)]
+        out += [_config(name, {**self.base, **changes}) for name, changes in self.variations]
+        return out
+
+
+def _config(name: str, p: dict[str, Any]) -> Config:
+    attn = "gpu" if p["schedule"] == "layerwise" else p["attn"]
+    policy = Policy(batch_size=p["N"], micro_batch_size=p["N"] // p["n_ub"],
+                    attn_decode_device=attn, weights_gpu_fraction=p["r_w"],
+                    schedule=p["schedule"])
+    return Config(name, policy, Workload(num_seqs=p["N"], prompt_len=p["prompt"],
+                                         gen_len=p["gen"]))
+
+
+def _axes(**axes: tuple[Any, ...]) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """One variation per value of each axis."""
+    return tuple((f"{key}={value}", {key: value}) for key, values in axes.items()
+                 for value in values)
+
+
+#: quick: 6 small configurations (the CPU demo and the tests, a tiny model)
+QUICK = Grid("quick", base=dict(N=16, n_ub=2, r_w=0.0, attn="cpu", schedule="cgopipe",
+                                prompt=16, gen=4),
+             variations=(*_axes(N=(32,), n_ub=(4,), r_w=(0.5,), attn=("gpu",),
+                                schedule=("cgopipe-serial",)),))
+#: full: 25 configurations around N=256 = 4 x 64, prompt 128, gen 16, every expert streamed.
+#: Micro-batches hold at most 8192 prompt tokens (mu = 64 at prompt 128, 32 at 256, 16 at 512)
+#: so prefill fits a capped GPU; the last three put enough KV in front of the CPU for attention,
+#: not the link, to bind
+FULL = Grid("full", base=dict(N=256, n_ub=4, r_w=0.0, attn="cpu", schedule="cgopipe",
+                              prompt=128, gen=16),
+            variations=(*_axes(n_ub=(8, 16), r_w=(0.03,), attn=("gpu",),
+                               schedule=("cgopipe-serial", "layerwise"), prompt=(32,),
+                               gen=(8, 32)),
+                        ("prompt=256", dict(prompt=256, n_ub=8)),
+                        ("prompt=512", dict(prompt=512, n_ub=16)),
+                        *((f"N={n}", dict(N=n, n_ub=n // 64)) for n in (64, 128, 512, 1024)),
+                        ("N=64,attn=gpu", dict(N=64, n_ub=1, attn="gpu")),
+                        ("N=1024,attn=gpu", dict(N=1024, n_ub=16, attn="gpu")),
+                        ("N=1024,r_w=0.03", dict(N=1024, n_ub=16, r_w=0.03)),
+                        ("N=64,schedule=cgopipe-serial", dict(N=64, n_ub=1,
+                                                              schedule="cgopipe-serial")),
+                        ("N=1024,schedule=layerwise", dict(N=1024, n_ub=16,
+                                                           schedule="layerwise")),
+                        ("n_ub=8,r_w=0.03,gen=32", dict(n_ub=8, r_w=0.03, gen=32)),
+                        ("N=2048,prompt=256", dict(N=2048, n_ub=64, prompt=256)),
+                        ("N=1024,prompt=512", dict(N=1024, n_ub=64, prompt=512)),
+                        ("N=2048,prompt=512", dict(N=2048, n_ub=128, prompt=512))))
+GRIDS = {g.name: g for g in (QUICK, FULL)}
+
+
+# ---- errors and summary (pure) -----------------------------------------------------------------
+def pct_error(predicted: float, measured: float) -> float:
+    """100 (predicted - measured) / measured; NaN when either is missing or measured is 0."""
+    if predicted is None or measured is None or not measured or not math.isfinite(predicted):
+        return math.nan
+    return 100.0 * (predicted - measured) / measured
+
+
+def optimizer_gap_pct(optimizer_tok_s: float, grid_tok_s: list[float]) -> float:
+    """100 (best grid - optimizer) / best grid: > 0 the optimizer's policy measured slower than
+    the best grid configuration, <= 0 it matched or beat all of them."""
+    best = max(grid_tok_s)
+    return 100.0 * (best - optimizer_tok_s) / best
+
+
+def stage_errors(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per stage over the configurations that scored it: MAPE, mean signed error (the bias)
+    and count. `rows` are the tidy stage rows (stage, error_pct)."""
+    by_stage: dict[str, list[float]] = {}
+    for row in rows:
+        if math.isfinite(row["error_pct"]):
+            by_stage.setdefault(row["stage"], []).append(row["error_pct"])
+    return {stage: {"mape": statistics.fmean(abs(e) for e in errs),
+                    "mean_signed_pct": statistics.fmean(errs), "n": len(errs)}
+            for stage, errs in by_stage.items()}
+
+
+def summarize(rows: list[dict[str, Any]], stage_rows: list[dict[str, Any]],
+              optimizer: dict[str, Any] | None, meta: dict[str, Any]) -> dict[str, Any]:
+    """The JSON summary from the tidy configuration rows (those that ran) and stage rows."""
+    ran = [r for r in rows if r["ran"] and r["role"] == "grid"]
+    if not ran:
+        raise ValidationError("no configuration of the grid ran; see the table for the reasons")
+    errs = [r["throughput_error_pct"] for r in ran]
+    worst = max(ran, key=lambda r: abs(r["throughput_error_pct"]))
+    mem = [abs(r[k]) for r in rows if r["ran"] for k in ("gpu_mem_error_pct", "cpu_mem_error_pct")
+           if math.isfinite(r[k])]
+    gap = math.nan
+    if optimizer is not None and optimizer["ran"]:
+        same = [r["measured_tok_s"] for r in ran if r["prompt_len"] == optimizer["prompt_len"]
+                and r["gen_len"] == optimizer["gen_len"]]
+        gap = optimizer_gap_pct(optimizer["measured_tok_s"], same) if same else math.nan
+    summary = {
+        **meta,
+        "n_configs": len(ran),
+        "n_not_run": len([r for r in rows if not r["ran"] and r["role"] == "grid"]),
+        "throughput_mape": statistics.fmean(abs(e) for e in errs),
+        "throughput_mean_signed_pct": statistics.fmean(errs),
+        "worst_abs_pct_error": abs(worst["throughput_error_pct"]),
+        "worst_config": {k: worst[k] for k in ("config", "batch_size", "micro_batch_size",
+                                                "attn_decode_device", "weights_gpu_fraction",
+                                                "schedule", "prompt_len", "gen_len",
+                                                "predicted_tok_s", "measured_tok_s",
+                                                "throughput_error_pct", "bottleneck")},
+        "optimizer_gap_pct": gap,
+        "optimizer": optimizer,
+        "mem_max_abs_pct_error": max(mem) if mem else math.nan,
+        "gpu_mem_max_abs_pct_error": _max_abs(ran, "gpu_mem_error_pct"),
+        "cpu_mem_max_abs_pct_error": _max_abs(ran, "cpu_mem_error_pct"),
+        "stage_errors": stage_errors(stage_rows),
+        "targets": {"throughput_mape": THROUGHPUT_MAPE_TARGET_PCT,
+                    "worst_abs_pct_error": WORST_CONFIG_TARGET_PCT,
+                    "optimizer_gap_pct": OPTIMIZER_GAP_TARGET_PCT,
+                    "mem_max_abs_pct_error": MEMORY_TARGET_PCT},
+    }
+    summary["meets_targets"] = {k: bool(summary[k] <= v) for k, v in summary["targets"].items()
+                                if math.isfinite(summary[k])}
+    return summary
+
+
+def _max_abs(rows: list[dict[str, Any]], key: str) -> float:
+    vals = [abs(r[key]) for r in rows if math.isfinite(r[key])]
+    return max(vals) if vals else math.nan
+
+
+def scaled_gpu_cap_bytes(full: ModelSpec, truncated: ModelSpec, hw: HardwareProfile,
+                         full_cap_bytes: float, config: Config) -> float:
+    """GPU memory cap for the truncated model under which the same fraction r_w of the routed
+    experts fits as fits the full model under `full_cap_bytes` (for `config`'s policy and
+    workload): r* solves need_full(r*) = usable(full cap); the cap is need_truncated(r*) / usable
+    share."""
+    from hrm.cost import GPU_USABLE_FRACTION, cost_terms
+
+    capped = hw.with_memory(gpu_memory_bytes=full_cap_bytes)
+    terms_full = cost_terms(full, capped, config.workload, config.policy)
+    terms_trunc = cost_terms(truncated, capped, config.workload, config.policy)
+    usable = terms_full.gpu_capacity_bytes
+    if terms_full.gpu_need_bytes(0.0, 0.0) > usable:
+        raise ValidationError(f"{full.name} does not fit {full_cap_bytes / GiB:.1f} GiB of GPU "
+                              "memory even with every expert offloaded")
+    lo, hi = 0.0, 1.0
+    for _ in range(60):   # gpu need is increasing in r_w: bisect
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if terms_full.gpu_need_bytes(mid, 0.0) <= usable else (lo, mid)
+    return terms_trunc.gpu_need_bytes(lo, 0.0) / GPU_USABLE_FRACTION
+
+
+# ---- measurement -------------------------------------------------------------------------------
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (bytes), None where the kernel does not report it."""
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    return int(match.group(1)) * 1024 if match else None
+
+
+def reset_peak_rss() -> int | None:
+    """Reset the process's peak resident set (Linux clear_refs 5) and return the current one;
+    None where the kernel does not allow it (then CPU memory is not measured)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _proc_status_bytes("VmRSS")
+
+
+class SharedModel:
+    """The model loaded once for the whole grid: dense weights on the device, every routed expert
+    in (pinned while the budget lasts) CPU memory. `weights_for(resident)` gives each
+    configuration its own GPU-resident expert copies and staging buffers; its streamed experts are
+    views of the shared CPU buffers (experts R_i.. of layer i are a contiguous suffix)."""
+
+    def __init__(self, model: str, device: Any, pin_budget_bytes: float, seed: int) -> None:
+        import torch
+
+        from executor.weights import random_weights, read_model, torch_dtype
+
+        self.spec, config = read_model(model)
+        self.device = device
+        weights = random_weights(
+            self.spec, config, dtype=torch_dtype("bf16"), device=device,
+            resident=[0] * self.spec.num_layers, page_bytes=Policy(1, 1).weight_page_bytes,
+            pin_budget_bytes=pin_budget_bytes, seed=seed)
+        # each configuration allocates its own staging buffers: free the shared store's
+        self.weights = replace(weights, experts=replace(weights.experts, staging=[]))
+        del weights
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def weights_for(self, resident: list[int], page_bytes: int) -> Any:
+        import torch
+
+        from executor.weights import ExpertStore
+
+        base = self.weights.experts
+        unit = base.expert_elements
+        gpu = [base.cpu[i][:r * unit].to(self.device, copy=True) for i, r in enumerate(resident)]
+        cpu = [base.cpu[i][r * unit:] for i, r in enumerate(resident)]
+        longest = max(t.numel() for t in cpu)
+        staging = [torch.empty(longest, dtype=base.dtype, device=self.device)
+                   for _ in range(2)] if longest else []
+        elem = base.cpu[0].element_size()
+        store = ExpertStore(self.spec, base.dtype, self.device, resident, gpu, cpu,
+                            list(base.pinned), staging, max(1, page_bytes // elem))
+        gpu_bytes = {"dense": self.weights.gpu_bytes["dense"],
+                     "resident_experts": store.resident_bytes(),
+                     "staging": store.staging_bytes()}
+        return replace(self.weights, experts=store, gpu_bytes=gpu_bytes)
+
+
+def measure(shared: SharedModel, config: Config, gpu_limit_bytes: float,
+            cpu_limit_bytes: float, seed: int) -> dict[str, Any]:
+    """Run one configuration on the shared model; measured throughput, phase times, decode busy
+    time per track and layer, and peak memory (module docstring). Raises InfeasibleError when the
+    executor's own memory plan or the GPU cap refuses it."""
+    import torch
+
+    from executor.cli import random_prompts
+    from executor.engine import Engine, plan_memory
+    from executor.trace import TRACKS, busy_s
+    from executor.weights import resident_experts_per_layer
+
+    spec, device, policy, wl = shared.spec, shared.device, config.policy, config.workload
+    cuda = device.type == "cuda"
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before = reset_peak_rss()
+    resident = resident_experts_per_layer(spec, policy.weights_gpu_fraction)
+    prompts = random_prompts([wl.prompt_len] * wl.num_seqs, spec.vocab_size, seed)
+    plan = plan_memory(spec, policy, resident, [len(p) for p in prompts], wl.gen_len)
+    plan.check(gpu_limit_bytes, cpu_limit_bytes)
+    weights = shared.weights_for(resident, policy.weight_page_bytes)
+    engine = Engine(weights, policy, device, plan)
+    try:
+        gen = engine.generate(prompts, wl.gen_len)
+    except torch.OutOfMemoryError as exc:
+        raise InfeasibleError(f"out of GPU memory: {str(exc).splitlines()[0]}") from None
+    streamed = sum(t.numel() * t.element_size() for t in weights.experts.cpu)
+    peak_rss = _proc_status_bytes("VmHWM") if rss_before is not None else None
+    if cuda:
+        peak_gpu = torch.cuda.max_memory_allocated(device)
+        peak_cpu = math.nan if peak_rss is None else peak_rss - rss_before + streamed
+    else:   # one heap holds both tiers: the resident set cannot tell them apart
+        peak_gpu = sum(weights.gpu_bytes.values()) + engine.gpu_cache.nbytes
+        peak_cpu = math.nan
+    steps_layers = max(wl.gen_len - 1, 1) * spec.num_layers
+    busy = {t: sum(busy_s(gen.spans, t, a, b) for a, b in gen.decode_windows) / steps_layers
+            for t in TRACKS}
+    generated = sum(len(o) for o in gen.outputs)
+    result = {"measured_tok_s": generated / (gen.prefill_s + gen.decode_s),
+              "measured_prefill_s": gen.prefill_s, "measured_decode_s": gen.decode_s,
+              "measured_layer_s": gen.decode_s / steps_layers, "busy_per_layer_s": busy,
+              "measured_gpu_mem_bytes": float(peak_gpu),
+              "measured_cpu_mem_bytes": float(peak_cpu),
+              "realized_weights_gpu_fraction": weights.experts.realized_gpu_fraction(),
+              "spans": gen.spans, "decode_windows": gen.decode_windows}
+    del engine, weights, gen
+    return result
+
+
+def predicted(spec: ModelSpec, hw: HardwareProfile, config: Config) -> dict[str, Any]:
+    """The cost model's numbers for a configuration, stage times with interference applied."""
+    from hrm.cost import check_fits, cost_terms, predict
+
+    check_fits(spec, hw, config.workload, config.policy)
+    pred = predict(spec, hw, config.workload, config.policy)
+    factors = cost_terms(spec, hw, config.workload, config.policy).factors
+    layer = pred.decode_layer
+    stages = {s: factors[s] * getattr(layer, f"{s}_s") for s in STAGE_TRACKS}
+    return {"predicted_tok_s": pred.throughput_tok_s, "predicted_prefill_s": pred.prefill_s,
+            "predicted_decode_s": pred.decode_s,
+            "predicted_layer_s": pred.decode_step_s / spec.num_layers, "stages": stages,
+            "predicted_gpu_mem_bytes": pred.memory.gpu_bytes,
+            "predicted_cpu_mem_bytes": pred.memory.cpu_bytes, "bottleneck": pred.bottleneck}
+
+
+def config_row(config: Config, role: str) -> dict[str, Any]:
+    p, w = config.policy, config.workload
+    return {"config": config.name, "role": role, "batch_size": p.batch_size,
+            "micro_batch_size": p.micro_batch_size, "num_micro_batches": p.num_micro_batches,
+            "attn_decode_device": p.attn_decode_device, "weights_gpu_fraction":
+            p.weights_gpu_fraction, "schedule": p.schedule, "prompt_len": w.prompt_len,
+            "gen_len": w.gen_len}
+
+
+def compare(config: Config, role: str, pred: dict[str, Any], meas: dict[str, Any]
+            ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One tidy configuration row and its stage rows (predicted, measured, signed % error)."""
+    row = {**config_row(config, role), "ran": True, "error": "",
+           **{k: v for k, v in pred.items() if k != "stages"},
+           **{k: v for k, v in meas.items() if k not in ("busy_per_layer_s", "spans",
+                                                         "decode_windows")}}
+    for name in ("tok_s", "prefill_s", "decode_s", "layer_s", "gpu_mem_bytes", "cpu_mem_bytes"):
+        key = {"tok_s": "throughput", "gpu_mem_bytes": "gpu_mem",
+               "cpu_mem_bytes": "cpu_mem"}.get(name, name.removesuffix("_s"))
+        row[f"{key}_error_pct"] = pct_error(pred[f"predicted_{name}"], meas[f"measured_{name}"])
+    stages = []
+    for stage, track in STAGE_TRACKS.items():
+        p_s, m_s = pred["stages"][stage], meas["busy_per_layer_s"][track]
+        scored = max(p_s, m_s) >= MIN_STAGE_SHARE * meas["measured_layer_s"]
+        stages.append({"config": config.name, "role": role, "stage": stage,
+                       "predicted_s": p_s, "measured_s": m_s,
+                       "error_pct": pct_error(p_s, m_s) if scored else math.nan})
+    stages.append({"config": config.name, "role": role, "stage": "layer (overlap)",
+                   "predicted_s": pred["predicted_layer_s"], "measured_s":
+                   meas["measured_layer_s"], "error_pct": row["layer_error_pct"]})
+    return row, stages
+
+
+# ---- the run -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Setup:
+    model: str
+    spec: ModelSpec
+    hw: HardwareProfile          # memory set to the caps
+    device: Any
+    gpu_limit_bytes: float
+    cpu_limit_bytes: float
+    pin_budget_bytes: float
+    seed: int
+
+
+def optimizer_config(setup: Setup, grid: list[Config]) -> Config:
+    """`hrm optimize` over the grid's space: the base workload with num_seqs = the largest batch
+    of the grid, micro-batch sizes and counts drawn from the grid, attention on CPU or GPU."""
+    from hrm.optimize import SearchGrid, optimize
+
+    base = grid[0].workload
+    same = [c for c in grid if (c.workload.prompt_len, c.workload.gen_len)
+            == (base.prompt_len, base.gen_len) and c.policy.schedule == "cgopipe"]
+    space = SearchGrid(micro_batch_sizes=tuple(sorted({c.policy.micro_batch_size for c in same})),
+                       num_micro_batches=tuple(sorted({c.policy.num_micro_batches
+                                                       for c in same})))
+    workload = replace(base, num_seqs=max(c.policy.batch_size for c in same))
+    result = optimize(setup.spec, setup.hw, workload, grid=space)
+    policy = result.policy
+    return Config("optimizer", policy, replace(workload, num_seqs=policy.batch_size))
+
+
+def run_grid(setup: Setup, configs: list[Config], with_optimizer: bool, progress: Any = None,
+             partial_csv: Path | None = None
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Predict and measure every configuration (and the optimizer's policy): tidy rows, stage
+    rows, and the measured spans of the base configuration (for the trace). The rows so far are
+    rewritten to `partial_csv` after each configuration (what an interrupted run leaves)."""
+    import pandas as pd
+
+    shared = SharedModel(setup.model, setup.device, setup.pin_budget_bytes, setup.seed)
+    todo = [(c, "grid") for c in configs]
+    if with_optimizer:
+        todo.append((optimizer_config(setup, configs), "optimizer"))
+    # warm-up (kernels, allocator, threads): a short run of the base policy, not recorded
+    warm = Config("warmup", configs[0].policy, replace(configs[0].workload, gen_len=2))
+    _try_measure(shared, setup, warm)
+    rows, stage_rows, trace = [], [], {}
+    for config, role in _progress(todo, progress):
+        row, stages, meas = _run_one(shared, setup, config, role)
+        rows.append(row)
+        stage_rows += stages
+        if meas is not None and config.name == "base" and role == "grid":
+            trace = {"spans": meas["spans"], "decode_windows": meas["decode_windows"]}
+        if progress is not None:
+            progress.console.print(
+                f"{config.name}: predicted {row.get('predicted_tok_s', math.nan):.1f}, measured "
+                f"{row['measured_tok_s']:.1f} tokens/s ({row['throughput_error_pct']:+.1f}%)"
+                if row["ran"] else f"{config.name}: not run: {row['error']}")
+        if partial_csv is not None:
+            write_text_atomic(partial_csv, pd.DataFrame(rows).to_csv(index=False))
+    return rows, stage_rows, trace
+
+
+def _run_one(shared: SharedModel, setup: Setup, config: Config, role: str
+             ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]:
+    """Predict, then measure one configuration: (row, stage rows, measurement or None)."""
+    try:
+        pred = predicted(setup.spec, setup.hw, config)
+    except (PolicyError, InfeasibleError) as exc:
+        return ({**config_row(config, role), "ran": False,
+                 "error": f"predicted not to fit: {exc}"}, [], None)
+    meas = _try_measure(shared, setup, config)
+    if isinstance(meas, str):
+        return ({**config_row(config, role), "ran": False, "error": meas,
+                 **{k: v for k, v in pred.items() if k != "stages"}}, [], None)
+    row, stages = compare(config, role, pred, meas)
+    return row, stages, meas
+
+
+def _try_measure(shared: SharedModel, setup: Setup, config: Config) -> dict[str, Any] | str:
+    try:
+        return measure(shared, config, setup.gpu_limit_bytes, setup.cpu_limit_bytes, setup.seed)
+    except InfeasibleError as exc:
+        return f"executor refused or ran out of memory: {exc}"
+    except RuntimeError as exc:  # a torch failure in one configuration: recorded, grid goes on
+        return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+
+
+def _progress(items: list[Any], progress: Any) -> Iterator[Any]:
+    if progress is None:
+        yield from items
+        return
+    task = progress.add_task("validating", total=len(items))
+    for item in items:
+        yield item
+        progress.advance(task)
+
+
+def write_results(out_dir: Path, rows: list[dict[str, Any]], stage_rows: list[dict[str, Any]],
+                  summary: dict[str, Any], trace: dict[str, Any]) -> dict[str, Path]:
+    """validation_configs.csv (one row per configuration), validation_stages.csv (one row per
+    configuration and stage), validation_summary.json, validation_trace.json (measured timeline of
+    the base configuration, Chrome/Perfetto) and validation_predicted_vs_measured.png."""
+    import pandas as pd
+
+    from executor.trace import chrome_trace
+    from hrm.plots import plot_predicted_vs_measured
+
+    paths = {"configs": out_dir / "validation_configs.csv",
+             "stages": out_dir / "validation_stages.csv",
+             "summary": out_dir / "validation_summary.json",
+             "trace": out_dir / "validation_trace.json",
+             "plot": out_dir / "validation_predicted_vs_measured.png"}
+    configs = pd.DataFrame(rows)
+    write_text_atomic(paths["configs"], configs.to_csv(index=False))
+    write_text_atomic(paths["stages"], pd.DataFrame(stage_rows).to_csv(index=False))
+    write_json_atomic(paths["summary"], _json_safe(summary))
+    if trace:
+        write_json_atomic(paths["trace"], {"traceEvents": chrome_trace(trace["spans"]),
+                                           "displayTimeUnit": "ms",
+                                           "decode_windows_s": trace["decode_windows"]})
+    else:
+        del paths["trace"]
+    plot_predicted_vs_measured(configs, paths["plot"], title=f"{summary['model']} on "
+                               f"{summary['machine'].get('gpu') or summary['machine']['cpu']}")
+    return paths
+
+
+def _json_safe(data: Any) -> Any:
+    """NaN -> None (JSON has no NaN)."""
+    if isinstance(data, dict):
+        return {k: _json_safe(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_json_safe(v) for v in data]
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    return data
+
+
+# ---- the command -------------------------------------------------------------------------------
+def validate_command(
+    model: str = typer.Option(..., "--model", "-m", help="shipped model name or config.json"),
+    hardware: str = typer.Option(..., "--hardware", "-H", help="hardware profile (name or TOML) "
+                                 "of this machine: `hrm profile` writes one"),
+    grid: str = typer.Option("quick", "--grid", help="quick (6 configurations) | full (25)"),
+    device_name: str = typer.Option("auto", "--device", help="cuda, cpu (the CPU stands in for "
+                                    "the GPU) or auto"),
+    output: Path = typer.Option(..., "-o", "--output", help="directory for the results"),
+    gpu_mem: float | None = typer.Option(None, "--gpu-mem", help="cap GPU memory (GiB)"),
+    cpu_mem: float | None = typer.Option(None, "--cpu-mem", help="cap CPU memory (GiB)"),
+    num_layers: int | None = typer.Option(None, "--num-layers",
+                                          help="run only the first N decoder layers"),
+    full_model_gpu_mem: float | None = typer.Option(
+        None, "--full-model-gpu-mem", help="with --num-layers: cap the GPU so the same share of "
+        "experts fits as would with every layer under this many GiB (instead of --gpu-mem)"),
+    optimizer_check: bool = typer.Option(True, "--optimizer/--no-optimizer",
+                                         help="also measure the policy `hrm optimize` picks"),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Run the executor over a grid of policies and workloads; compare measured with predicted
+    throughput, stage times and peak memory; check the optimizer's choice."""
+    import torch
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from executor.cli import _truncated_config, host_memory_bytes, machine_info
+    from executor.weights import read_model
+    from hrm.cli import console, emit_json
+    from hrm.hardware import load_profile
+
+    if grid not in GRIDS:
+        raise ValidationError(f"--grid must be one of {sorted(GRIDS)}, got {grid!r}")
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_name not in ("cuda", "cpu") or (device_name == "cuda"
+                                              and not torch.cuda.is_available()):
+        raise ValidationError(f"--device {device_name}: expected cuda (with a GPU) or cpu")
+    if full_model_gpu_mem is not None and (num_layers is None or gpu_mem is not None):
+        raise ValidationError("--full-model-gpu-mem needs --num-layers and replaces --gpu-mem")
+    for name, value in (("--gpu-mem", gpu_mem), ("--cpu-mem", cpu_mem),
+                        ("--full-model-gpu-mem", full_model_gpu_mem)):
+        if value is not None and not value > 0:
+            raise ValidationError(f"{name} must be > 0 GiB, got {value}")
+    device = torch.device("cuda", torch.cuda.current_device()) if device_name == "cuda" \
+        else torch.device("cpu")
+    full_spec, _ = read_model(model)
+    model_arg = model
+    if num_layers is not None:
+        if not 0 < num_layers <= full_spec.num_layers:
+            raise ValidationError(f"--num-layers must be in [1, {full_spec.num_layers}]")
+        model_arg = _truncated_config(model, num_layers, output / "validation.json")
+    spec, _ = read_model(model_arg)
+    hw = load_profile(hardware)
+    configs = GRIDS[grid].configs()
+
+    gpu_total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+                 else hw.gpu.memory_bytes)
+    if full_model_gpu_mem is not None:
+        gpu_limit = scaled_gpu_cap_bytes(full_spec, spec, hw, full_model_gpu_mem * GiB,
+                                         configs[0])
+    else:
+        gpu_limit = gpu_mem * GiB if gpu_mem else gpu_total
+    gpu_limit = min(gpu_limit, gpu_total)
+    cpu_limit = cpu_mem * GiB if cpu_mem else host_memory_bytes()
+    hw = hw.with_memory(gpu_memory_bytes=gpu_limit, cpu_memory_bytes=cpu_limit)
+    if device.type == "cuda" and gpu_limit < gpu_total:
+        torch.cuda.set_per_process_memory_fraction(gpu_limit / gpu_total, device)
+    pin = hw.link.pinned_max_bytes if math.isfinite(hw.link.pinned_max_bytes) \
+        else 0.45 * host_memory_bytes()
+    setup = Setup(model_arg, spec, hw, device, gpu_limit, cpu_limit, pin, seed)
+
+    with Progress(console=console, transient=True, disable=as_json) as progress:
+        rows, stage_rows, trace = run_grid(setup, configs, optimizer_check, progress,
+                                           output / "validation_partial.csv")
+    optimizer = next(({k: r.get(k) for k in ("ran", "error", "batch_size", "micro_batch_size",
+                                             "attn_decode_device", "weights_gpu_fraction",
+                                             "prompt_len", "gen_len", "predicted_tok_s",
+                                             "measured_tok_s")}
+                      for r in rows if r["role"] == "optimizer"), None)
+    meta = {"model": spec.name, "full_model": full_spec.name, "num_layers": spec.num_layers,
+            "hardware": hw.name, "grid": grid, "device": device_name,
+            "gpu_mem_limit_bytes": gpu_limit, "cpu_mem_limit_bytes": cpu_limit,
+            "gpu_mem_limit_rule": (f"--full-model-gpu-mem {full_model_gpu_mem} GiB scaled to "
+                                   f"{spec.num_layers} layers" if full_model_gpu_mem else
+                                   "--gpu-mem" if gpu_mem else "device memory"),
+            "machine": machine_info(device),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "fit_vs_validation": "the profile is fitted to microbenchmarks (hrm profile); the "
+                                 "validation grid is end-to-end executor runs",
+            "grid_definition": dataclasses.asdict(GRIDS[grid])}
+    summary = summarize(rows, stage_rows, optimizer, meta)
+    paths = write_results(output, rows, stage_rows, summary, trace)
+    (output / "validation_partial.csv").unlink(missing_ok=True)
+    if as_json:
+        emit_json(_json_safe(summary))
+        return
+    table = Table(title=f"hrm validate: {spec.name} on {hw.name} ({grid} grid, {device_name})")
+    for col in ("config", "N", "mu", "attn", "r_w", "schedule", "s", "n", "predicted tok/s",
+                "measured tok/s", "error"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["config"] if r["role"] == "grid" else "[b]optimizer[/]",
+                      str(r["batch_size"]), str(r["micro_batch_size"]),
+                      r["attn_decode_device"], f"{r['weights_gpu_fraction']:.3f}",
+                      r["schedule"], str(r["prompt_len"]), str(r["gen_len"]),
+                      f"{r.get('predicted_tok_s', math.nan):.2f}",
+                      f"{r['measured_tok_s']:.2f}" if r["ran"] else "-",
+                      f"{r['throughput_error_pct']:+.1f}%" if r["ran"] else r["error"][:60])
+    console.print(table)
+    console.print(f"throughput MAPE {summary['throughput_mape']:.1f}% over "
+                  f"{summary['n_configs']} configurations, worst "
+                  f"{summary['worst_abs_pct_error']:.1f}% ({summary['worst_config']['config']}); "
+                  f"optimizer gap {summary['optimizer_gap_pct']:+.1f}%; memory max error "
+                  f"{summary['mem_max_abs_pct_error']:.1f}%")
+    console.print("results: " + ", ".join(str(p) for p in paths.values()))

@@ -1,0 +1,77 @@
+"""CPU decode attention kernels against a naive reference (K/V expanded per query head, fp64)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from executor.kernels import cpu_decode_attention, cpu_decode_attention_paged  # noqa: E402
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int]) -> torch.Tensor:
+    group = q.shape[1] // k.shape[1]
+    out = []
+    for b, n in enumerate(lens):
+        kb = k[b, :, :n].double().repeat_interleave(group, dim=0)
+        vb = v[b, :, :n].double().repeat_interleave(group, dim=0)
+        p = torch.softmax(q[b].double()[:, None, :] @ kb.transpose(-1, -2) / q.shape[-1] ** 0.5,
+                          dim=-1)
+        out.append((p @ vb)[:, 0])
+    return torch.stack(out)
+
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # bf16: 8 mantissa bits, |out| <= max|v| ~ 3
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 5), kv_heads=st.integers(1, 3), group=st.integers(1, 4),
+       seq=st.integers(1, 40), head_dim=st.sampled_from([8, 16]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_dense_matches_reference(batch, kv_heads, group, seq, head_dim, dtype, seed) -> None:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, kv_heads * group, head_dim, generator=g).to(dtype)
+    k, v = (torch.randn(batch, kv_heads, seq, head_dim, generator=g).to(dtype) for _ in "kv")
+    out = cpu_decode_attention(q, k, v)
+    assert out.shape == q.shape and out.dtype == dtype
+    torch.testing.assert_close(out.double(), reference(q, k, v, [seq] * batch),
+                               atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def to_blocks(x: torch.Tensor, block: int, lens: list[int] | None = None) -> list[torch.Tensor]:
+    """[B, Hkv, S, D] -> per block j the [rows_j, Hkv, T, D] tensor of the sequences reaching it
+    (all of them without `lens`), as the KV cache stores them."""
+    b, h, s, d = x.shape
+    lens = lens or [s] * b
+    return [x[:sum(1 for n in lens if n > j * block), :, j * block:(j + 1) * block].contiguous()
+            for j in range(-(-max(lens) // block))]
+
+
+@settings(max_examples=25, deadline=None)
+@given(lens=st.lists(st.integers(1, 80), min_size=1, max_size=6), block=st.sampled_from([4, 16]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_paged_matches_reference(lens, block, dtype, seed) -> None:
+    lens = sorted(lens, reverse=True)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(len(lens), 4, 8, generator=g).to(dtype)
+    k, v = (torch.randn(len(lens), 2, 80, 8, generator=g).to(dtype) for _ in "kv")
+    out = cpu_decode_attention_paged(q, to_blocks(k, block, lens), to_blocks(v, block, lens),
+                                     lens)
+    torch.testing.assert_close(out.double(), reference(q, k, v, lens), atol=TOL[dtype],
+                               rtol=TOL[dtype])
+
+
+def test_paged_ignores_positions_past_each_length() -> None:
+    q, k, v = torch.randn(2, 2, 4), torch.randn(2, 1, 12, 4), torch.randn(2, 1, 12, 4)
+    before = cpu_decode_attention_paged(q, to_blocks(k, 4), to_blocks(v, 4), [7, 3])
+    k[1, :, 3:], v[1, :, 3:], k[0, :, 7:] = 1e4, 1e4, -1e4
+    torch.testing.assert_close(
+        cpu_decode_attention_paged(q, to_blocks(k, 4), to_blocks(v, 4), [7, 3]), before)
+
+
+def test_paged_needs_non_increasing_lengths() -> None:
+    q, k = torch.randn(2, 2, 4), [torch.randn(2, 1, 4, 4)] * 2
+    with pytest.raises(ValueError, match="non-increasing"):
+        cpu_decode_attention_paged(q, k, k, [3, 7])

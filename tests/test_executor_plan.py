@@ -1,0 +1,60 @@
+"""Placement and memory plan of the executor (no weights are allocated)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from executor.engine import plan_memory, slot_capacities  # noqa: E402
+from executor.kv_cache import KVCache, kv_cache_bytes  # noqa: E402
+from executor.weights import resident_experts_per_layer  # noqa: E402
+from hrm.errors import InfeasibleError  # noqa: E402
+from hrm.model import load_model_spec  # noqa: E402
+from hrm.policy import Policy  # noqa: E402
+
+MIXTRAL = load_model_spec("mixtral-8x7b")
+
+
+@settings(max_examples=50, deadline=None)
+@given(r_w=st.floats(0, 1))
+def test_resident_experts_realize_r_w_in_whole_experts(r_w: float) -> None:
+    resident = resident_experts_per_layer(MIXTRAL, r_w)
+    total = MIXTRAL.num_layers * MIXTRAL.num_experts
+    assert abs(sum(resident) / total - r_w) <= 0.5 / total + 1e-12
+    assert max(resident) - min(resident) <= 1  # spread evenly over the layers
+
+
+@settings(max_examples=30, deadline=None)
+@given(prompt_lens=st.lists(st.integers(1, 300), min_size=1, max_size=40),
+       gen_len=st.integers(1, 64), block=st.sampled_from([16, 64]))
+def test_kv_cache_is_sized_exactly_in_blocks(prompt_lens, gen_len, block) -> None:
+    caps = slot_capacities(prompt_lens, gen_len, batch_size=len(prompt_lens))
+    blocks = sum(-(-c // block) for c in caps)
+    per_token = MIXTRAL.kv_bytes_per_token("bf16")  # all layers, K and V
+    assert kv_cache_bytes(MIXTRAL, caps, torch.bfloat16, block) == blocks * block * per_token
+
+
+def test_kv_cache_allocation_matches_its_byte_count() -> None:
+    spec = load_model_spec("qwen1.5-moe-a2.7b")
+    caps = [130, 64, 64, 3]
+    cache = KVCache.allocate(spec, caps, torch.float32, torch.device("cpu"), float("inf"), "CPU",
+                             block_tokens=32)
+    assert cache.nbytes == kv_cache_bytes(spec, caps, torch.float32, 32)
+    with pytest.raises(InfeasibleError, match="KV cache for 4 sequences needs"):
+        KVCache.allocate(spec, caps, torch.float32, torch.device("cpu"), 1e3, "CPU")
+
+
+def test_plan_counts_offloaded_experts_and_staging() -> None:
+    policy = Policy(batch_size=64, micro_batch_size=16, weights_gpu_fraction=0.25)
+    resident = resident_experts_per_layer(MIXTRAL, 0.25)
+    plan = plan_memory(MIXTRAL, policy, resident, [100] * 64, 32)
+    expert = MIXTRAL.expert_bytes("bf16")
+    assert plan.gpu["resident experts"] == 64 * expert          # 2 of 8 experts x 32 layers
+    assert plan.cpu["streamed experts"] == 192 * expert
+    assert plan.gpu["weight staging (2 buffers)"] == 2 * 6 * expert
+    assert plan.gpu["KV cache"] == 0 and plan.cpu["KV cache"] > 0
+    with pytest.raises(InfeasibleError, match="does not fit GPU memory"):
+        plan.check(gpu_limit_bytes=16 * 2**30, cpu_limit_bytes=1e12)

@@ -1,0 +1,253 @@
+"""`hrm validate`: error arithmetic and summary (pure), the grids, the GPU-cap scaling, the shared
+model's expert split, and one quick grid end to end on the CPU stand-in (tiny Mixtral)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hrm.hardware import load_profile
+from hrm.model import from_hf_config, load_model_spec
+from hrm.units import GiB
+from hrm.validate import (
+    FULL,
+    QUICK,
+    ValidationError,
+    optimizer_gap_pct,
+    pct_error,
+    scaled_gpu_cap_bytes,
+    stage_errors,
+    summarize,
+)
+
+
+# ---- pure arithmetic -------------------------------------------------------------------------
+def test_pct_error_sign_and_missing() -> None:
+    assert pct_error(110.0, 100.0) == pytest.approx(10.0)     # optimistic model: positive
+    assert pct_error(90.0, 100.0) == pytest.approx(-10.0)
+    assert math.isnan(pct_error(1.0, 0.0))
+    assert math.isnan(pct_error(None, 1.0))
+    assert math.isnan(pct_error(1.0, math.nan))
+
+
+def test_optimizer_gap() -> None:
+    assert optimizer_gap_pct(97.0, [50.0, 100.0]) == pytest.approx(3.0)
+    assert optimizer_gap_pct(120.0, [50.0, 100.0]) == pytest.approx(-20.0)
+
+
+def _row(name: str, pred: float, meas: float, role: str = "grid", prompt: int = 128,
+         gen: int = 16, gpu_err: float = 1.0, cpu_err: float = math.nan) -> dict:
+    return {"config": name, "role": role, "ran": True, "batch_size": 8, "micro_batch_size": 4,
+            "attn_decode_device": "cpu", "weights_gpu_fraction": 0.0, "schedule": "cgopipe",
+            "prompt_len": prompt, "gen_len": gen, "predicted_tok_s": pred,
+            "measured_tok_s": meas, "throughput_error_pct": pct_error(pred, meas),
+            "bottleneck": "link", "gpu_mem_error_pct": gpu_err, "cpu_mem_error_pct": cpu_err}
+
+
+def test_summary_mape_worst_gap_memory() -> None:
+    rows = [_row("a", 105.0, 100.0), _row("b", 80.0, 100.0, gpu_err=-4.0, cpu_err=7.0),
+            _row("c", 300.0, 200.0, prompt=512),              # other workload: not in the gap
+            {**_row("d", 1.0, 1.0), "ran": False},            # did not run: not scored
+            _row("optimizer", 95.0, 190.0, role="optimizer")]
+    optimizer = {"ran": True, "prompt_len": 128, "gen_len": 16, "measured_tok_s": 90.0}
+    s = summarize(rows, [], optimizer, {"model": "m"})
+    assert s["n_configs"] == 3 and s["n_not_run"] == 1
+    assert s["throughput_mape"] == pytest.approx((5 + 20 + 50) / 3)
+    assert s["worst_config"]["config"] == "c" and s["worst_abs_pct_error"] == pytest.approx(50)
+    assert s["optimizer_gap_pct"] == pytest.approx(10.0)     # best same-workload grid: 100
+    assert s["mem_max_abs_pct_error"] == pytest.approx(7.0)
+    assert s["meets_targets"]["mem_max_abs_pct_error"] is False
+    assert s["model"] == "m"
+
+
+def test_summary_without_runs_is_an_error() -> None:
+    with pytest.raises(ValidationError, match="no configuration"):
+        summarize([{**_row("a", 1.0, 1.0), "ran": False}], [], None, {})
+
+
+@given(st.lists(st.tuples(st.floats(0.1, 1e4), st.floats(0.1, 1e4)), min_size=1, max_size=30))
+def test_mape_is_the_mean_and_bounded_by_the_worst(pairs: list[tuple[float, float]]) -> None:
+    rows = [_row(str(i), p, m) for i, (p, m) in enumerate(pairs)]
+    s = summarize(rows, [], None, {})
+    errors = [abs(pct_error(p, m)) for p, m in pairs]
+    assert s["throughput_mape"] == pytest.approx(sum(errors) / len(errors))
+    assert s["throughput_mape"] <= s["worst_abs_pct_error"] + 1e-9
+    assert s["worst_abs_pct_error"] == pytest.approx(max(errors))
+
+
+def test_stage_errors_skip_unscored() -> None:
+    rows = [{"stage": "gpu", "error_pct": 10.0}, {"stage": "gpu", "error_pct": -30.0},
+            {"stage": "d2h", "error_pct": math.nan}]
+    out = stage_errors(rows)
+    assert out == {"gpu": {"mape": 20.0, "mean_signed_pct": -10.0, "n": 2}}
+
+
+# ---- grids -----------------------------------------------------------------------------------
+def test_full_grid_covers_the_axes() -> None:
+    configs = FULL.configs()
+    assert len(configs) >= 20
+    assert len({c.name for c in configs}) == len(configs)
+    keys = {(c.policy, c.workload.prompt_len, c.workload.gen_len) for c in configs}
+    assert len(keys) == len(configs), "two grid points are the same configuration"
+    for axis in (lambda c: c.policy.batch_size, lambda c: c.policy.num_micro_batches,
+                 lambda c: c.policy.weights_gpu_fraction, lambda c: c.policy.attn_decode_device,
+                 lambda c: c.policy.schedule, lambda c: c.workload.prompt_len,
+                 lambda c: c.workload.gen_len):
+        assert len({axis(c) for c in configs}) >= 2
+    assert all(c.workload.num_seqs == c.policy.batch_size for c in configs)
+
+
+def test_quick_grid_is_small() -> None:
+    configs = QUICK.configs()
+    assert 4 <= len(configs) <= 8
+    assert max(c.policy.batch_size * c.workload.gen_len for c in configs) <= 256
+
+
+# ---- GPU cap for a truncated model -----------------------------------------------------------
+def test_scaled_gpu_cap() -> None:
+    from hrm.cost import cost_terms
+
+    full = load_model_spec("mixtral-8x7b")
+    eight = from_hf_config({**_mixtral_config(), "num_hidden_layers": 8}, name="m8")
+    hw = load_profile("h100")
+    base = FULL.configs()[0]
+    # the full model itself gets its own cap back
+    assert scaled_gpu_cap_bytes(full, full, hw, 16 * GiB, base) == pytest.approx(16 * GiB,
+                                                                                 rel=1e-6)
+    cap = scaled_gpu_cap_bytes(full, eight, hw, 16 * GiB, base)
+    assert 2 * GiB < cap < 16 * GiB
+
+    def max_r_w(spec, cap_bytes: float) -> float:
+        terms = cost_terms(spec, hw.with_memory(gpu_memory_bytes=cap_bytes), base.workload,
+                           base.policy)
+        return max(r / 1000 for r in range(1001)
+                   if terms.gpu_need_bytes(r / 1000, 0.0) <= terms.gpu_capacity_bytes)
+
+    assert max_r_w(eight, cap) == pytest.approx(max_r_w(full, 16 * GiB), abs=2e-3)
+    with pytest.raises(ValidationError, match="does not fit"):
+        scaled_gpu_cap_bytes(full, eight, hw, 1 * GiB, base)
+
+
+def _mixtral_config() -> dict:
+    from executor.weights import read_model
+
+    return read_model("mixtral-8x7b")[1]
+
+
+# ---- the shared model and the end-to-end run (torch) -----------------------------------------
+@pytest.fixture(scope="module")
+def shared():
+    torch = pytest.importorskip("torch")
+    from hrm.validate import SharedModel
+
+    return SharedModel("tiny-mixtral", torch.device("cpu"), pin_budget_bytes=0.0, seed=0)
+
+
+def test_shared_model_split_is_a_placement_not_new_weights(shared) -> None:
+    """Experts 0..R-1 of a layer copied to the 'GPU', R.. streamed as a view of the shared
+    buffer; generation is identical whatever the split."""
+    import torch
+
+    from executor.engine import Engine, plan_memory
+    from hrm.policy import Policy
+
+    spec = shared.spec
+    unit = shared.weights.experts.expert_elements
+    resident = [3, 0, 8, 1]
+    w = shared.weights_for(resident, page_bytes=64 * 1024)
+    for i, r in enumerate(resident):
+        assert torch.equal(w.experts.gpu[i], shared.weights.experts.cpu[i][:r * unit])
+        assert w.experts.cpu[i].data_ptr() == shared.weights.experts.cpu[i][r * unit:].data_ptr()
+    assert w.experts.realized_gpu_fraction() == pytest.approx(12 / 32)
+
+    prompts = [[5, 9, 3, 7], [8, 2, 2, 40], [3, 1, 4, 1], [60, 61, 62, 63]]
+    outputs = []
+    for r_w, schedule in ((0.0, "cgopipe"), (0.375, "cgopipe"), (0.375, "cgopipe-serial")):
+        policy = Policy(batch_size=4, micro_batch_size=2, weights_gpu_fraction=r_w,
+                        schedule=schedule)
+        from executor.weights import resident_experts_per_layer
+
+        res = resident_experts_per_layer(spec, r_w)
+        engine = Engine(shared.weights_for(res, policy.weight_page_bytes), policy,
+                        torch.device("cpu"), plan_memory(spec, policy, res, [4] * 4, 8))
+        outputs.append(engine.generate(prompts, 8).outputs)
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    pytest.importorskip("torch")
+    from typer.testing import CliRunner
+
+    from hrm.cli import app
+
+    out = tmp_path_factory.mktemp("validate")
+    result = CliRunner().invoke(app, ["validate", "--model", "tiny-mixtral", "--hardware", "t4",
+                                      "--grid", "quick", "--device", "cpu", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_quick_run_writes_consistent_results(quick_run) -> None:
+    import pandas as pd
+
+    summary = json.loads((quick_run / "validation_summary.json").read_text())
+    for key in ("n_configs", "throughput_mape", "worst_abs_pct_error", "optimizer_gap_pct",
+                "mem_max_abs_pct_error", "machine", "date", "stage_errors", "worst_config"):
+        assert key in summary
+    configs = pd.read_csv(quick_run / "validation_configs.csv")
+    grid = configs[configs["role"] == "grid"]
+    assert len(grid) == len(QUICK.configs())
+    assert summary["n_configs"] + summary["n_not_run"] == len(grid)
+    assert (configs["role"] == "optimizer").sum() == 1
+    ran = grid[grid["ran"]]
+    assert summary["n_configs"] == len(ran) >= 1
+    recomputed = 100 * (ran["predicted_tok_s"] - ran["measured_tok_s"]) / ran["measured_tok_s"]
+    assert recomputed.to_numpy() == pytest.approx(ran["throughput_error_pct"].to_numpy())
+    assert summary["throughput_mape"] == pytest.approx(ran["throughput_error_pct"].abs().mean())
+    # tokens/s measured = N * gen_len / (prefill + decode)
+    tok_s = ran["batch_size"] * ran["gen_len"] / (ran["measured_prefill_s"]
+                                                  + ran["measured_decode_s"])
+    assert tok_s.to_numpy() == pytest.approx(ran["measured_tok_s"].to_numpy())
+
+    stages = pd.read_csv(quick_run / "validation_stages.csv")
+    layer = stages[stages["stage"] == "layer (overlap)"].set_index("config")["measured_s"]
+    for _, row in stages.iterrows():  # a track cannot be busy longer than the layer took
+        assert row["measured_s"] <= layer[row["config"]] * 1.001
+    assert (stages.loc[stages["stage"] == "gpu", "measured_s"] > 0).all()
+
+    trace = json.loads((quick_run / "validation_trace.json").read_text())
+    tracks = {e["tid"] for e in trace["traceEvents"] if e["ph"] == "X"}
+    assert {"gpu", "cpu_attention"} <= tracks
+    assert (quick_run / "validation_predicted_vs_measured.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grid", "huge"], "--grid must be one of"),
+    (["--full-model-gpu-mem", "16"], "--full-model-gpu-mem needs --num-layers"),
+    (["--gpu-mem", "-1"], "--gpu-mem must be > 0"),
+    (["--num-layers", "9"], "--num-layers must be in [1, 4]"),
+])
+def test_bad_arguments_exit_2(args: list[str], message: str, tmp_path, capsys) -> None:
+    pytest.importorskip("torch")
+    import sys
+
+    from hrm import cli
+
+    argv = ["hrm", "validate", "--model", "tiny-mixtral", "--hardware", "t4", "--device", "cpu",
+            "-o", str(tmp_path), *args]
+    old = sys.argv
+    sys.argv = argv
+    try:
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+    finally:
+        sys.argv = old
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
