@@ -30,6 +30,7 @@ lint: setup
 
 test: setup lint
 	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest --nbmake notebooks
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache .hypothesis
