@@ -17,6 +17,11 @@ DEVICES = ("cpu", "gpu")
 #: cgopipe-serial: the same placement with every stage run one after another (S3);
 #: layerwise: attention on the GPU, weights moved layer by layer, no overlap (FlexGen/accelerate)
 SCHEDULES = ("cgopipe", "cgopipe-serial", "layerwise")
+#: how the layers are split over `num_gpus` GPUs. tp: attention heads and every expert's
+#: intermediate dimension are sharded (all-reduce after attention and after the MoE block);
+#: ep: attention heads sharded as in tp, whole experts dealt out round-robin (all-reduce of the
+#: partial MoE sums)
+PARALLELISMS = ("tp", "ep")
 
 
 @dataclass(frozen=True)
@@ -35,9 +40,11 @@ class Policy:
     weight_dtype: str = "bf16"
     kv_dtype: str = "bf16"
     schedule: str = "cgopipe"
+    num_gpus: int = 1                  # G: GPUs, each with its own process and weight shard
+    parallelism: str = "tp"            # tp | ep, only meaningful with num_gpus > 1
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "micro_batch_size", "weight_page_bytes"):
+        for name in ("batch_size", "micro_batch_size", "weight_page_bytes", "num_gpus"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise PolicyError(f"policy {name} must be a positive integer, got {value!r}")
@@ -62,6 +69,9 @@ class Policy:
                                   f"got {getattr(self, name)!r}")
         if self.schedule not in SCHEDULES:
             raise PolicyError(f"policy schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.parallelism not in PARALLELISMS:
+            raise PolicyError(f"policy parallelism must be one of {PARALLELISMS}, "
+                              f"got {self.parallelism!r}")
         if self.schedule == "layerwise" and self.attn_decode_device != "gpu":
             raise PolicyError("the layerwise schedule runs attention on the GPU: "
                               "set attn_decode_device='gpu'")
