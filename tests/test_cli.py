@@ -6,40 +6,27 @@ import sys
 
 import pytest
 
-from hrm import cli
 from hrm.policy import Policy
 
 WORK = ["--prompt-len", "100", "--gen-len", "64"]
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run `hrm ARGS` in-process through `hrm.cli.main`; return (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["hrm", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def test_models_and_hardware(monkeypatch, capsys):
-    code, out, _ = run_cli(monkeypatch, capsys, "models", "--json")
+def test_models_and_hardware(hrm_cli):
+    code, out, _ = hrm_cli("models", "--json")
     rows = {r["name"]: r for r in json.loads(out)}
     assert code == 0 and rows["mixtral-8x7b"]["params"] == pytest.approx(46.7e9, rel=1e-3)
     assert rows["mixtral-8x7b"]["kv_bytes_per_token_bf16"] == 128 * 1024
-    code, out, _ = run_cli(monkeypatch, capsys, "hardware", "--json")
+    code, out, _ = hrm_cli("hardware", "--json")
     rows = {r["name"]: r for r in json.loads(out)}
     assert code == 0 and rows["t4"]["h2d_pinned_bps"] == 12.89e9
     for command, name in (("models", "olmoe"), ("hardware", "a100")):
-        code, out, _ = run_cli(monkeypatch, capsys, command)
+        code, out, _ = hrm_cli(command)
         assert code == 0 and name in out
 
 
-def test_optimize_then_predict_the_saved_policy(monkeypatch, capsys, tmp_path):
+def test_optimize_then_predict_the_saved_policy(tmp_path, hrm_cli):
     policy_path = tmp_path / "policy.json"
-    code, out, _ = run_cli(monkeypatch, capsys, "optimize", "-m", "mixtral-8x7b", "-H", "t4",
+    code, out, _ = hrm_cli("optimize", "-m", "mixtral-8x7b", "-H", "t4",
                            *WORK, "-o", str(policy_path), "--json")
     assert code == 0
     doc = json.loads(out)
@@ -50,7 +37,7 @@ def test_optimize_then_predict_the_saved_policy(monkeypatch, capsys, tmp_path):
     assert doc["gpu_mem_bytes"] <= doc["gpu_mem_capacity_bytes"] * (1 + 1e-6)
     assert Policy.load(policy_path).to_dict() == doc["policy"]
     trace = tmp_path / "trace.json"
-    code, out, _ = run_cli(monkeypatch, capsys, "predict", "-m", "mixtral-8x7b", "-H", "t4",
+    code, out, _ = hrm_cli("predict", "-m", "mixtral-8x7b", "-H", "t4",
                            *WORK, "--policy", str(policy_path), "--json", "--trace", str(trace))
     assert code == 0
     assert json.loads(out)["throughput_tok_s"] == pytest.approx(doc["throughput_tok_s"])
@@ -58,20 +45,20 @@ def test_optimize_then_predict_the_saved_policy(monkeypatch, capsys, tmp_path):
     assert {"gpu", "cpu_attention", "h2d", "d2h"} <= {e["tid"] for e in events}
 
 
-def test_human_output(monkeypatch, capsys):
-    code, out, _ = run_cli(monkeypatch, capsys, "optimize", "-m", "olmoe-1b-7b", "-H", "l4",
+def test_human_output(hrm_cli):
+    code, out, _ = hrm_cli("optimize", "-m", "olmoe-1b-7b", "-H", "l4",
                            *WORK, "--gpu-mem", "4", "--cpu-mem", "32")
     assert code == 0
     for text in ("throughput", "bottleneck", "GPU memory", "CPU memory", "layerwise"):
         assert text in out
-    code, out, _ = run_cli(monkeypatch, capsys, "predict", "-m", "olmoe-1b-7b", "-H", "l4",
+    code, out, _ = hrm_cli("predict", "-m", "olmoe-1b-7b", "-H", "l4",
                            *WORK, "--num-seqs", "64")
     assert code == 0 and "N=" in out
 
 
-def test_roofline_plot(monkeypatch, capsys, tmp_path):
+def test_roofline_plot(tmp_path, hrm_cli):
     png = tmp_path / "roof.png"
-    code, out, _ = run_cli(monkeypatch, capsys, "roofline", "-m", "mixtral-8x7b", "-H", "t4",
+    code, out, _ = hrm_cli("roofline", "-m", "mixtral-8x7b", "-H", "t4",
                            "-o", str(png), "--json")
     assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     doc = json.loads(out)
@@ -97,7 +84,7 @@ def test_roofline_plot(monkeypatch, capsys, tmp_path):
     (["roofline", "-m", "mixtral-8x7b", "-H", "t4", "-o", "x.png", "--batch-size", "0"],
      "must be > 0"),
 ])
-def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, args, message):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message, hrm_cli):
     bad_toml = tmp_path / "bad.toml"
     bad_toml.write_text("[gpu\nname = 1")
     bad_policy = tmp_path / "bad.json"
@@ -106,7 +93,7 @@ def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, args, m
     Policy(batch_size=8192, micro_batch_size=512).save(huge)
     subst = {"BAD_TOML": str(bad_toml), "BAD_POLICY": str(bad_policy), "HUGE_POLICY": str(huge),
              "x.png": str(tmp_path / "x.png")}
-    code, out, err = run_cli(monkeypatch, capsys, *[subst.get(a, a) for a in args])
+    code, out, err = hrm_cli(*[subst.get(a, a) for a in args])
     assert code == 2
     assert message in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -166,30 +166,14 @@ def test_infeasible_and_bad_policies():
         optimize_continuous(MIXTRAL, H100.with_memory(gpu_memory_bytes=2 * GiB), work)
 
 
-def _hrm(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`hrm ARGS` in-process through `hrm.cli.main`: (exit code, stdout, stderr)."""
-    import sys
-
-    from hrm import cli
-
-    monkeypatch.setattr(sys, "argv", ["hrm", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def test_cli_optimize_then_predict_continuous(monkeypatch, capsys, tmp_path):
+def test_cli_optimize_then_predict_continuous(tmp_path, hrm_cli):
     import json
 
     common = ["-m", "mixtral-8x7b", "-H", "h100-machine", "--gpu-mem", "16", "--prompt-len",
               "1", "--gen-len", "128", "--synthetic", "mtbench", "--num-seqs", "3000",
               "--scheduler", "continuous"]
     policy = tmp_path / "policy.json"
-    code, out, err = _hrm(monkeypatch, capsys, "optimize", *common, "-o", str(policy), "--json")
+    code, out, err = hrm_cli("optimize", *common, "-o", str(policy), "--json")
     assert code == 0, err
     doc = json.loads(out)
     assert doc["bottleneck"] == "cpu_memory_capacity"
@@ -197,8 +181,8 @@ def test_cli_optimize_then_predict_continuous(monkeypatch, capsys, tmp_path):
     assert doc["dry_run"]["throughput_tok_s"] == pytest.approx(doc["job_throughput_tok_s"],
                                                                rel=0.10)
     assert Policy.load(policy).batch_size == doc["token_budget"]
-    code, out, err = _hrm(monkeypatch, capsys, "predict", *common, "--policy", str(policy))
+    code, out, err = hrm_cli("predict", *common, "--policy", str(policy))
     assert code == 0, err
     assert "cpu_memory_capacity" in out and "static cgopipe" in out
-    code, _, err = _hrm(monkeypatch, capsys, "predict", *common[:-1], "sometimes")
+    code, _, err = hrm_cli("predict", *common[:-1], "sometimes")
     assert code == 2 and "--scheduler must be static or continuous" in err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,22 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from hrm.cli import main  # noqa: E402
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
             num_experts_per_tok=2, max_position_embeddings=128)
-
-
-def hrm(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """Run the CLI; returns (exit code, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["hrm", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +36,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
             "prompts": d / "prompts.jsonl", "ckpt": ckpt}
 
 
-def test_run_writes_result_outputs_and_trace(files, monkeypatch, capsys) -> None:
+def test_run_writes_result_outputs_and_trace(files, hrm_cli) -> None:
     d = files["dir"]
-    code, err = hrm(monkeypatch, capsys, "run", "--model", files["model"], "--dummy-weights",
+    code, _, err = hrm_cli("run", "--model", files["model"], "--dummy-weights",
                     "--policy", files["policy"], "--prompts", files["prompts"], "--gen-len", 5,
                     "--device", "cpu", "--hardware", "h100", "--ignore-eos", "--trace",
                     d / "trace.json", "-o", d / "result.json")
@@ -79,13 +66,13 @@ def test_run_writes_result_outputs_and_trace(files, monkeypatch, capsys) -> None
     assert {"gpu", "cpu_attention", "h2d"} <= tracks
 
 
-def test_schedules_give_the_same_greedy_tokens(files, monkeypatch, capsys) -> None:
+def test_schedules_give_the_same_greedy_tokens(files, hrm_cli) -> None:
     """fp32: in bf16 the schedules' different attention paths (CPU blocks vs. SDPA) round
     differently and may flip near-tied greedy choices."""
     d, outputs = files["dir"], {}
     for schedule in ("cgopipe", "cgopipe-serial", "layerwise"):
         out = d / f"{schedule}.json"
-        code, err = hrm(monkeypatch, capsys, "run", "--checkpoint", files["ckpt"], "--policy",
+        code, _, err = hrm_cli("run", "--checkpoint", files["ckpt"], "--policy",
                         files["policy32"], "--prompts", files["prompts"], "--gen-len", 4,
                         "--device", "cpu", "--schedule", schedule, "-o", out)
         assert code == 0, err
@@ -94,12 +81,12 @@ def test_schedules_give_the_same_greedy_tokens(files, monkeypatch, capsys) -> No
     assert len(set(outputs.values())) == 1
 
 
-def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(files, monkeypatch, capsys) -> None:
+def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(files, hrm_cli) -> None:
     d = files["dir"]
 
     def tokens(*extra) -> str:
         out = d / "s.json"
-        code, err = hrm(monkeypatch, capsys, "run", "--checkpoint", files["ckpt"], "--policy",
+        code, _, err = hrm_cli("run", "--checkpoint", files["ckpt"], "--policy",
                         files["policy"], "--prompts", files["prompts"], "--gen-len", 6,
                         "--device", "cpu", "--ignore-eos", "-o", out, *extra)
         assert code == 0, err
@@ -124,7 +111,7 @@ def _broken_checkpoint(src: Path, dst: Path, edit) -> Path:
     ("shape mismatch", "has shape"),
     ("no safetensors", "no *.safetensors"),
 ])
-def test_bad_checkpoints(case, message, files, tmp_path, monkeypatch, capsys) -> None:
+def test_bad_checkpoints(case, message, files, tmp_path, hrm_cli) -> None:
     def edit(d: Path) -> None:
         if case == "missing shard":
             (d / "model.safetensors").rename(d / "model-00001-of-00001.safetensors")
@@ -138,7 +125,7 @@ def test_bad_checkpoints(case, message, files, tmp_path, monkeypatch, capsys) ->
             (d / "model.safetensors").unlink()
 
     ckpt = _broken_checkpoint(files["ckpt"], tmp_path / "ckpt", edit)
-    code, err = hrm(monkeypatch, capsys, "run", "--checkpoint", ckpt, "--policy",
+    code, _, err = hrm_cli("run", "--checkpoint", ckpt, "--policy",
                     files["policy"], "--num-seqs", 2, "--prompt-len", 3, "--gen-len", 2,
                     "--device", "cpu", "-o", tmp_path / "r.json")
     assert code == 2 and message in err and "Traceback" not in err
@@ -153,7 +140,7 @@ def test_bad_checkpoints(case, message, files, tmp_path, monkeypatch, capsys) ->
     (["--checkpoint", "CKPT"], "exactly one of --dummy-weights and --checkpoint"),
     (["--prompts", "TOOBIG"], "outside the vocabulary"),
 ])
-def test_bad_inputs(args, message, files, tmp_path, monkeypatch, capsys) -> None:
+def test_bad_inputs(args, message, files, tmp_path, hrm_cli) -> None:
     bad = {"BAD": '[1, 2]\n{"tokens": [1,\n', "EMPTYLIST": "[]\n", "TEXT": '{"text": "hi"}\n',
            "TOOBIG": "[1, 500]\n"}
     args = [str(files["ckpt"]) if a == "CKPT" else a for a in args]
@@ -163,14 +150,14 @@ def test_bad_inputs(args, message, files, tmp_path, monkeypatch, capsys) -> None
             args[args.index(name)] = str(tmp_path / name)
     if "--prompts" not in args:
         args += ["--num-seqs", "4", "--prompt-len", "3"]
-    code, err = hrm(monkeypatch, capsys, "run", "--model", files["model"], "--dummy-weights",
+    code, _, err = hrm_cli("run", "--model", files["model"], "--dummy-weights",
                     "--policy", files["policy"], "--gen-len", 2, "--device", "cpu",
                     "-o", tmp_path / "r.json", *args)
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "r.json").exists()
 
 
-def test_text_prompts_with_a_local_tokenizer(files, tmp_path, monkeypatch, capsys) -> None:
+def test_text_prompts_with_a_local_tokenizer(files, tmp_path, hrm_cli) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {f"w{i}": i for i in range(TINY["vocab_size"])}
@@ -178,7 +165,7 @@ def test_text_prompts_with_a_local_tokenizer(files, tmp_path, monkeypatch, capsy
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(tmp_path / "tok")
     (tmp_path / "p.jsonl").write_text('{"text": "w5 w6 w7"}\n[5, 6, 7]\n')
-    code, err = hrm(monkeypatch, capsys, "run", "--checkpoint", files["ckpt"], "--policy",
+    code, _, err = hrm_cli("run", "--checkpoint", files["ckpt"], "--policy",
                     files["policy"], "--prompts", tmp_path / "p.jsonl", "--tokenizer",
                     tmp_path / "tok", "--gen-len", 3, "--device", "cpu", "--ignore-eos",
                     "-o", tmp_path / "r.json")

@@ -82,30 +82,19 @@ def test_cache_too_small_for_the_longest_sequence():
         continuous(2, [GEN_LEN] * len(PROMPTS))
 
 
-def test_hrm_run_scheduler_continuous(tmp_path, monkeypatch, capsys):
+def test_hrm_run_scheduler_continuous(tmp_path, hrm_cli):
     """`hrm run --scheduler continuous` writes the same greedy outputs as `--scheduler static`,
     what the scheduler did, and the cost model's time for the same passes."""
     import json
-    import sys
-
-    from hrm.cli import main
-
-    def hrm(*args) -> tuple[int, str]:
-        monkeypatch.setattr(sys, "argv", ["hrm", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code or 0
-        return code, capsys.readouterr().err
 
     for name, n_tok in (("static", 16), ("continuous", 64)):
         Policy(batch_size=n_tok, micro_batch_size=8, **FP32).save(tmp_path / f"{name}.json")
-        code, err = hrm("run", "--model", "tiny-mixtral", "--dummy-weights", "--device", "cpu",
-                        "--policy", tmp_path / f"{name}.json", "--hardware", "h100-machine",
-                        "--synthetic", "mtbench", "--num-seqs", 16, "--gen-len", 6,
-                        "--cpu-mem", 1, "--ignore-eos", "--scheduler", name,
-                        "-o", tmp_path / f"{name}_result.json")
+        code, _, err = hrm_cli("run", "--model", "tiny-mixtral", "--dummy-weights",
+                               "--device", "cpu",
+                               "--policy", tmp_path / f"{name}.json", "--hardware", "h100-machine",
+                               "--synthetic", "mtbench", "--num-seqs", 16, "--gen-len", 6,
+                               "--cpu-mem", 1, "--ignore-eos", "--scheduler", name,
+                               "-o", tmp_path / f"{name}_result.json")
         assert code == 0, err
     result = json.loads((tmp_path / "continuous_result.json").read_text())
     assert result["scheduler"] == "continuous" and result["generated_tokens"] == 16 * 6
@@ -114,7 +103,8 @@ def test_hrm_run_scheduler_continuous(tmp_path, monkeypatch, capsys):
     outputs = {name: (tmp_path / f"{name}_result.outputs.jsonl").read_text()
                for name in ("static", "continuous")}
     assert outputs["static"] == outputs["continuous"]
-    code, err = hrm("run", "--model", "tiny-mixtral", "--dummy-weights", "--device", "cpu",
+    code, _, err = hrm_cli("run", "--model", "tiny-mixtral", "--dummy-weights",
+                               "--device", "cpu",
                     "--policy", tmp_path / "continuous.json", "--num-seqs", 2, "--prompt-len",
                     4, "--gen-len", 2, "--scheduler", "rolling", "-o", tmp_path / "x.json")
     assert code == 2 and "--scheduler must be static or continuous" in err
