@@ -4,6 +4,10 @@ result.json holds the measured throughput (generated tokens / (prefill + decode 
 times, busy time and utilization of the GPU, CPU-attention, link and copy-thread tracks during
 decode, bytes moved, peak memory, the policy as realized (page granularity) and the prediction
 of `hrm.cost.predict` for the same model, hardware profile, workload and policy.
+
+With --gpus K > 1 (or a policy with num_gpus = K) the run is K processes, one per GPU, each with
+its shard of the model (executor/distributed.py); memory caps hold per GPU, the CPU memory and
+pinned budget are split evenly, and rank 0 reports (peak memory per rank).
 """
 
 from __future__ import annotations
@@ -126,6 +130,10 @@ def run_command(
         "tokens in every weight pass, KV blocks, preemption; executor/continuous.py)"),
     kv_blocks: int | None = typer.Option(
         None, "--kv-blocks", help="continuous: KV blocks [default: all the CPU memory holds]"),
+    gpus: int | None = typer.Option(
+        None, "--gpus", help="GPUs (one process each) [default: the policy's num_gpus]"),
+    parallelism: str | None = typer.Option(
+        None, "--parallelism", help="tp | ep with --gpus > 1 [default: the policy's]"),
     num_layers: int | None = typer.Option(None, "--num-layers",
                                           help="run only the first N layers (random weights)"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
@@ -141,7 +149,8 @@ def run_command(
     """Run offline batch generation under a policy; measure it next to the HRM prediction."""
     import torch
 
-    from executor.engine import build_engine, peak_cpu_mem_bytes
+    from executor.distributed import Shard, check_gpus, rank_cores, spawn
+    from executor.engine import generate_on_rank, run_facts
     from executor.sampling import Sampling
     from executor.schedule import compute_threads
     from executor.trace import TRACKS, busy_s, chrome_trace
@@ -224,47 +233,50 @@ def run_command(
             attn = "gpu" if schedule == "layerwise" else policy.attn_decode_device
             policy = replace(policy, schedule=schedule, attn_decode_device=attn,
                              kv_gpu_fraction=policy.kv_gpu_fraction if attn == "gpu" else 0.0)
-    if device.type == "cuda" and gpu_limit < gpu_total:
-        torch.cuda.set_per_process_memory_fraction(gpu_limit / gpu_total, device.index or 0)
+    policy = replace(policy, num_gpus=gpus or policy.num_gpus,
+                     parallelism=parallelism or policy.parallelism)
+    world = policy.num_gpus
+    if world > 1:
+        if scheduler == "continuous":
+            raise PolicyError("the continuous scheduler runs on one GPU; drop --gpus or use "
+                              "--scheduler static")
+        check_gpus(world, device.type)
+        Shard(0, world, policy.parallelism).spec(spec)  # the model splits evenly, else raise
 
     config_eos = _eos(checkpoint or model_arg)
-    t_load = dt.datetime.now()
     common = dict(device=device, checkpoint=str(checkpoint) if checkpoint else None,
-                  gpu_mem_bytes=gpu_limit, cpu_mem_bytes=cpu_limit, pin_budget_bytes=pin_budget,
-                  sampling=Sampling(temperature, top_p, seed),
+                  gpu_mem_bytes=gpu_limit, cpu_mem_bytes=cpu_limit / world,
+                  pin_budget_bytes=pin_budget / world, sampling=Sampling(temperature, top_p, seed),
                   eos_token_id=None if ignore_eos else config_eos, seed=seed)
     continuous: dict[str, Any] = {}
     try:
         if scheduler == "continuous":
             from executor.continuous import run_continuous
 
+            if device.type == "cuda" and gpu_limit < gpu_total:
+                torch.cuda.set_per_process_memory_fraction(gpu_limit / gpu_total,
+                                                           device.index or 0)
             engine, gen, continuous = run_continuous(model_arg, policy, prompts=prompts,
                                                      gen_lens=gen_lens, hw=hw,
                                                      num_blocks=kv_blocks, **common)
-            load_s = continuous.pop("load_s")
+            facts = {"generation": gen, "load_s": continuous.pop("load_s"), **run_facts(engine)}
+        elif world == 1:
+            facts = generate_on_rank(Shard(), model_arg, policy, prompts, gen_len, common)
         else:
-            engine = build_engine(model_arg, policy, prompt_lens=[len(p) for p in prompts],
-                                  gen_len=gen_len, **common)
-            load_s = (dt.datetime.now() - t_load).total_seconds()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            gen = engine.generate(prompts, gen_len)
+            facts = spawn(generate_on_rank, world, policy.parallelism, device.type, model_arg,
+                          policy, prompts, gen_len, common)
     except torch.OutOfMemoryError as exc:
         raise InfeasibleError(f"the run exceeded the GPU memory cap of {gpu_limit / GiB:.1f} GiB "
                               f"({str(exc).splitlines()[0]}); lower micro_batch_size or "
                               "weights_gpu_fraction") from None
 
+    gen = facts["generation"]
     generated = sum(len(o) for o in gen.outputs)
     total_s = gen.prefill_s + gen.decode_s
     decode_busy = {t: sum(busy_s(gen.spans, t, a, b) for a, b in gen.decode_windows)
                    for t in TRACKS}
-    store = engine.w.experts
     prediction = continuous.pop("prediction") if continuous else \
         _predict(spec, hw, workload, policy)
-    if device.type == "cuda":
-        peak_gpu = torch.cuda.max_memory_allocated(device)
-    else:  # the CPU stands in for the GPU: count the tensors in the GPU role
-        peak_gpu = sum(engine.w.gpu_bytes.values()) + engine.gpu_cache.nbytes
     result = {
         "schedule": policy.schedule,
         "scheduler": scheduler,
@@ -273,14 +285,9 @@ def run_command(
         "num_layers": spec.num_layers,
         "weights": "random" if dummy_weights else str(checkpoint),
         "policy": policy.to_dict(),
-        "realized": {"weights_gpu_fraction": store.realized_gpu_fraction(),
-                     "kv_gpu_fraction": engine.n_gpu_mb / policy.num_micro_batches,
-                     "resident_experts_per_layer": store.resident,
-                     "pinned_layers": sum(store.pinned),
-                     "pinned_weight_bytes": sum(store.streamed_bytes(i)
-                                                for i, p in enumerate(store.pinned) if p),
-                     "pageable_weight_bytes": sum(store.streamed_bytes(i)
-                                                  for i, p in enumerate(store.pinned) if not p)},
+        "num_gpus": world,
+        "parallelism": policy.parallelism,
+        "realized": facts["realized"],  # of rank 0's shard
         "workload": {"num_seqs": workload.num_seqs, "prompt_len": workload.prompt_len,
                      "max_prompt_len": workload.max_prompt_len, "gen_len": gen_len},
         "generated_tokens": generated,
@@ -294,15 +301,18 @@ def run_command(
         "decode_utilization": {t: (b / gen.decode_s if gen.decode_s else 0.0)
                                for t, b in decode_busy.items()},
         "bytes_moved": gen.bytes_moved,
-        "peak_gpu_mem_bytes": peak_gpu,
-        "peak_cpu_mem_bytes": peak_cpu_mem_bytes(),
+        "peak_gpu_mem_bytes": max(facts["peak_gpu_mem_bytes_per_rank"]),
+        "peak_gpu_mem_bytes_per_rank": facts["peak_gpu_mem_bytes_per_rank"],
+        "peak_cpu_mem_bytes": sum(facts["peak_cpu_mem_bytes_per_rank"]),
+        "peak_cpu_mem_bytes_per_rank": facts["peak_cpu_mem_bytes_per_rank"],
         "gpu_mem_limit_bytes": gpu_limit if gpu_limit < float("inf") else None,
-        "gpu_mem_plan_bytes": engine.plan.gpu,
-        "cpu_mem_plan_bytes": engine.plan.cpu,
-        "load_s": load_s,
+        "gpu_mem_plan_bytes": facts["gpu_mem_plan_bytes"],  # per GPU (rank 0)
+        "cpu_mem_plan_bytes": facts["cpu_mem_plan_bytes"],  # per rank (rank 0)
+        "load_s": facts["load_s"],
         "prediction": prediction,
         "hardware_profile": hw.name if hw else None,
-        "machine": dict(machine_info(device), pipeline_torch_threads=compute_threads()),
+        "machine": dict(machine_info(device), pipeline_torch_threads=compute_threads(
+            len(rank_cores(0, world)))),
         "command": shlex.join(["hrm", *sys.argv[1:]]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }

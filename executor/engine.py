@@ -14,17 +14,23 @@ gen_len - 1 decode steps. Work items (step, layer, micro-batch) run in one globa
       fetched when their layer starts.
   layerwise: attention on the GPU (KV on the GPU for the first r_c of the micro-batches, else read
       from the CPU cache every layer), weights fetched when their layer starts, no overlap.
+
+With K GPUs, one engine per rank runs the same schedule on the rank's shard (its spec is the
+shard's: executor/distributed.py); the O projection and the MoE block end in an all_reduce and
+rank 0's sampled tokens are broadcast, so all ranks walk the same items in the same order.
 """
 
 from __future__ import annotations
 
 import resource
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from executor import layers as L
+from executor.distributed import Shard
 from executor.kernels import cpu_decode_attention_paged
 from executor.kv_cache import BLOCK_TOKENS, KVCache, kv_cache_bytes
 from executor.sampling import Sampling, sample
@@ -158,7 +164,9 @@ class Generation:
 class Engine:
     def __init__(self, weights: ModelWeights, policy: Policy, device: torch.device,
                  plan: MemoryPlan, sampling: Sampling = Sampling(),
-                 eos_token_id: int | None = None, keep_logits: bool = False) -> None:
+                 eos_token_id: int | None = None, keep_logits: bool = False,
+                 shard: Shard = Shard()) -> None:
+        self.shard = shard
         self.keep_logits = keep_logits  # keep every step's logits (tests compare them with HF)
         self.w, self.spec, self.policy, self.device = weights, weights.spec, policy, device
         self.plan = plan
@@ -215,7 +223,7 @@ class Engine:
         logits = torch.nn.functional.linear(h, self.w.lm_head)
         if self.keep_logits:
             mb.logits.append(logits.float().cpu())
-        tokens = sample(logits, self.sampling, self.generator)
+        tokens = self.shard.broadcast(sample(logits, self.sampling, self.generator))
         mb.tokens.append(tokens)
         mb.hidden = self.w.embed[tokens]
 
@@ -240,8 +248,9 @@ class Engine:
                 mb.cache.write_prompt(layer, slots, k_dst[token:token + n * length].reshape(shape),
                                       v_dst[token:token + n * length].reshape(shape))
                 token, seq = token + n * length, seq + n
-            x = L.attention_out(mb.hidden, torch.cat(outs), dense)
-            x = L.moe_ffn(x, dense, spec, self.w.experts.expert_fn(layer, buffer), self.renorm)
+            x = L.attention_out(mb.hidden, torch.cat(outs), dense, self.shard.all_reduce)
+            x = L.moe_ffn(x, dense, spec, self.w.experts.expert_fn(layer, buffer), self.renorm,
+                          self.shard.all_reduce)
             if layer == spec.num_layers - 1:
                 ends = torch.tensor(mb.prompt_lens, device=self.device).cumsum(0) - 1
                 self._lm_head_and_sample(mb, x[ends])
@@ -314,9 +323,9 @@ class Engine:
         wait(compute, ready)
         dense = self.w.layers[layer]
         with tracer.span("gpu", "post_attn", compute, layer, m):
-            x = L.attention_out(mb.hidden, attn, dense)
+            x = L.attention_out(mb.hidden, attn, dense, self.shard.all_reduce)
             x = L.moe_ffn(x, dense, self.spec, self.w.experts.expert_fn(layer, buffer),
-                          self.renorm)
+                          self.renorm, self.shard.all_reduce)
             if layer == self.spec.num_layers - 1:
                 self._lm_head_and_sample(mb, x)
                 mb.positions = mb.positions + 1
@@ -437,19 +446,19 @@ def peak_cpu_mem_bytes() -> int:
 
 
 def load_weights(model: str, policy: Policy, *, device: torch.device, resident: list[int],
-                 checkpoint: str | None = None, pin_budget_bytes: float = 0.0, seed: int = 0
-                 ) -> ModelWeights:
-    """The model's weights placed as `resident` says: from `checkpoint`, else random at the
+                 checkpoint: str | None = None, pin_budget_bytes: float = 0.0, seed: int = 0,
+                 shard: Shard = Shard()) -> ModelWeights:
+    """The shard's weights placed as `resident` says: from `checkpoint`, else random at the
     shapes of `model` (a shipped name or config path)."""
     dtype = torch_dtype(policy.weight_dtype)
     if checkpoint:
         return load_checkpoint(checkpoint, dtype=dtype, device=device, resident=resident,
                                page_bytes=policy.weight_page_bytes,
-                               pin_budget_bytes=pin_budget_bytes)
+                               pin_budget_bytes=pin_budget_bytes, shard=shard)
     spec, config = read_model(model)
     return random_weights(spec, config, dtype=dtype, device=device, resident=resident,
                           page_bytes=policy.weight_page_bytes,
-                          pin_budget_bytes=pin_budget_bytes, seed=seed)
+                          pin_budget_bytes=pin_budget_bytes, seed=seed, shard=shard)
 
 
 def build_engine(model: str, policy: Policy, *, device: torch.device, prompt_lens: list[int],
@@ -457,13 +466,58 @@ def build_engine(model: str, policy: Policy, *, device: torch.device, prompt_len
                  cpu_mem_bytes: float, pin_budget_bytes: float = 0.0,
                  sampling: Sampling = Sampling(), eos_token_id: int | None = None,
                  keep_logits: bool = False, seed: int = 0,
-                 kv_block_tokens: int = BLOCK_TOKENS) -> Engine:
-    """Check the memory plan, then load (checkpoint) or create (random) weights and the engine.
-    `model` names a shipped config or a config path when `checkpoint` is None."""
-    spec, _ = read_model(checkpoint or model)
+                 kv_block_tokens: int = BLOCK_TOKENS, shard: Shard = Shard()) -> Engine:
+    """Check the memory plan of the shard (memory limits are per rank), then load (checkpoint)
+    or create (random) its weights and the engine. `model` names a shipped config or a config
+    path when `checkpoint` is None."""
+    spec = shard.spec(read_model(checkpoint or model)[0])
     resident = resident_experts_per_layer(spec, policy.weights_gpu_fraction)
     plan = plan_memory(spec, policy, resident, prompt_lens, gen_len, kv_block_tokens)
     plan.check(gpu_mem_bytes, cpu_mem_bytes)
     weights = load_weights(model, policy, device=device, resident=resident,
-                           checkpoint=checkpoint, pin_budget_bytes=pin_budget_bytes, seed=seed)
-    return Engine(weights, policy, device, plan, sampling, eos_token_id, keep_logits)
+                           checkpoint=checkpoint, pin_budget_bytes=pin_budget_bytes, seed=seed,
+                           shard=shard)
+    return Engine(weights, policy, device, plan, sampling, eos_token_id, keep_logits, shard)
+
+
+def run_facts(engine: Engine) -> dict[str, Any]:
+    """What result.json reports of an engine after its run: placement as realized, the memory
+    plan and the peak memory of every rank (rank order; on the CPU stand-in the "GPU" peak is
+    the bytes of the tensors in the GPU role)."""
+    store = engine.w.experts
+    if engine.device.type == "cuda":
+        peak_gpu = torch.cuda.max_memory_allocated(engine.device)
+    else:
+        peak_gpu = sum(engine.w.gpu_bytes.values()) + engine.gpu_cache.nbytes
+    streamed = {p: sum(store.streamed_bytes(i) for i, q in enumerate(store.pinned) if q == p)
+                for p in (True, False)}
+    return {"realized": {"weights_gpu_fraction": store.realized_gpu_fraction(),
+                         "kv_gpu_fraction": engine.n_gpu_mb / engine.policy.num_micro_batches,
+                         "resident_experts_per_layer": store.resident,
+                         "pinned_layers": sum(store.pinned),
+                         "pinned_weight_bytes": streamed[True],
+                         "pageable_weight_bytes": streamed[False]},
+            "gpu_mem_plan_bytes": engine.plan.gpu, "cpu_mem_plan_bytes": engine.plan.cpu,
+            "peak_gpu_mem_bytes_per_rank": engine.shard.gather(peak_gpu),
+            "peak_cpu_mem_bytes_per_rank": engine.shard.gather(peak_cpu_mem_bytes())}
+
+
+def generate_on_rank(shard: Shard, model: str, policy: Policy, prompts: list[list[int]],
+                     gen_len: int, build: dict[str, Any]) -> dict[str, Any]:
+    """One rank's run: cap its GPU at build["gpu_mem_bytes"], build the engine of its shard
+    (`build_engine` keyword arguments `build`; device "cuda" means this rank's GPU), generate.
+    Returns the generation, the load time and `run_facts`."""
+    device = build["device"]
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+        total = torch.cuda.get_device_properties(device).total_memory
+        if build["gpu_mem_bytes"] < total:
+            torch.cuda.set_per_process_memory_fraction(build["gpu_mem_bytes"] / total, device)
+    start = time.perf_counter()
+    engine = build_engine(model, policy, prompt_lens=[len(p) for p in prompts], gen_len=gen_len,
+                          shard=shard, **dict(build, device=device))
+    load_s = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    gen = engine.generate(prompts, gen_len)
+    return {"generation": gen, "load_s": load_s, **run_facts(engine)}

@@ -18,8 +18,15 @@ import torch.nn.functional as F
 
 from hrm.model import ModelSpec
 
-#: expert index -> (w13 [2*h2, h1], w2 [h1, h2]) on the compute device
-ExpertFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+#: expert index -> (w13 [2*h2, h1], w2 [h1, h2]) on the compute device, or None for an expert
+#: another rank holds (expert parallelism, executor/distributed.py)
+ExpertFn = Callable[[int], tuple[torch.Tensor, torch.Tensor] | None]
+#: sum of the ranks' partial outputs (identity on one GPU)
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 @dataclass(frozen=True)
@@ -97,9 +104,11 @@ def gpu_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.reshape(q.shape[0], -1)
 
 
-def attention_out(x: torch.Tensor, attn: torch.Tensor, layer: DenseLayer) -> torch.Tensor:
-    """Residual + output projection: x + attn W_o^T. attn: [T, n_q * D]."""
-    return x + F.linear(attn.to(x.dtype), layer.wo)
+def attention_out(x: torch.Tensor, attn: torch.Tensor, layer: DenseLayer,
+                  reduce: Reduce = _identity) -> torch.Tensor:
+    """Residual + output projection: x + reduce(attn W_o^T). attn: [T, n_q * D] (a rank's heads
+    give a partial sum, completed by `reduce`)."""
+    return x + reduce(F.linear(attn.to(x.dtype), layer.wo))
 
 
 def route(h: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool
@@ -123,7 +132,8 @@ def swiglu(h: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor
 def routed_experts(h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
                    num_experts: int, expert: ExpertFn) -> torch.Tensor:
     """sum_k g_k FFN_{e_k}(h) for every token, as one GEMM pair per expert over the tokens routed
-    to it: the (token, slot) pairs are sorted by expert, so each expert's rows are contiguous."""
+    to it: the (token, slot) pairs are sorted by expert, so each expert's rows are contiguous.
+    Experts `expert` returns None for (held by another rank) contribute zero."""
     top_k = experts.shape[1]
     order = torch.argsort(experts.reshape(-1), stable=True)
     token_of = order // top_k
@@ -133,24 +143,29 @@ def routed_experts(h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     out_sorted = torch.empty_like(h_sorted)
     start = 0
     for e, rows in enumerate(rows_per_expert):
-        if rows:
-            w13, w2 = expert(e)
-            y = swiglu(h_sorted[start:start + rows], w13, w2)
+        if not rows:
+            continue
+        weights_e = expert(e)
+        if weights_e is None:
+            out_sorted[start:start + rows] = 0
+        else:
+            y = swiglu(h_sorted[start:start + rows], *weights_e)
             out_sorted[start:start + rows] = (y.float() * gate_sorted[start:start + rows, None]
                                               ).to(h.dtype)
-            start += rows
+        start += rows
     return torch.zeros_like(h).index_add_(0, token_of, out_sorted)
 
 
 def moe_ffn(x: torch.Tensor, layer: DenseLayer, spec: ModelSpec, expert: ExpertFn,
-            renormalize: bool) -> torch.Tensor:
-    """x + MoE(n2(x)): routed experts plus the (gated) shared experts, if the model has them."""
+            renormalize: bool, reduce: Reduce = _identity) -> torch.Tensor:
+    """x + reduce(MoE(n2(x))): routed experts plus the (gated) shared experts, if the model has
+    them. The router has a row per expert of the whole model, whichever experts `expert` holds."""
     h = rms_norm(x, layer.post_norm, spec.rms_norm_eps)
     experts, weights = route(h, layer.router, spec.top_k, renormalize)
-    out = routed_experts(h, experts, weights, spec.num_experts, expert)
+    out = routed_experts(h, experts, weights, layer.router.shape[0], expert)
     if layer.shared_w13 is not None:
         shared = swiglu(h, layer.shared_w13, layer.shared_w2)
         if layer.shared_gate is not None:
             shared = torch.sigmoid(F.linear(h, layer.shared_gate)) * shared
         out = out + shared
-    return x + out
+    return x + reduce(out)

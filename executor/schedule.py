@@ -192,8 +192,9 @@ def compute_threads(cores: int | None = None) -> int:
     (GPU-driving) thread and the link thread and COPY_THREADS for the memcpy. OpenMP regions
     spin at barriers; with as many OpenMP threads as cores, any other busy thread deschedules
     one of them and every small op of CPU attention waits milliseconds (measured: 5 ms vs.
-    300 ms per call on a 2-core machine with one busy core)."""
-    cores = cores or os.cpu_count() or 1
+    300 ms per call on a 2-core machine with one busy core). Cores are those this process may
+    run on (a rank of a multi-GPU run has its share: executor/distributed.py)."""
+    cores = cores or len(os.sched_getaffinity(0))
     return max(1, cores - 2 - COPY_THREADS)
 
 

@@ -12,6 +12,11 @@ the pinned staging ring of the link (executor/schedule.py).
 Weights come from a local Hugging Face checkpoint (config.json + *.safetensors, read lazily
 tensor by tensor straight into the pages) or are random at the real shapes: a random tile is
 repeated (values do not matter for throughput, and 90 GB of normal_ on the CPU takes minutes).
+
+With K GPUs every rank holds its `Shard` (executor/distributed.py): the spec above is then the
+shard's, checkpoint tensors are read as slices (a rank never reads a whole tensor it only needs
+part of), and random weights are drawn from the same seed on every rank, so the replicated
+tensors (router, norms, embeddings, LM head) are equal across ranks.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 
 import torch
 
+from executor.distributed import Shard
 from executor.layers import DenseLayer, ExpertFn
 from hrm.errors import ModelConfigError
 from hrm.model import ModelSpec, from_hf_config, load_model_spec
@@ -84,7 +90,9 @@ def resident_experts_per_layer(spec: ModelSpec, weights_gpu_fraction: float) -> 
 class ExpertStore:
     """Routed experts: per layer a GPU flat buffer (resident experts 0..R_i-1) and a CPU flat
     buffer (streamed experts R_i..n_e-1), each expert laid out as [w13 (2 h2 x h1) | w2 (h1 x
-    h2)]; plus two GPU staging buffers (double buffering) sized for the largest streamed layer."""
+    h2)]; plus two GPU staging buffers (double buffering) sized for the largest streamed layer.
+    Indices are local: `local` maps a global expert id to its local index (the experts this rank
+    holds; by default all n_e, in order)."""
 
     spec: ModelSpec
     dtype: torch.dtype
@@ -95,6 +103,10 @@ class ExpertStore:
     pinned: list[bool]
     staging: list[torch.Tensor]
     page_elements: int
+    local: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.local = self.local or {e: e for e in range(self.spec.num_experts)}
 
     @property
     def expert_elements(self) -> int:
@@ -112,10 +124,13 @@ class ExpertStore:
         `staging_index`."""
         resident = self.resident[layer]
 
-        def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:
-            if e < resident:
-                return self.views(self.gpu[layer], e)
-            return self.views(self.staging[staging_index], e - resident)
+        def expert(e: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+            i = self.local.get(e)
+            if i is None:
+                return None
+            if i < resident:
+                return self.views(self.gpu[layer], i)
+            return self.views(self.staging[staging_index], i - resident)
 
         return expert
 
@@ -153,7 +168,9 @@ class ModelWeights:
 
 
 def _allocate_store(spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                    resident: list[int], page_bytes: int, pin_budget_bytes: float) -> ExpertStore:
+                    resident: list[int], page_bytes: int, pin_budget_bytes: float,
+                    held: list[int]) -> ExpertStore:
+    """Buffers for the experts `held` (global ids; spec is the shard's, n_e = len(held))."""
     unit = 3 * spec.hidden_size * spec.expert_intermediate_size
     elem = torch.empty((), dtype=dtype).element_size()
     gpu = [torch.empty(r * unit, dtype=dtype, device=device) for r in resident]
@@ -171,7 +188,8 @@ def _allocate_store(spec: ModelSpec, dtype: torch.dtype, device: torch.device,
     staging = [torch.empty(max_streamed, dtype=dtype, device=device) for _ in range(2)] \
         if max_streamed else []
     page_elements = max(1, page_bytes // elem)
-    return ExpertStore(spec, dtype, device, resident, gpu, cpu, pinned, staging, page_elements)
+    return ExpertStore(spec, dtype, device, resident, gpu, cpu, pinned, staging, page_elements,
+                       {e: i for i, e in enumerate(held)})
 
 
 def _pin(buffer: torch.Tensor) -> bool:
@@ -204,10 +222,12 @@ def _finish(spec: ModelSpec, config: dict[str, Any], embed: torch.Tensor, final_
 # ---- random weights ----------------------------------------------------------------------------
 def random_weights(spec: ModelSpec, config: dict[str, Any], *, dtype: torch.dtype,
                    device: torch.device, resident: list[int], page_bytes: int,
-                   pin_budget_bytes: float, seed: int = 0) -> ModelWeights:
-    """Random weights at the model's real shapes. Dense weights are drawn on the device; expert
-    buffers are filled by repeating one random tile (a memcpy-speed fill)."""
+                   pin_budget_bytes: float, seed: int = 0, shard: Shard = Shard()
+                   ) -> ModelWeights:
+    """Random weights at the real shapes of the shard of `spec`. Dense weights are drawn on the
+    device; expert buffers are filled by repeating one random tile (a memcpy-speed fill)."""
     check_supported(spec)
+    num_experts, spec = spec.num_experts, shard.spec(spec)
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def rand(*shape: int) -> torch.Tensor:
@@ -222,7 +242,7 @@ def random_weights(spec: ModelSpec, config: dict[str, Any], *, dtype: torch.dtyp
     shared = spec.shared_intermediate_size
     layers = [DenseLayer(
         input_norm=ones(h1), post_norm=ones(h1), wq=rand(q_out, h1), wk=rand(kv_out, h1),
-        wv=rand(kv_out, h1), wo=rand(h1, q_out), router=rand(spec.num_experts, h1),
+        wv=rand(kv_out, h1), wo=rand(h1, q_out), router=rand(num_experts, h1),
         bq=rand(q_out) if spec.attention_bias else None,
         bk=rand(kv_out) if spec.attention_bias else None,
         bv=rand(kv_out) if spec.attention_bias else None,
@@ -232,7 +252,8 @@ def random_weights(spec: ModelSpec, config: dict[str, Any], *, dtype: torch.dtyp
     ) for _ in range(spec.num_layers)]
     embed = rand(spec.vocab_size, h1)
     lm_head = embed if spec.tie_word_embeddings else rand(spec.vocab_size, h1)
-    store = _allocate_store(spec, dtype, device, resident, page_bytes, pin_budget_bytes)
+    store = _allocate_store(spec, dtype, device, resident, page_bytes, pin_budget_bytes,
+                            shard.experts(num_experts))
     tile = rand(RANDOM_TILE_ELEMENTS)
     cpu_tile = tile.cpu()
     for flat in store.gpu:
@@ -278,41 +299,50 @@ class _Checkpoint:
     def has(self, name: str) -> bool:
         return name in self.where
 
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+            index: tuple[int | slice, ...] = ()) -> torch.Tensor:
+        """The tensor `name` of full shape `shape`, or only its part `index` (read as a slice)."""
         if name not in self.where:
             raise CheckpointError(f"{self.directory}: checkpoint lacks tensor {name!r}")
-        tensor = self.where[name].get_tensor(name)
-        if tuple(tensor.shape) != shape:
+        part = self.where[name].get_slice(name)
+        if tuple(part.get_shape()) != shape:
             raise CheckpointError(f"{self.directory}: tensor {name!r} has shape "
-                                  f"{tuple(tensor.shape)}, config.json implies {shape}")
-        return tensor.to(dtype)
+                                  f"{tuple(part.get_shape())}, config.json implies {shape}")
+        return (part[index] if index else part[:]).to(dtype)
 
 
-def _expert_tensors(ckpt: _Checkpoint, spec: ModelSpec, layer: int, e: int, dtype: torch.dtype
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w13, w2) of expert e in any of the layouts transformers writes: Mixtral's per-expert
-    w1/w3/w2, Qwen2-MoE's gate_proj/up_proj/down_proj, or fused gate_up_proj/down_proj
-    [n_e, ...]."""
+def _expert_tensors(ckpt: _Checkpoint, spec: ModelSpec, layer: int, e: int, dtype: torch.dtype,
+                    shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w13, w2) of the shard's part of expert e (spec: the whole model's) in any of the layouts
+    transformers writes: Mixtral's per-expert w1/w3/w2, Qwen2-MoE's gate_proj/up_proj/down_proj,
+    or fused gate_up_proj/down_proj [n_e, ...]."""
     h1, h2 = spec.hidden_size, spec.expert_intermediate_size
+    cut = shard.expert_rows(h2)
+    cols = (slice(None), cut)
     for prefix, (n1, n3, n2) in ((f"model.layers.{layer}.block_sparse_moe.experts",
                                   ("w1", "w3", "w2")),
                                  (f"model.layers.{layer}.mlp.experts",
                                   ("gate_proj", "up_proj", "down_proj"))):
         if ckpt.has(f"{prefix}.{e}.{n1}.weight"):
-            w1 = ckpt.get(f"{prefix}.{e}.{n1}.weight", (h2, h1), dtype)
-            w3 = ckpt.get(f"{prefix}.{e}.{n3}.weight", (h2, h1), dtype)
-            return torch.cat((w1, w3)), ckpt.get(f"{prefix}.{e}.{n2}.weight", (h1, h2), dtype)
+            w1 = ckpt.get(f"{prefix}.{e}.{n1}.weight", (h2, h1), dtype, (cut,))
+            w3 = ckpt.get(f"{prefix}.{e}.{n3}.weight", (h2, h1), dtype, (cut,))
+            return torch.cat((w1, w3)), ckpt.get(f"{prefix}.{e}.{n2}.weight", (h1, h2), dtype,
+                                                 cols)
         if ckpt.has(f"{prefix}.gate_up_proj"):
-            n_e = spec.num_experts
-            w13 = ckpt.get(f"{prefix}.gate_up_proj", (n_e, 2 * h2, h1), dtype)[e]
-            return w13, ckpt.get(f"{prefix}.down_proj", (n_e, h1, h2), dtype)[e]
+            name, shape = f"{prefix}.gate_up_proj", (spec.num_experts, 2 * h2, h1)
+            w13 = torch.cat((ckpt.get(name, shape, dtype, (e, cut)),
+                             ckpt.get(name, shape, dtype,
+                                      (e, slice(h2 + cut.start, h2 + cut.stop)))))
+            return w13, ckpt.get(f"{prefix}.down_proj", (spec.num_experts, h1, h2), dtype,
+                                 (e, *cols))
     raise CheckpointError(f"{ckpt.directory}: no weights for expert {e} of layer {layer}")
 
 
 def load_checkpoint(directory: str | Path, *, dtype: torch.dtype, device: torch.device,
-                    resident: list[int], page_bytes: int, pin_budget_bytes: float
-                    ) -> ModelWeights:
-    """Load a local HF checkpoint: dense tensors to `device`, experts into their pages."""
+                    resident: list[int], page_bytes: int, pin_budget_bytes: float,
+                    shard: Shard = Shard()) -> ModelWeights:
+    """Load the shard of a local HF checkpoint: dense tensors to `device`, experts into their
+    pages."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint {directory} is not a directory")
@@ -321,12 +351,13 @@ def load_checkpoint(directory: str | Path, *, dtype: torch.dtype, device: torch.
     ckpt = _Checkpoint(directory)
     h1, d, shared = spec.hidden_size, spec.head_dim, spec.shared_intermediate_size
     q_out, kv_out = spec.num_heads * d, spec.num_kv_heads * d
+    q_rows, kv_rows, s_rows = shard.rows(q_out), shard.rows(kv_out), shard.rows(shared)
 
-    def get(name: str, *shape: int) -> torch.Tensor:
-        return ckpt.get(name, tuple(shape), dtype).to(device)
+    def get(name: str, *shape: int, index: tuple[slice, ...] = ()) -> torch.Tensor:
+        return ckpt.get(name, tuple(shape), dtype, index).to(device)
 
-    def bias(name: str, n: int) -> torch.Tensor | None:
-        return get(name, n) if spec.attention_bias and ckpt.has(name) else None
+    def bias(name: str, n: int, rows: slice) -> torch.Tensor | None:
+        return get(name, n, index=(rows,)) if spec.attention_bias and ckpt.has(name) else None
 
     layers = []
     for i in range(spec.num_layers):
@@ -336,29 +367,33 @@ def load_checkpoint(directory: str | Path, *, dtype: torch.dtype, device: torch.
         layers.append(DenseLayer(
             input_norm=get(f"{p}.input_layernorm.weight", h1),
             post_norm=get(f"{p}.post_attention_layernorm.weight", h1),
-            wq=get(f"{p}.self_attn.q_proj.weight", q_out, h1),
-            wk=get(f"{p}.self_attn.k_proj.weight", kv_out, h1),
-            wv=get(f"{p}.self_attn.v_proj.weight", kv_out, h1),
-            wo=get(f"{p}.self_attn.o_proj.weight", h1, q_out),
+            wq=get(f"{p}.self_attn.q_proj.weight", q_out, h1, index=(q_rows,)),
+            wk=get(f"{p}.self_attn.k_proj.weight", kv_out, h1, index=(kv_rows,)),
+            wv=get(f"{p}.self_attn.v_proj.weight", kv_out, h1, index=(kv_rows,)),
+            wo=get(f"{p}.self_attn.o_proj.weight", h1, q_out, index=(slice(None), q_rows)),
             router=get(f"{moe}.gate.weight", spec.num_experts, h1),
-            bq=bias(f"{p}.self_attn.q_proj.bias", q_out),
-            bk=bias(f"{p}.self_attn.k_proj.bias", kv_out),
-            bv=bias(f"{p}.self_attn.v_proj.bias", kv_out),
-            shared_w13=torch.cat((get(f"{sp}.gate_proj.weight", shared, h1),
-                                  get(f"{sp}.up_proj.weight", shared, h1))) if shared else None,
-            shared_w2=get(f"{sp}.down_proj.weight", h1, shared) if shared else None,
+            bq=bias(f"{p}.self_attn.q_proj.bias", q_out, q_rows),
+            bk=bias(f"{p}.self_attn.k_proj.bias", kv_out, kv_rows),
+            bv=bias(f"{p}.self_attn.v_proj.bias", kv_out, kv_rows),
+            shared_w13=torch.cat((get(f"{sp}.gate_proj.weight", shared, h1, index=(s_rows,)),
+                                  get(f"{sp}.up_proj.weight", shared, h1, index=(s_rows,))))
+            if shared else None,
+            shared_w2=get(f"{sp}.down_proj.weight", h1, shared, index=(slice(None), s_rows))
+            if shared else None,
             shared_gate=get(f"{p}.mlp.shared_expert_gate.weight", 1, h1)
             if spec.shared_expert_gate else None,
         ))
     embed = get("model.embed_tokens.weight", spec.vocab_size, h1)
     lm_head = embed if spec.tie_word_embeddings else get("lm_head.weight", spec.vocab_size, h1)
-    store = _allocate_store(spec, dtype, device, resident, page_bytes, pin_budget_bytes)
+    local = shard.spec(spec)
+    store = _allocate_store(local, dtype, device, resident, page_bytes, pin_budget_bytes,
+                            shard.experts(spec.num_experts))
     for i in range(spec.num_layers):
-        for e in range(spec.num_experts):
+        for e, j in store.local.items():
             r = store.resident[i]
-            w13, w2 = store.views(store.gpu[i], e) if e < r else store.views(store.cpu[i], e - r)
-            src13, src2 = _expert_tensors(ckpt, spec, i, e, dtype)
+            w13, w2 = store.views(store.gpu[i], j) if j < r else store.views(store.cpu[i], j - r)
+            src13, src2 = _expert_tensors(ckpt, spec, i, e, dtype, shard)
             w13.copy_(src13)
             w2.copy_(src2)
-    return _finish(spec, config, embed, get("model.norm.weight", h1), lm_head, layers, store,
+    return _finish(local, config, embed, get("model.norm.weight", h1), lm_head, layers, store,
                    str(directory))
