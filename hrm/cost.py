@@ -14,6 +14,8 @@ Each stage of one decoder layer (for the whole batch) is a sum over the operator
                 the GPU, FlexGen S4); bw(x) from curve 'h2d' at the copy size, else pinned peak
     D2H         t = q/k/v per micro-batch (+ (1 - r_c) KV offload)
     copy thread t = o_l / BW_pageable->pinned, o_l = pinned overflow of one layer
+    all-reduce  t = calls * t_lat + 2 (G - 1) / G * S / BW_bus   (ring, G > 1 GPUs; on the GPU
+                stream, so added to the GPU stage; S = tokens * h1 * 2 bytes, 2 calls per layer)
 
     o = max(0, (1 - r_w) W_routed + pinned buffers - pinned_max)   bytes that cannot stay pinned
 
@@ -21,6 +23,13 @@ Schedules: cgopipe  layer_s = max_s(f_s t_s)  (f = interference factors) + a fil
            micro-batch per decode step;  cgopipe-serial and layerwise  layer_s = sum_s t_s.
 Decode:    step_s = sum_layers layer_s + lm head;  decode_s = (n - 1) step_s (prefill makes the
            first token).  throughput = N n / (prefill_s + decode_s)  (FlexGen / MoE-Lightning).
+
+G GPUs (policy.num_gpus): every stage is one GPU's, from its share of the operators
+(`hrm.roofline.layer_operators`: tensor or expert parallel) over its own host link, or over
+1/G of a shared one (`HardwareProfile.per_gpu`). The CPU tier is shared: CPU attention of all G
+processes is timed as one whole-batch call on all cores (bounded by DRAM bandwidth, no faster
+than with one GPU), as is the copy thread. GPU memory is per GPU, CPU and pinned memory the
+machine's.
 
 Every term is affine in (r_w, r_c, o) for fixed discrete choices: `cost_terms` exposes the
 coefficients, `predict` evaluates them, and `hrm.optimize` builds its MILP from the same ones.
@@ -32,7 +41,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from hrm.errors import PolicyError
+from hrm.errors import HardwareProfileError, PolicyError
 from hrm.hardware import HardwareProfile
 from hrm.model import ModelSpec
 from hrm.policy import Policy
@@ -140,6 +149,13 @@ def link_bps(hw: HardwareProfile, direction: str, copy_bytes: float) -> float:
     return efficiency * (curve.peak if direction == "h2d" else peak)
 
 
+def allreduce_time_s(hw: HardwareProfile, op: Operator) -> float:
+    """t = calls * t_lat + B_sent / BW_bus: `op.link_bytes` are the bytes one GPU sends in the
+    ring (2 (G - 1) / G of the reduced bytes), `op.launches` the calls."""
+    ic = hw.interconnect
+    return op.launches * ic.allreduce_latency_s + op.link_bytes / ic.allreduce_bus_bps
+
+
 def transfer_time(hw: HardwareProfile, op: Operator, page_bytes: float) -> Affine:
     """Seconds to move `op` over the link, scaled by the fraction that is not GPU-resident:
     routed expert weights by (1 - r_w) in pages of `page_bytes`, KV by (1 - r_c)."""
@@ -176,6 +192,8 @@ class CostTerms:
     pinned_memory: dict[str, Affine]
     gpu_capacity_bytes: float
     cpu_capacity_bytes: float
+    #: all-reduce seconds (included in the GPU stage) per layer, phase -> kind; 0 with one GPU
+    comm_s: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def overflow(self, r_w: float) -> float:
         """o = max(0, overflow_bytes(r_w)): bytes of offloaded weights that cannot be pinned."""
@@ -219,9 +237,10 @@ class CostTerms:
 
 
 def _stage_sums(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
-                overflow_per_layer: float) -> dict[str, Affine]:
+                overflow_per_layer: float, num_gpus: int = 1) -> dict[str, Affine]:
     """The five stage times of one layer from its operators. `overflow_per_layer` is the share
-    of the total pinned overflow o that one layer streams (1 / l_moe; 0 for dense layers)."""
+    of the total pinned overflow o that one layer streams (1 / l_moe; 0 for dense layers): the
+    shared CPU stages it all, each of the `num_gpus` links carries 1/G of it."""
     stages = {s: Affine() for s in STAGES}
     for op in ops:
         stages[_stage_of(op)] += _op_time(hw, op, page_bytes)
@@ -234,7 +253,7 @@ def _stage_sums(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
                     overflow=2.0 * overflow_per_layer / hw.cpu.dram_bandwidth_bps)
         else:   # no staging thread measured: unpinned bytes go over the link pageable
             extra = 1.0 / hw.link.h2d_pageable_bps - 1.0 / link_bps(hw, "h2d", page_bytes)
-            stages["h2d"] += Affine(overflow=overflow_per_layer * max(extra, 0.0))
+            stages["h2d"] += Affine(overflow=overflow_per_layer / num_gpus * max(extra, 0.0))
     return stages
 
 
@@ -245,12 +264,15 @@ def _layer_ops(model: ModelSpec, workload: Workload, policy: Policy, phase: str,
         num_micro_batches=policy.num_micro_batches, context_len=workload.mean_decode_context,
         phase=phase, layer_kind=kind, weight_dtype=policy.weight_dtype, kv_dtype=policy.kv_dtype,
         attn_device=policy.attn_decode_device if phase == "decode" else policy.attn_prefill_device,
-        prompt_len=workload.prompt_len)
+        prompt_len=workload.prompt_len, num_gpus=policy.num_gpus,
+        parallelism=policy.parallelism)
 
 
 def _op_time(hw: HardwareProfile, op: Operator, page_bytes: float) -> Affine:
     if op.device == "gpu":
         return Affine(const=gpu_op_time_s(hw, op))
+    if op.device == "comm":
+        return Affine(const=allreduce_time_s(hw, op))
     if op.device == "cpu":
         return Affine(const=cpu_op_time_s(hw, op))
     return transfer_time(hw, op, page_bytes)
@@ -266,7 +288,8 @@ def _chain_s(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
 
 
 def _stage_of(op: Operator) -> str:
-    return "cpu_attn" if op.device == "cpu" else op.device
+    """The resource an operator occupies; all-reduces run on the GPU stream."""
+    return {"cpu": "cpu_attn", "comm": "gpu"}.get(op.device, op.device)
 
 
 def layer_stage_sums(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
@@ -292,7 +315,8 @@ def cost_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
                policy: Policy) -> CostTerms:
     """The affine cost and memory terms of `policy`'s discrete choices (its r_w, r_c are not
     used)."""
-    hw = _with_kv_dtype_curve(hw, policy.kv_dtype)
+    _check_gpus(model, hw, policy.num_gpus)
+    hw = _with_kv_dtype_curve(hw.per_gpu(policy.num_gpus), policy.kv_dtype)
     n_ub, mu = policy.num_micro_batches, policy.micro_batch_size
     page = float(policy.weight_page_bytes)
     counts = {kind: count for kind, count in
@@ -303,8 +327,12 @@ def cost_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
 
     ops = {(phase, k): _layer_ops(model, workload, policy, phase, k)
            for phase in ("decode", "prefill") for k in counts}
-    decode = {k: _stage_sums(hw, ops["decode", k], page, per_layer[k]) for k in counts}
-    prefill = {k: _stage_sums(hw, ops["prefill", k], page, per_layer[k]) for k in counts}
+    g = policy.num_gpus
+    decode = {k: _stage_sums(hw, ops["decode", k], page, per_layer[k], g) for k in counts}
+    prefill = {k: _stage_sums(hw, ops["prefill", k], page, per_layer[k], g) for k in counts}
+    comm = {phase: {k: sum(allreduce_time_s(hw, op) for op in ops[phase, k]
+                           if op.device == "comm") for k in counts}
+            for phase in ("decode", "prefill")}
     head_s = sum(gpu_op_time_s(hw, op) for op in head_operators(
         model, micro_batch_size=mu, num_micro_batches=n_ub, weight_dtype=policy.weight_dtype))
     overlapped = policy.schedule == "cgopipe"
@@ -330,14 +358,33 @@ def cost_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
         gpu_memory={"prefill": memory["gpu_prefill"], "decode": memory["gpu_decode"]},
         cpu_memory=memory["cpu"], pinned_memory=memory["pinned"],
         gpu_capacity_bytes=GPU_USABLE_FRACTION * hw.gpu.memory_bytes,
-        cpu_capacity_bytes=CPU_USABLE_FRACTION * hw.cpu.memory_bytes)
+        cpu_capacity_bytes=CPU_USABLE_FRACTION * hw.cpu.memory_bytes, comm_s=comm)
+
+
+def _check_gpus(model: ModelSpec, hw: HardwareProfile, num_gpus: int) -> None:
+    """The machine has `num_gpus` GPUs with a known interconnect, and the attention heads split
+    evenly over them."""
+    try:
+        hw.check_gpus(num_gpus)
+    except HardwareProfileError as exc:
+        raise PolicyError(str(exc)) from None
+    heads = [model.num_heads] + ([] if model.is_mla else [model.num_kv_heads])
+    if any(h % num_gpus for h in heads):
+        raise PolicyError(f"{model.name}: {model.num_heads} attention heads "
+                          f"({model.num_kv_heads} KV heads) do not split evenly over "
+                          f"{num_gpus} GPUs")
 
 
 # ---- memory ----------------------------------------------------------------------------------
 def _memory_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
                   policy: Policy) -> dict[str, Any]:
-    """Memory components (bytes, affine in r_w, r_c, o) of each phase, and the overflow term."""
+    """Memory components (bytes, affine in r_w, r_c, o) of each phase, and the overflow term.
+    GPU terms are one GPU's: its share of the weights and KV (`gpu_shares`); its activations
+    are counted whole (an upper bound). CPU terms are the machine's: G processes each keep
+    their own staging ring and, in prefill, their own copy of the hidden states."""
     n, mu, n_ub = policy.batch_size, policy.micro_batch_size, policy.num_micro_batches
+    g = policy.num_gpus
+    dense_share, expert_share, kv_share = gpu_shares(model, policy)
     act = dtype_bytes(ACT_DTYPE)
     h1, k = model.hidden_size, model.top_k
     routed_bytes = model.routed_expert_bytes(policy.weight_dtype)
@@ -349,18 +396,24 @@ def _memory_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
                      2 * model.dense_intermediate_size)
     logits = mu * model.vocab_size * LOGIT_BYTES
 
-    weights = {"dense weights": Affine(const=model.dense_bytes(policy.weight_dtype)),
-               "resident experts": Affine(r_w=routed_bytes)}
+    sharded_dense = model.num_layers * model.attention_params() + \
+        model.num_moe_layers * model.shared_expert_params() + \
+        model.num_dense_layers * model.dense_mlp_params()
+    dense_bytes = model.dense_bytes(policy.weight_dtype) - \
+        sharded_dense * dtype_bytes(policy.weight_dtype) * (1.0 - dense_share)
+    weights = {"dense weights": Affine(const=dense_bytes),
+               "resident experts": Affine(r_w=routed_bytes * expert_share)}
     if model.num_moe_layers:
-        weights["expert staging (2 layers)"] = one_minus(2.0 * layer_bytes, "r_w")
-    kv_gpu = {"KV cache": Affine(r_c=kv_bytes)} if policy.attn_decode_device == "gpu" else {}
+        weights["expert staging (2 layers)"] = one_minus(2.0 * layer_bytes * expert_share, "r_w")
+    kv_gpu = ({"KV cache": Affine(r_c=kv_bytes * kv_share)}
+              if policy.attn_decode_device == "gpu" else {})
 
     # decode: the batch's residual stream + one micro-batch's activations + logits
     decode_ws = n * h1 * act + mu * (3 * h1 + qkv + out + widest_ffn) * act + logits
     gpu_decode = {**weights, **kv_gpu, "activations": Affine(const=decode_ws)}
     if policy.attn_decode_device == "gpu":   # double-buffered KV of a micro-batch from the CPU
         gpu_decode["KV staging"] = one_minus(
-            2.0 * mu * workload.max_seq_len * kv_token_layer, "r_c")
+            2.0 * mu * workload.max_seq_len * kv_token_layer * kv_share, "r_c")
     # prefill: one micro-batch of mu * s_max tokens, experts run one at a time over the
     # token-expert pairs sorted by expert, KV double-buffered on its way to the CPU
     tokens = mu * workload.max_prompt_len
@@ -375,10 +428,11 @@ def _memory_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
     # pinned CPU buffers: per-micro-batch q/k/v and attention outputs (decode) or the batch's
     # hidden states between micro-batches (prefill), whichever is larger
     decode_buffers = n * (qkv + out) * act if policy.attn_decode_device == "cpu" else 0.0
-    prefill_swap = n * workload.max_prompt_len * h1 * act if n_ub > 1 else 0.0
+    prefill_swap = g * n * workload.max_prompt_len * h1 * act if n_ub > 1 else 0.0
     buffers = max(decode_buffers, prefill_swap)
     finite_pin = math.isfinite(hw.link.pinned_max_bytes)
-    ring = STAGING_RING_PAGES * policy.weight_page_bytes if finite_pin and routed_bytes else 0.0
+    ring = (g * STAGING_RING_PAGES * policy.weight_page_bytes if finite_pin and routed_bytes
+            else 0.0)
     overflow = (Affine(const=routed_bytes + buffers + ring - hw.link.pinned_max_bytes,
                        r_w=-routed_bytes) if finite_pin and routed_bytes else None)
     cpu = {"offloaded experts": one_minus(routed_bytes, "r_w"),
@@ -392,6 +446,16 @@ def _memory_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
         pinned["staging ring"] = Affine(const=ring)
     return {"gpu_decode": gpu_decode, "gpu_prefill": gpu_prefill, "cpu": cpu, "pinned": pinned,
             "overflow": overflow}
+
+
+def gpu_shares(model: ModelSpec, policy: Policy) -> tuple[float, float, float]:
+    """One GPU's share of (attention / shared-expert / dense-MLP weights, routed-expert bytes,
+    KV cache) with G = policy.num_gpus: heads 1/G; experts 1/G (tp) or ceil(E/G)/E (ep, the
+    GPU with most experts); KV 1/G, or 1 for MLA (its latent is shared by all heads)."""
+    g = policy.num_gpus
+    experts = (1.0 / g if policy.parallelism == "tp" or not model.num_experts
+               else math.ceil(model.num_experts / g) / model.num_experts)
+    return 1.0 / g, experts, 1.0 if model.is_mla else 1.0 / g
 
 
 @dataclass(frozen=True)
@@ -434,12 +498,17 @@ def breakdown_text(parts: dict[str, float]) -> str:
                      sorted(parts.items(), key=lambda kv: -kv[1]) if v > 0)
 
 
+def gpu_label(num_gpus: int) -> str:
+    """' per GPU' when there are several (GPU memory figures are each GPU's)."""
+    return " per GPU" if num_gpus > 1 else ""
+
+
 def check_fits(model: ModelSpec, hw: HardwareProfile, workload: Workload, policy: Policy) -> None:
-    """Raise PolicyError naming what does not fit in GPU or CPU memory."""
+    """Raise PolicyError naming what does not fit in GPU (per GPU) or CPU memory."""
     mem = memory_footprint(model, hw, workload, policy)
     for tier, need, usable, total, parts in (
-            ("GPU", mem.gpu_bytes, mem.gpu_capacity_bytes, hw.gpu.memory_bytes,
-             mem.gpu_breakdown),
+            ("GPU" + gpu_label(policy.num_gpus), mem.gpu_bytes, mem.gpu_capacity_bytes,
+             hw.gpu.memory_bytes, mem.gpu_breakdown),
             ("CPU", mem.cpu_bytes, mem.cpu_capacity_bytes, hw.cpu.memory_bytes,
              mem.cpu_breakdown)):
         if need > usable:
@@ -462,19 +531,22 @@ class StageTimes:
     layer_s: float
     #: one micro-batch's dependent path through the layer (cgopipe; 0 in serial schedules)
     chain_s: float = 0.0
+    #: all-reduces between the GPUs (part of `gpu_s`: they run on the GPU stream)
+    comm_s: float = 0.0
 
     def by_stage(self) -> dict[str, float]:
         return {"h2d": self.h2d_s, "d2h": self.d2h_s, "cpu_attn": self.cpu_attn_s,
                 "gpu": self.gpu_s, "copy_thread": self.copy_thread_s, "chain": self.chain_s}
 
 
-def _stage_times(terms: CostTerms, stages: dict[str, Affine], r_w: float,
-                 r_c: float) -> StageTimes:
+def _stage_times(terms: CostTerms, stages: dict[str, Affine], r_w: float, r_c: float,
+                 comm_s: float = 0.0) -> StageTimes:
     o = terms.overflow(r_w)
     t = {s: term(r_w, r_c, o) for s, term in stages.items()}
     return StageTimes(cpu_attn_s=t["cpu_attn"], gpu_s=t["gpu"], h2d_s=t["h2d"], d2h_s=t["d2h"],
                       copy_thread_s=t["copy_thread"],
-                      layer_s=terms.layer_time_s(stages, r_w, r_c), chain_s=t.get("chain", 0.0))
+                      layer_s=terms.layer_time_s(stages, r_w, r_c), chain_s=t.get("chain", 0.0),
+                      comm_s=comm_s)
 
 
 @dataclass(frozen=True)
@@ -540,7 +612,8 @@ def evaluate(terms: CostTerms, model: ModelSpec, hw: HardwareProfile, workload: 
     step_s = terms.decode_step_s(r_w, r_c)
     decode_s = (workload.gen_len - 1) * step_s
     kind = "moe" if "moe" in terms.layer_counts else "dense"
-    decode_layer = _stage_times(terms, terms.decode_stages[kind], r_w, r_c)
+    decode_layer = _stage_times(terms, terms.decode_stages[kind], r_w, r_c,
+                                terms.comm_s["decode"][kind])
     bottleneck, slack = _bottleneck(terms, decode_layer)
     notes = []
     o = terms.overflow(r_w)
@@ -551,7 +624,8 @@ def evaluate(terms: CostTerms, model: ModelSpec, hw: HardwareProfile, workload: 
         model=model.name, hardware=hw.name, workload=workload, policy=policy,
         prefill_s=prefill_s, decode_s=decode_s, decode_step_s=step_s,
         throughput_tok_s=policy.batch_size * workload.gen_len / (prefill_s + decode_s),
-        prefill_layer=_stage_times(terms, terms.prefill_stages[kind], r_w, r_c),
+        prefill_layer=_stage_times(terms, terms.prefill_stages[kind], r_w, r_c,
+                                   terms.comm_s["prefill"][kind]),
         decode_layer=decode_layer, memory=_footprint(terms, r_w, r_c), bottleneck=bottleneck,
         bottleneck_slack=slack, pinned_overflow_bytes=o, notes=tuple(notes))
 
@@ -609,8 +683,10 @@ def timeline(model: ModelSpec, hw: HardwareProfile, workload: Workload, policy: 
     page j of layer i+1's offloaded experts (staged by the copy thread) follows each hidden-state
     H2D. cgopipe with GPU attention (FlexGen S4): each micro-batch's KV comes H2D while the GPU
     works on the previous one. Serial schedules: one task at a time, layer i's weights first.
-    Stage times are the cost model's, split evenly over the micro-batches."""
+    Stage times are the cost model's (one GPU's with G > 1), split evenly over the
+    micro-batches."""
     terms = cost_terms(model, hw, workload, policy)
+    hw = hw.per_gpu(policy.num_gpus)
     r_w, r_c = policy.weights_gpu_fraction, policy.kv_gpu_fraction
     kind = "moe" if model.num_moe_layers else "dense"
     layer = _stage_times(terms, terms.decode_stages[kind], r_w, r_c)

@@ -4,7 +4,9 @@ Three tiers (MoE-Lightning §3): the GPU (compute P^g_peak, HBM bandwidth B^g_pe
 CPU (P^c_peak, DRAM bandwidth B^c_peak, capacity, cores) and the CPU<->GPU link (B^{c,g}_peak, per
 direction, pinned vs pageable). Optional efficiency curves, fitted by `hrm profile`, refine the
 peaks: achieved GEMM FLOP/s vs rows, copy bandwidth vs transfer size, CPU attention bandwidth vs
-KV bytes per call. Interference factors slow stages down when they overlap.
+KV bytes per call. Interference factors slow stages down when they overlap. An optional
+interconnect tier describes a machine of several GPUs: how many, the GPU<->GPU all-reduce bus
+bandwidth and latency, and whether the GPUs share one host link or each has its own.
 
 TOML layout: every number is a table ``{ value = ..., source = "..." }`` so that each figure says
 where it comes from (datasheet, paper, or measured with a date). Example::
@@ -20,6 +22,11 @@ where it comes from (datasheet, paper, or measured with a date). Example::
     [curves.gpu_gemm]
     peak = { value = 40.0e12, source = "fit" }
     half = { value = 96.0, source = "fit" }
+    [interconnect]                      # optional: machines with several GPUs
+    num_gpus = { value = 4, source = "nvidia-smi" }
+    allreduce_bus_bps = { value = 12.0e9, source = "measured ..." }
+    allreduce_latency_s = { value = 30.0e-6, source = "measured ..." }
+    link_shared = { value = false, source = "one PCIe x16 slot per GPU" }
 """
 
 from __future__ import annotations
@@ -115,6 +122,23 @@ class Interference:
 
 
 @dataclass(frozen=True)
+class InterconnectTier:
+    """The GPUs of one machine and the link between them (NVLink, or PCIe through the host).
+
+    Ring all-reduce of S bytes over G GPUs (NCCL's bus-bandwidth convention):
+    t = 2 (G - 1) / G * S / allreduce_bus_bps + allreduce_latency_s."""
+
+    num_gpus: int = 1
+    #: all-reduce bus bandwidth (bytes/s); 0 when unknown (then only one GPU can be modeled)
+    allreduce_bus_bps: float = 0.0
+    #: fixed cost of one all-reduce call (s)
+    allreduce_latency_s: float = 0.0
+    #: True: every GPU's host transfers share one CPU<->GPU link (its bandwidth is divided by
+    #: the GPUs in use); False: each GPU has its own link of the [link] bandwidths
+    link_shared: bool = False
+
+
+@dataclass(frozen=True)
 class HardwareProfile:
     name: str
     gpu: GPUTier
@@ -122,6 +146,7 @@ class HardwareProfile:
     link: LinkTier
     description: str = ""
     interference: Interference = field(default_factory=Interference)
+    interconnect: InterconnectTier = field(default_factory=InterconnectTier)
     #: fitted curves, keyed 'gpu_gemm' (FLOP/s vs rows per expert), 'h2d' (bytes/s vs copy
     #: bytes), 'cpu_attention' (KV bytes/s vs KV bytes per call), 'cpu_gemm' (FLOP/s vs rows)
     curves: dict[str, SaturatingCurve] = field(default_factory=dict)
@@ -143,6 +168,35 @@ class HardwareProfile:
             cpu = dataclasses.replace(cpu, memory_bytes=float(cpu_memory_bytes))
             sources["cpu.memory_bytes"] = "user cap"
         return dataclasses.replace(self, gpu=gpu, cpu=cpu, sources=sources)
+
+    def check_gpus(self, num_gpus: int) -> None:
+        """Raise HardwareProfileError unless `num_gpus` GPUs can be modeled on this machine."""
+        have = self.interconnect.num_gpus
+        if num_gpus > have:
+            raise HardwareProfileError(
+                f"{self.name} has {have} GPU{'s' if have > 1 else ''} ([interconnect] num_gpus), "
+                f"{num_gpus} asked")
+        if num_gpus > 1 and self.interconnect.allreduce_bus_bps <= 0:
+            raise HardwareProfileError(
+                f"{self.name} has no [interconnect] allreduce_bus_bps: cannot model {num_gpus} "
+                f"GPUs (hrm profile measures it when several GPUs are visible)")
+
+    def per_gpu(self, num_gpus: int) -> HardwareProfile:
+        """The machine as each of `num_gpus` GPU processes sees it: with a shared host link
+        (`interconnect.link_shared`) each gets 1/G of its bandwidth; with one link per GPU, or
+        G = 1, the profile unchanged. GPU memory is per GPU already; CPU and pinned memory stay
+        the machine's (shared)."""
+        if num_gpus == 1 or not self.interconnect.link_shared:
+            return self
+        share = 1.0 / num_gpus
+        link = dataclasses.replace(
+            self.link, **{f: getattr(self.link, f) * share for f in
+                          ("h2d_pinned_bps", "d2h_pinned_bps", "h2d_pageable_bps",
+                           "d2h_pageable_bps")})
+        curves = dict(self.curves)
+        if "h2d" in curves:
+            curves["h2d"] = dataclasses.replace(curves["h2d"], peak=curves["h2d"].peak * share)
+        return dataclasses.replace(self, link=link, curves=curves)
 
 
 def _check_positive(what: str, value: float) -> None:
@@ -171,6 +225,18 @@ def _number(table: dict[str, Any], key: str, where: str, sources: dict[str, str]
     if source:
         sources[path] = str(source)
     return float(value)
+
+
+def _flag(table: dict[str, Any], key: str, where: str, sources: dict[str, str]) -> bool:
+    """A boolean `{ value = true, source = "..." }` (or a bare boolean); False when absent."""
+    item = table.get(key, False)
+    value, source = (item.get("value"), item.get("source", "")) if isinstance(item, dict) else \
+        (item, "")
+    if not isinstance(value, bool):
+        raise HardwareProfileError(f"{where}.{key} must be true or false, got {value!r}")
+    if source:
+        sources[f"{where}.{key}"] = str(source)
+    return value
 
 
 def profile_from_dict(data: dict[str, Any], origin: str = "<dict>") -> HardwareProfile:
@@ -210,6 +276,14 @@ def profile_from_dict(data: dict[str, Any], origin: str = "<dict>") -> HardwareP
         inter = data.get("interference", {})
         interference = Interference(**{k: _number(inter, k, "interference", sources, False, 1.0)
                                        for k in ("link", "gpu", "cpu_attention")})
+        ic = data.get("interconnect", {})
+        interconnect = InterconnectTier(
+            num_gpus=int(_number(ic, "num_gpus", "interconnect", sources, False, 1)),
+            allreduce_bus_bps=_number(ic, "allreduce_bus_bps", "interconnect", sources, False,
+                                      0.0),
+            allreduce_latency_s=_number(ic, "allreduce_latency_s", "interconnect", sources,
+                                        False, 0.0),
+            link_shared=_flag(ic, "link_shared", "interconnect", sources))
         curves = {}
         for cname, ctable in (data.get("curves") or {}).items():
             where = f"curves.{cname}"
@@ -228,9 +302,12 @@ def profile_from_dict(data: dict[str, Any], origin: str = "<dict>") -> HardwareP
             raise HardwareProfileError(f"{origin}: {label} must be > 0, got {value}")
     if any(v < 1.0 for v in dataclasses.astuple(interference)):
         raise HardwareProfileError(f"{origin}: interference factors must be >= 1")
+    if interconnect.num_gpus < 1:
+        raise HardwareProfileError(f"{origin}: interconnect.num_gpus must be >= 1")
     return HardwareProfile(
         name=str(data.get("name", Path(origin).stem)), description=str(data.get("description", "")),
-        gpu=gpu, cpu=cpu, link=link, interference=interference, curves=curves, sources=sources,
+        gpu=gpu, cpu=cpu, link=link, interference=interference, interconnect=interconnect,
+        curves=curves, sources=sources,
         measurements=dict(data.get("measurements") or {}))
 
 
@@ -259,6 +336,7 @@ def profile_to_dict(profile: HardwareProfile) -> dict[str, Any]:
         "name": profile.name, "description": profile.description, "gpu": gpu,
         "cpu": tier("cpu", profile.cpu), "link": tier("link", profile.link),
         "interference": tier("interference", profile.interference),
+        "interconnect": tier("interconnect", profile.interconnect),
         "curves": {k: tier(f"curves.{k}", c) for k, c in profile.curves.items()},
     }
     if profile.measurements:

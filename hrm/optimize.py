@@ -18,6 +18,9 @@ affine coefficients (`hrm.cost.cost_terms`), so its optimum is the cost model's 
 
 Candidates that cannot fit even at their most frugal r_w are pruned before the model is built.
 `brute_force` evaluates the same candidates on a grid of (r_w, r_c) and is the reference.
+
+With G > 1 GPUs both searches run once per parallelism (tp, ep) and keep the faster policy:
+the choice changes every cost coefficient, so one MILP per choice stays exact.
 """
 
 from __future__ import annotations
@@ -27,11 +30,19 @@ from dataclasses import dataclass, replace
 
 import pulp
 
-from hrm.cost import Affine, CostTerms, Prediction, breakdown_text, cost_terms, predict
+from hrm.cost import (
+    Affine,
+    CostTerms,
+    Prediction,
+    breakdown_text,
+    cost_terms,
+    gpu_label,
+    predict,
+)
 from hrm.errors import InfeasibleError
 from hrm.hardware import HardwareProfile
 from hrm.model import ModelSpec
-from hrm.policy import Policy
+from hrm.policy import PARALLELISMS, Policy
 from hrm.units import GiB
 from hrm.workload import Workload
 
@@ -65,7 +76,8 @@ class OptimizeResult:
 
 
 def _modes(model: ModelSpec, hw: HardwareProfile, workload: Workload, schedule: str,
-           grid: SearchGrid, weight_dtype: str, kv_dtype: str) -> list[CostTerms]:
+           grid: SearchGrid, weight_dtype: str, kv_dtype: str, num_gpus: int = 1,
+           parallelism: str = "tp") -> list[CostTerms]:
     """Cost terms of every discrete candidate with N <= num_seqs."""
     devices = ("gpu",) if schedule == "layerwise" else grid.attn_decode_devices
     mus = sorted({*grid.micro_batch_sizes,
@@ -79,7 +91,8 @@ def _modes(model: ModelSpec, hw: HardwareProfile, workload: Workload, schedule: 
             for device in devices:
                 policy = Policy(batch_size=mu * n_ub, micro_batch_size=mu,
                                 attn_decode_device=device, weight_dtype=weight_dtype,
-                                kv_dtype=kv_dtype, schedule=schedule)
+                                kv_dtype=kv_dtype, schedule=schedule, num_gpus=num_gpus,
+                                parallelism=parallelism)
                 modes.append(cost_terms(model, hw, workload, policy))
     return modes
 
@@ -100,8 +113,10 @@ def _infeasible(modes: list[CostTerms], hw: HardwareProfile) -> InfeasibleError:
         phase = max(terms.gpu_memory, key=lambda p: sum(
             a(0.0, 0.0, terms.overflow(0.0)) for a in terms.gpu_memory[p].values()))
         parts = {k: a(0.0, 0.0, terms.overflow(0.0)) for k, a in terms.gpu_memory[phase].items()}
+        g = terms.policy.num_gpus
         return InfeasibleError(
-            f"needs {gpu0 / GiB:.1f} GiB GPU memory even with every routed expert offloaded and "
+            f"needs {gpu0 / GiB:.1f} GiB GPU memory{gpu_label(g)} even with every routed expert "
+            f"offloaded{f' over {g} GPUs' if g > 1 else ''} and "
             f"batch 1 ({breakdown_text(parts)}), {terms.gpu_capacity_bytes / GiB:.1f} GiB "
             f"usable of {hw.gpu.memory_bytes / GiB:.1f} GiB given")
     # the largest r_w the GPU allows, then the CPU memory that is still needed
@@ -130,18 +145,45 @@ def _result(model: ModelSpec, hw: HardwareProfile, workload: Workload, terms: Co
                           objective_tok_s=1.0 / objective_s, num_candidates=n_candidates)
 
 
+def parallelisms(num_gpus: int) -> tuple[str, ...]:
+    """The layouts worth searching: with one GPU they coincide, so tp only."""
+    return PARALLELISMS if num_gpus > 1 else ("tp",)
+
+
+def _best_of(results: list[OptimizeResult | InfeasibleError]) -> OptimizeResult:
+    """The result with the highest predicted throughput; the first error if none fits."""
+    found = [r for r in results if isinstance(r, OptimizeResult)]
+    if not found:
+        raise next(r for r in results if isinstance(r, InfeasibleError))
+    return max(found, key=lambda r: r.prediction.throughput_tok_s)
+
+
 def optimize(model: ModelSpec, hw: HardwareProfile, workload: Workload, *,
              schedule: str = "cgopipe", method: str = "milp", weight_dtype: str = "bf16",
-             kv_dtype: str = "bf16", grid: SearchGrid | None = None) -> OptimizeResult:
-    """The policy with the highest predicted throughput that fits; raises InfeasibleError."""
+             kv_dtype: str = "bf16", grid: SearchGrid | None = None,
+             num_gpus: int = 1) -> OptimizeResult:
+    """The policy with the highest predicted throughput that fits on `num_gpus` GPUs (tensor or
+    expert parallel, whichever is faster); raises InfeasibleError."""
     if method == "brute":
         return brute_force(model, hw, workload, schedule=schedule, grid=grid or SearchGrid(),
-                           weight_dtype=weight_dtype, kv_dtype=kv_dtype)
+                           weight_dtype=weight_dtype, kv_dtype=kv_dtype, num_gpus=num_gpus)
     if method != "milp":
         raise ValueError(f"method must be 'milp' or 'brute', got {method!r}")
+    results: list[OptimizeResult | InfeasibleError] = []
+    for parallelism in parallelisms(num_gpus):
+        modes = _modes(model, hw, workload, schedule, grid or SearchGrid(), weight_dtype,
+                       kv_dtype, num_gpus, parallelism)
+        try:
+            results.append(_solve_milp(model, hw, workload, modes))
+        except InfeasibleError as exc:
+            results.append(exc)
+    return _best_of(results)
+
+
+def _solve_milp(model: ModelSpec, hw: HardwareProfile, workload: Workload,
+                all_modes: list[CostTerms]) -> OptimizeResult:
+    """The MILP's optimum over `all_modes` (one parallelism)."""
     start = time.perf_counter()
-    all_modes = _modes(model, hw, workload, schedule, grid or SearchGrid(), weight_dtype,
-                       kv_dtype)
     modes = [t for t in all_modes if _may_fit(t)]
     if not modes:
         raise _infeasible(all_modes, hw)
@@ -236,12 +278,15 @@ def _add_mode(prob: pulp.LpProblem, m: int, terms: CostTerms, w_m: pulp.LpVariab
 
 def brute_force(model: ModelSpec, hw: HardwareProfile, workload: Workload, *,
                 schedule: str = "cgopipe", grid: SearchGrid | None = None,
-                weight_dtype: str = "bf16", kv_dtype: str = "bf16") -> OptimizeResult:
-    """Reference search: every candidate of `grid` on its (r_w, r_c) grid, evaluated with the
-    cost model; the best one re-evaluated with `predict`."""
+                weight_dtype: str = "bf16", kv_dtype: str = "bf16",
+                num_gpus: int = 1) -> OptimizeResult:
+    """Reference search: every candidate of `grid` (and every parallelism with G > 1) on its
+    (r_w, r_c) grid, evaluated with the cost model; the best one re-evaluated with `predict`."""
     grid = grid or SearchGrid()
     start = time.perf_counter()
-    modes = _modes(model, hw, workload, schedule, grid, weight_dtype, kv_dtype)
+    modes = [t for parallelism in parallelisms(num_gpus) for t in
+             _modes(model, hw, workload, schedule, grid, weight_dtype, kv_dtype, num_gpus,
+                    parallelism)]
     best: tuple[float, CostTerms, float, float] | None = None
     for terms in modes:
         r_cs = grid.r_c_values if terms.policy.attn_decode_device == "gpu" else (0.0,)
@@ -260,7 +305,7 @@ def brute_force(model: ModelSpec, hw: HardwareProfile, workload: Workload, *,
 
 def compare_schedules(model: ModelSpec, hw: HardwareProfile, workload: Workload, *,
                       weight_dtype: str = "bf16", kv_dtype: str = "bf16",
-                      grid: SearchGrid | None = None
+                      grid: SearchGrid | None = None, num_gpus: int = 1
                       ) -> dict[str, OptimizeResult | InfeasibleError]:
     """The best policy under each schedule (what pipelining and CPU attention buy), or the
     reason none fits."""
@@ -268,7 +313,8 @@ def compare_schedules(model: ModelSpec, hw: HardwareProfile, workload: Workload,
     for schedule in ("cgopipe", "cgopipe-serial", "layerwise"):
         try:
             out[schedule] = optimize(model, hw, workload, schedule=schedule,
-                                     weight_dtype=weight_dtype, kv_dtype=kv_dtype, grid=grid)
+                                     weight_dtype=weight_dtype, kv_dtype=kv_dtype, grid=grid,
+                                     num_gpus=num_gpus)
         except InfeasibleError as exc:
             out[schedule] = exc
     return out

@@ -11,11 +11,13 @@ B^{c,g} (PCIe host-to-device). For a task x, I^i_x = FLOPs / bytes x reads at le
 
 `layer_operators` lists the work of one decoder layer for one whole batch (N = mu * n_ub
 sequences), with FLOPs and the bytes it touches at each level; `hrm.cost` times these operators,
-and `hrm roofline` places them on the plot.
+and `hrm roofline` places them on the plot. With G GPUs the operators are those of one GPU's
+share (tensor or expert parallel, see `layer_operators`) plus its all-reduces.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 from hrm.hardware import HardwareProfile
@@ -33,6 +35,9 @@ LOGIT_BYTES = 4
 
 LAYER_KINDS = ("moe", "dense")
 PHASES = ("prefill", "decode")
+#: all-reduces of the hidden states per layer and micro-batch with G > 1: after attention (the
+#: O projection's partial sums) and after the MLP / MoE block
+ALLREDUCES_PER_LAYER = 2
 
 
 # ---- the roofline equations ------------------------------------------------------------------
@@ -114,6 +119,20 @@ def experts_touched(num_experts: int, top_k: int, tokens: float) -> float:
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
 
 
+def busiest_gpu_pairs(num_experts: int, top_k: int, tokens: float, num_gpus: int) -> float:
+    """Expert parallel: expected token-expert pairs of the busiest of G GPUs when the E experts
+    are dealt round-robin (the GPU with ceil(E/G) experts). Per token, the pairs landing on one
+    GPU with m experts are hypergeometric (mean k m / E, variance k (m/E)(1 - m/E)(E - k)/(E - 1));
+    over T tokens the load is about normal, and the expected maximum of G of them is bounded by
+    mean + sigma sqrt(2 ln G) (the Gaussian maximal inequality; the bound is used as the
+    estimate). Capped at T min(k, m)."""
+    m = math.ceil(num_experts / num_gpus)
+    p = m / num_experts
+    mean = tokens * top_k * p
+    var = tokens * top_k * p * (1.0 - p) * (num_experts - top_k) / max(num_experts - 1, 1)
+    return min(mean + math.sqrt(2.0 * math.log(num_gpus) * var), tokens * min(top_k, m))
+
+
 def qkv_elements_per_token(model: ModelSpec) -> int:
     """Per token and layer: the query plus the new cache entry (K and V, or MLA's latent) that
     pre-attention produces and CPU attention consumes."""
@@ -146,67 +165,81 @@ def _gemm(name: str, model_params: float, tokens_per_ub: float, num_ub: int,
 def layer_operators(model: ModelSpec, *, micro_batch_size: int, num_micro_batches: int,
                     context_len: float, phase: str, attn_device: str = "cpu",
                     layer_kind: str = "moe", weight_dtype: str = "bf16", kv_dtype: str = "bf16",
-                    prompt_len: float = 1.0) -> list[Operator]:
+                    prompt_len: float = 1.0, num_gpus: int = 1,
+                    parallelism: str = "tp") -> list[Operator]:
     """The operators of one decoder layer for a batch of N = mu * n_ub sequences.
 
     decode: one new token per sequence, attending over `context_len` cached tokens.
     prefill: `prompt_len` tokens per sequence, causal attention (mean context prompt_len / 2).
     The weight transfer lists the bytes of all routed experts (r_w = 0); the KV transfers all of
-    the KV (r_c = 0); `hrm.cost` scales them by (1 - r_w) and (1 - r_c)."""
+    the KV (r_c = 0); `hrm.cost` scales them by (1 - r_w) and (1 - r_c).
+
+    With G = `num_gpus` > 1 the operators are one GPU's share (every GPU sees every token):
+    attention heads (Q/K/V/O projections, KV heads; MLA's shared latent stays whole), shared
+    experts and dense MLPs are split 1/G; the router, norms and the hidden states are
+    replicated. parallelism 'tp' splits every routed expert's intermediate dim 1/G (all touched
+    experts, each 1/G as wide); 'ep' deals whole experts round-robin: a GPU holds ceil(E/G) of
+    them, touches E_act ceil(E/G)/E of them and runs the busiest GPU's token-expert pairs
+    (`busiest_gpu_pairs`). Two all-reduces of the hidden states per layer and micro-batch
+    (device 'comm', `link_bytes` = what each GPU sends in a ring). CPU attention is listed
+    whole: the G processes share one CPU tier."""
     if phase not in PHASES or layer_kind not in LAYER_KINDS:
         raise ValueError(f"phase must be in {PHASES} and layer_kind in {LAYER_KINDS}")
-    mu, n_ub = micro_batch_size, num_micro_batches
+    mu, n_ub, g = micro_batch_size, num_micro_batches, num_gpus
     act = dtype_bytes(ACT_DTYPE)
     tokens_per_seq = prompt_len if phase == "prefill" else 1.0
     tokens_ub = mu * tokens_per_seq                 # rows of every GEMM of one micro-batch
     tokens = tokens_ub * n_ub                       # tokens of the whole batch
     h1 = model.hidden_size
-    qkv_width, out_width = qkv_elements_per_token(model), attn_out_elements_per_token(model)
-    kv_token = kv_bytes_per_token_layer(model, kv_dtype)
+    heads = 1.0 / g                                 # this GPU's share of the attention heads
+    kv_heads = 1.0 if model.is_mla else heads       # MLA's latent KV is shared by all heads
+    q_width = model.num_heads * model.qk_head_dim
+    kv_width = model.kv_elements_per_token_per_layer()
+    qkv_width = q_width * heads + kv_width * kv_heads
+    out_width = attn_out_elements_per_token(model) * heads
+    kv_token_all = kv_bytes_per_token_layer(model, kv_dtype)
+    kv_token = kv_token_all * kv_heads
     attn_params = model.attention_params()
     o_params = model.num_heads * model.v_dim * h1
     ops = [
-        _gemm("qkv_proj", attn_params - o_params, tokens_ub, n_ub, weight_dtype, h1, qkv_width,
-              1),
+        _gemm("qkv_proj", (attn_params - o_params) * heads, tokens_ub, n_ub, weight_dtype, h1,
+              qkv_width, 1),
     ]
 
-    # attention core: decode reads the whole cached context; prefill is causal, mean ctx s/2
+    # attention core: decode reads the whole cached context; prefill is causal, mean ctx s/2.
+    # On the CPU the G processes' shares run at once on one CPU: listed as one whole operator
+    on_gpu = attn_device == "gpu"
+    kv_share = kv_heads if on_gpu else 1.0
     attn_ctx = context_len if phase == "decode" else tokens_per_seq / 2.0
-    attn_flops = tokens * model.attention_core_flops_per_token(attn_ctx)
-    kv_read_bytes = (mu * n_ub * context_len * kv_token if phase == "decode"
-                     else tokens * kv_token)
-    io_bytes = tokens * (qkv_width + out_width) * act
+    attn_flops = tokens * model.attention_core_flops_per_token(attn_ctx) * (heads if on_gpu
+                                                                            else 1.0)
+    kv_read_bytes = (mu * n_ub * context_len if phase == "decode" else tokens) * \
+        kv_token_all * kv_share
+    io_width = (qkv_width + out_width if on_gpu
+                else q_width + kv_width + attn_out_elements_per_token(model))
+    io_bytes = tokens * io_width * act
     ops.append(Operator(
         name=f"attention_{phase}", device=attn_device, flops=attn_flops,
         gpu_bytes=kv_read_bytes + io_bytes, cpu_bytes=kv_read_bytes + io_bytes,
         link_bytes=kv_read_bytes, rows=0.0, launches=n_ub))
-    ops.append(_gemm("o_proj", o_params, tokens_ub, n_ub, weight_dtype, out_width, h1, 1))
+    ops.append(_gemm("o_proj", o_params * heads, tokens_ub, n_ub, weight_dtype, out_width, h1,
+                     1))
 
     if layer_kind == "dense":
-        ops.append(_gemm("dense_mlp", model.dense_mlp_params(), tokens_ub, n_ub, weight_dtype,
-                         h1, h1 + 2 * model.dense_intermediate_size, KERNELS_PER_EXPERT))
+        ops.append(_gemm("dense_mlp", model.dense_mlp_params() * heads, tokens_ub, n_ub,
+                         weight_dtype, h1, h1 + 2 * model.dense_intermediate_size * heads,
+                         KERNELS_PER_EXPERT))
     else:
         ops.append(_gemm("router", model.router_params(), tokens_ub, n_ub, weight_dtype, h1,
                          model.num_experts, 1))
         if model.shared_intermediate_size:
-            ops.append(_gemm("shared_experts", model.shared_expert_params(), tokens_ub, n_ub,
-                             weight_dtype, h1, h1 + 2 * model.shared_intermediate_size,
+            ops.append(_gemm("shared_experts", model.shared_expert_params() * heads, tokens_ub,
+                             n_ub, weight_dtype, h1,
+                             h1 + 2 * model.shared_intermediate_size * heads,
                              KERNELS_PER_EXPERT))
-        e, k, h2 = model.num_experts, model.top_k, model.expert_intermediate_size
-        e_act = experts_touched(e, k, tokens_ub)
-        expert_w = model.expert_bytes(weight_dtype)
-        routed_rows = tokens_ub * k                  # token-expert pairs of one micro-batch
-        ops.append(Operator(
-            name="expert_ffn", device="gpu",
-            flops=n_ub * routed_rows * model.expert_params() * 2.0,
-            gpu_bytes=n_ub * (e_act * expert_w + routed_rows * (2 * h1 + 3 * h2) * act),
-            cpu_bytes=n_ub * e_act * expert_w, link_bytes=e * expert_w,
-            rows=routed_rows / e_act, launches=n_ub * e_act * KERNELS_PER_EXPERT))
-        ops.append(Operator(
-            name="weight_h2d", device="h2d", flops=0.0, gpu_bytes=0.0, cpu_bytes=e * expert_w,
-            link_bytes=e * expert_w, rows=0.0, launches=1))
+        ops += _expert_operators(model, tokens_ub, n_ub, weight_dtype, g, parallelism)
 
-    # data movement between the tiers for this placement
+    # data movement between the tiers for this placement (this GPU's share, over its link)
     if attn_device == "cpu":
         ops.append(_transfer("qkv_d2h", "d2h", tokens * qkv_width * act, n_ub))
         ops.append(_transfer("attn_out_h2d", "h2d", tokens * out_width * act, n_ub))
@@ -221,7 +254,47 @@ def layer_operators(model: ModelSpec, *, micro_batch_size: int, num_micro_batche
             # the batch's hidden states wait in pinned CPU memory between micro-batches
             ops.append(_transfer("hidden_h2d", "h2d", tokens * h1 * act, n_ub))
             ops.append(_transfer("hidden_d2h", "d2h", tokens * h1 * act, n_ub))
+    if g > 1:   # ring all-reduce of S bytes: each GPU sends 2 (G - 1) / G * S
+        calls = ALLREDUCES_PER_LAYER * n_ub
+        ops.append(Operator(name="allreduce", device="comm", flops=0.0, gpu_bytes=0.0,
+                            cpu_bytes=0.0, link_bytes=2.0 * (g - 1) / g * calls * tokens_ub * h1
+                            * act, rows=0.0, launches=calls))
     return ops
+
+
+def _expert_operators(model: ModelSpec, tokens_ub: float, n_ub: int, weight_dtype: str,
+                      num_gpus: int, parallelism: str) -> list[Operator]:
+    """One GPU's routed-expert FFN and its weight stream (see `layer_operators`)."""
+    act = dtype_bytes(ACT_DTYPE)
+    h1 = model.hidden_size
+    e, k, h2 = model.num_experts, model.top_k, model.expert_intermediate_size
+    e_act = experts_touched(e, k, tokens_ub)
+    expert_w = model.expert_bytes(weight_dtype)
+    routed_rows = tokens_ub * k                     # token-expert pairs of one micro-batch
+    if parallelism == "tp":
+        width = 1.0 / num_gpus                      # every expert, 1/G of its intermediate dim
+        touched, pairs, held = e_act, routed_rows, float(e)
+    elif parallelism == "ep":
+        width = 1.0                                 # whole experts, ceil(E/G) of them here
+        held = float(math.ceil(e / num_gpus))
+        touched = e_act * held / e
+        pairs = (routed_rows if num_gpus == 1
+                 else busiest_gpu_pairs(e, k, tokens_ub, num_gpus))
+    else:
+        raise ValueError(f"parallelism must be 'tp' or 'ep', got {parallelism!r}")
+    return [
+        Operator(
+            name="expert_ffn", device="gpu",
+            flops=n_ub * pairs * model.expert_params() * 2.0 * width,
+            gpu_bytes=n_ub * (touched * expert_w * width + pairs * (2 * h1 + 3 * h2 * width)
+                              * act),
+            cpu_bytes=n_ub * touched * expert_w * width, link_bytes=held * expert_w * width,
+            rows=routed_rows / e_act, launches=n_ub * touched * KERNELS_PER_EXPERT),
+        Operator(
+            name="weight_h2d", device="h2d", flops=0.0, gpu_bytes=0.0,
+            cpu_bytes=held * expert_w * width, link_bytes=held * expert_w * width, rows=0.0,
+            launches=1),
+    ]
 
 
 def _transfer(name: str, direction: str, n_bytes: float, copies: int) -> Operator:
