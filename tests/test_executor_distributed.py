@@ -1,5 +1,5 @@
-"""Multi-GPU execution on the CPU stand-in: 2 gloo ranks (tp and ep) against 1 process on a tiny
-random Mixtral checkpoint (fp32): the same greedy tokens for 16 steps and close logits.
+"""Multi-GPU execution on the CPU stand-in: 2 gloo ranks (tp and ep) against 1 process (cgopipe)
+on a tiny random Mixtral checkpoint (fp32): the same greedy tokens for 16 steps and close logits.
 
 Tolerance: the ranks compute the same fp32 math with the O projection and the MoE block split
 into two partial sums added by all_reduce, so only the order of the fp32 reductions differs from
@@ -53,9 +53,15 @@ def single(mixtral_dir) -> dict:
     return generate_on_rank(Shard(), mixtral_dir, POLICY, PROMPTS, GEN_LEN, _build(mixtral_dir))
 
 
-@pytest.mark.parametrize("parallelism", ["tp", "ep"])
-def test_two_ranks_match_one_process(mixtral_dir, single, parallelism) -> None:
-    policy = replace(POLICY, num_gpus=2, parallelism=parallelism)
+#: both parallelisms and both attention placements (CPU attention over the rank's KV heads;
+#: GPU attention with half the micro-batches' KV on the "GPU")
+CASES = [("tp", dict(schedule="cgopipe")),
+         ("ep", dict(schedule="layerwise", attn_decode_device="gpu", kv_gpu_fraction=0.5))]
+
+
+@pytest.mark.parametrize(("parallelism", "schedule"), CASES, ids=["tp-cgopipe", "ep-layerwise"])
+def test_two_ranks_match_one_process(mixtral_dir, single, parallelism, schedule) -> None:
+    policy = replace(POLICY, num_gpus=2, parallelism=parallelism, **schedule)
     ranks = spawn(generate_on_rank, 2, parallelism, "cpu", mixtral_dir, policy, PROMPTS,
                   GEN_LEN, _build(mixtral_dir), timeout_s=RANK_TIMEOUT_S)
     one, two = single["generation"], ranks["generation"]
@@ -64,7 +70,7 @@ def test_two_ranks_match_one_process(mixtral_dir, single, parallelism) -> None:
     for a, b in zip(one.logits, two.logits, strict=True):
         torch.testing.assert_close(b, a, atol=LOGIT_ATOL, rtol=0)
     assert len(ranks["peak_gpu_mem_bytes_per_rank"]) == 2
-    # each rank holds half the attention weights and KV heads: less than one process
+    # each rank holds half the attention weights and experts: less "GPU" memory than one process
     assert max(ranks["peak_gpu_mem_bytes_per_rank"]) < single["peak_gpu_mem_bytes_per_rank"][0]
 
 
