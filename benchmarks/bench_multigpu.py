@@ -9,8 +9,9 @@ line (--batch-size, --micro-batch-size, --weights-gpu-fraction; every run uses i
 and parallelism change) or found by `hrm run --optimize` for each run (--optimize).
 
 The prediction of a K-GPU run needs a --hardware profile with an [interconnect] tier of at least
-K GPUs (hrm/hardware.py); with a 1-GPU profile the K-GPU runs carry the prediction's error
-instead of a number.
+K GPUs (hrm/hardware.py): the default is the datasheet `h100` profile (no H200 profile is
+shipped; the measured `h100-machine` one has 1 GPU), so the prediction is of an H100 box, stated
+in the result; with a 1-GPU profile the K-GPU runs carry the prediction's error instead.
 
 Every run is a fresh `hrm run` process group (its ranks, pinned memory and GPU caps die with it),
 killed when it would pass --deadline-s; the JSON (machine, command, date, every run's
@@ -113,7 +114,7 @@ def main() -> None:
     parser.add_argument("--weights-gpu-fraction", type=float, default=0.0)
     parser.add_argument("--optimize", action="store_true",
                         help="each run uses the policy `hrm run --optimize` finds")
-    parser.add_argument("--hardware", default="h100-machine",
+    parser.add_argument("--hardware", default="h100",
                         help="profile for the prediction (and --optimize)")
     parser.add_argument("--gpus", type=int, default=2, help="GPUs of the multi-GPU runs")
     parser.add_argument("--parallelisms", default="tp,ep")
