@@ -49,6 +49,9 @@ NumSeqsOpt = Annotated[int, typer.Option("--num-seqs", help="sequences in the jo
                                                             "is then limited by memory)")]
 GpuMemOpt = Annotated[float | None, typer.Option("--gpu-mem", help="cap GPU memory (GiB)")]
 CpuMemOpt = Annotated[float | None, typer.Option("--cpu-mem", help="cap CPU memory (GiB)")]
+GpusOpt = Annotated[int | None, typer.Option(
+    "--gpus", help="GPUs to spread the layers over (tensor or expert parallel; default 1, or "
+                   "the --policy's); --gpu-mem is per GPU")]
 DtypeOpt = Annotated[str, typer.Option(help="bf16 | fp16 | fp8 | int8")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output on stdout")]
 ScheduleOpt = Annotated[str, typer.Option("--schedule", help="cgopipe | cgopipe-serial | "
@@ -97,6 +100,17 @@ def _continuous(spec: Any, hw: Any, workload: Any, policy: Any, schedule: str, a
         print_continuous_report(doc, title)
 
 
+def _check_gpus(hw: Any, gpus: int | None, scheduler: str) -> None:
+    """The machine has `gpus` GPUs; continuous scheduling is modeled on one."""
+    if gpus is None:
+        return
+    if gpus < 1:
+        raise HRMError(f"--gpus must be >= 1, got {gpus}")
+    hw.check_gpus(gpus)
+    if gpus > 1 and scheduler == "continuous":
+        raise HRMError("--scheduler continuous is modeled on one GPU: leave out --gpus")
+
+
 def _check_scheduler(scheduler: str) -> None:
     from hrm.errors import PolicyError
 
@@ -114,7 +128,8 @@ def _print_prediction(pred: Any, title: str) -> None:
     table.add_row("policy", f"N={p.batch_size} (mu={p.micro_batch_size} x n_ub="
                   f"{p.num_micro_batches}), decode attention on {p.attn_decode_device}, "
                   f"r_w={p.weights_gpu_fraction:.3f}, r_c={p.kv_gpu_fraction:.3f}, "
-                  f"schedule {p.schedule}, weights {p.weight_dtype}, KV {p.kv_dtype}")
+                  f"schedule {p.schedule}, weights {p.weight_dtype}, KV {p.kv_dtype}"
+                  + (f", {p.num_gpus} GPUs {p.parallelism}" if p.num_gpus > 1 else ""))
     table.add_row("throughput", f"{pred.throughput_tok_s:,.1f} generated tokens/s")
     table.add_row("time per batch", f"prefill {pred.prefill_s:.2f} s + decode {pred.decode_s:.2f}"
                   f" s ({pred.decode_step_s * 1e3:.1f} ms per step)")
@@ -123,10 +138,16 @@ def _print_prediction(pred: Any, title: str) -> None:
                   f"{d.cpu_attn_s * 1e3:.2f} ms | H2D {d.h2d_s * 1e3:.2f} ms | D2H "
                   f"{d.d2h_s * 1e3:.2f} ms | copy thread {d.copy_thread_s * 1e3:.2f} ms | one "
                   f"micro-batch's chain {d.chain_s * 1e3:.2f} ms -> {d.layer_s * 1e3:.2f} ms")
+    if p.num_gpus > 1:
+        table.add_row("communication", f"all-reduce {d.comm_s * 1e3:.3f} ms per decode layer "
+                      f"(in the GPU stage), {pred.prefill_layer.comm_s * 1e3:.3f} ms per prefill "
+                      f"layer; {p.parallelism}: "
+                      + ("heads and expert widths split" if p.parallelism == "tp"
+                         else "heads split, whole experts dealt round-robin"))
     table.add_row("bottleneck", f"{pred.bottleneck} (next stage {pred.bottleneck_slack:.2f}x "
                   "faster)")
-    table.add_row("GPU memory", f"{fmt_bytes(mem.gpu_bytes)} of {fmt_bytes(mem.gpu_capacity_bytes)}"
-                  " usable")
+    table.add_row("GPU memory" + (" per GPU" if p.num_gpus > 1 else ""),
+                  f"{fmt_bytes(mem.gpu_bytes)} of {fmt_bytes(mem.gpu_capacity_bytes)} usable")
     table.add_row("CPU memory", f"{fmt_bytes(mem.cpu_bytes)} of {fmt_bytes(mem.cpu_capacity_bytes)}"
                   f" usable ({fmt_bytes(mem.pinned_bytes)} pinned)")
     for note in pred.notes:
@@ -212,8 +233,10 @@ def predict_command(model: ModelOpt, hardware: HardwareOpt, prompt_len: PromptOp
                         "--trace", help="write the predicted timeline of two decode layers as "
                                         "a Chrome/Perfetto trace")] = None,
                     scheduler: SchedulerOpt = "static", synthetic: SyntheticOpt = None,
-                    as_json: JsonOpt = False) -> None:
+                    gpus: GpusOpt = None, as_json: JsonOpt = False) -> None:
     """Predict throughput, stage times, bottleneck and memory of a policy."""
+    from dataclasses import replace
+
     from hrm.cost import check_fits, predict, timeline
     from hrm.io import write_json_atomic
     from hrm.optimize import optimize
@@ -222,6 +245,7 @@ def predict_command(model: ModelOpt, hardware: HardwareOpt, prompt_len: PromptOp
     _check_scheduler(scheduler)
     spec, hw, workload = _inputs(model, hardware, prompt_len, gen_len, num_seqs, gpu_mem,
                                  cpu_mem, synthetic)
+    _check_gpus(hw, gpus, scheduler)
     if scheduler == "continuous":
         if trace is not None:
             raise HRMError("--trace draws a static decode step; leave it out with "
@@ -230,9 +254,11 @@ def predict_command(model: ModelOpt, hardware: HardwareOpt, prompt_len: PromptOp
                            as_json, f"continuous scheduling, {spec.name} on {hw.name}: "
                            f"{workload.name or 'fixed lengths'}")
     if policy is None:
-        pred = optimize(spec, hw, workload).prediction
+        pred = optimize(spec, hw, workload, num_gpus=gpus or 1).prediction
     else:
         pol = Policy.load(policy)
+        if gpus is not None:
+            pol = replace(pol, num_gpus=gpus)
         check_fits(spec, hw, workload, pol)
         pred = predict(spec, hw, workload, pol)
     if trace is not None:
@@ -256,8 +282,9 @@ def optimize_command(model: ModelOpt, hardware: HardwareOpt, prompt_len: PromptO
                      compare: Annotated[bool, typer.Option(
                          help="also optimize the other schedules")] = True,
                      scheduler: SchedulerOpt = "static", synthetic: SyntheticOpt = None,
-                     as_json: JsonOpt = False) -> None:
-    """Find the policy with the highest predicted throughput that fits in memory."""
+                     gpus: GpusOpt = None, as_json: JsonOpt = False) -> None:
+    """Find the policy with the highest predicted throughput that fits in memory (with --gpus,
+    the parallelism too: tensor or expert parallel)."""
     from rich.table import Table
 
     from hrm.errors import InfeasibleError, PolicyError
@@ -269,16 +296,17 @@ def optimize_command(model: ModelOpt, hardware: HardwareOpt, prompt_len: PromptO
     _check_scheduler(scheduler)
     spec, hw, workload = _inputs(model, hardware, prompt_len, gen_len, num_seqs, gpu_mem,
                                  cpu_mem, synthetic)
+    _check_gpus(hw, gpus, scheduler)
     if scheduler == "continuous":
         return _continuous(spec, hw, workload, None, schedule, as_json,
                            f"best continuous policy for {spec.name} on {hw.name}: "
                            f"{workload.name or 'fixed lengths'}", output, weight_dtype, kv_dtype)
     result = optimize(spec, hw, workload, schedule=schedule, method=method,
-                      weight_dtype=weight_dtype, kv_dtype=kv_dtype)
+                      weight_dtype=weight_dtype, kv_dtype=kv_dtype, num_gpus=gpus or 1)
     others = {}
     if compare:
         others = compare_schedules(spec, hw, workload, weight_dtype=weight_dtype,
-                                   kv_dtype=kv_dtype)
+                                   kv_dtype=kv_dtype, num_gpus=gpus or 1)
     if output is not None:
         result.policy.save(output)
     if as_json:

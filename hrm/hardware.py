@@ -174,11 +174,11 @@ class HardwareProfile:
         have = self.interconnect.num_gpus
         if num_gpus > have:
             raise HardwareProfileError(
-                f"{self.name} has {have} GPU{'s' if have > 1 else ''} ([interconnect] num_gpus), "
+                f"{self.name} has {have} GPU{'s' if have > 1 else ''} (interconnect.num_gpus), "
                 f"{num_gpus} asked")
         if num_gpus > 1 and self.interconnect.allreduce_bus_bps <= 0:
             raise HardwareProfileError(
-                f"{self.name} has no [interconnect] allreduce_bus_bps: cannot model {num_gpus} "
+                f"{self.name} has no interconnect.allreduce_bus_bps: cannot model {num_gpus} "
                 f"GPUs (hrm profile measures it when several GPUs are visible)")
 
     def per_gpu(self, num_gpus: int) -> HardwareProfile:
