@@ -25,9 +25,7 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,13 +34,12 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_executor import (  # noqa: E402
     FULL_LAYERS,
     fit_to_executor,
+    layer_bench,
     layer_gpu_bytes,
     run_cli,
-    scaled_limits,
 )
 from hrm.continuous import optimize_continuous  # noqa: E402
-from hrm.hardware import load_profile, save_profile  # noqa: E402
-from hrm.io import write_json_atomic  # noqa: E402
+from hrm.hardware import load_profile  # noqa: E402
 from hrm.model import load_model_spec  # noqa: E402
 from hrm.optimize import optimize  # noqa: E402
 from hrm.units import GiB  # noqa: E402
@@ -86,19 +83,9 @@ def main() -> None:
     if args.dry_run:   # plan as if on the profiled machine
         host_bytes = hw.cpu.memory_bytes
     cpu_full = min(host_bytes, hw.cpu.memory_bytes)
-    limits = scaled_limits(args.layers, cpu_full,
-                           min(hw.link.pinned_max_bytes, 0.45 * host_bytes))
+    bench = layer_bench(config, args.layers, hw, host_bytes, args.out, "continuous")
+    limits = bench.limits
     hw_full = hw.with_memory(gpu_memory_bytes=args.gpu_mem * GiB, cpu_memory_bytes=cpu_full)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-continuous-"))
-    layer_config = workdir / f"mixtral-8x7b-{args.layers}layers.json"
-    layer_config.write_text(json.dumps(dict(config, num_hidden_layers=args.layers,
-                                            _name_or_path=f"mixtral-8x7b-{args.layers}layers")))
-    results: list[dict] = []
-    summary_path = args.out / f"continuous_bench_{args.layers}layers.json"
-
-    def save() -> None:
-        write_json_atomic(summary_path, {"layers": args.layers, "limits": limits,
-                                         "hardware_profile": hw.name, "runs": results})
 
     started = time.perf_counter()
     for kind in args.workloads:
@@ -121,14 +108,10 @@ def main() -> None:
             else:
                 policy = opt.policy
                 gpu_cap = continuous_gpu_cap(spec, policy, args.gpu_mem * GiB, args.layers)
-            policy_path = workdir / f"policy_{scheduler}_{kind}.json"
+            policy_path = bench.workdir / f"policy_{scheduler}_{kind}.json"
             policy.save(policy_path)
-            hw_l = hw.with_memory(gpu_memory_bytes=gpu_cap,
-                                  cpu_memory_bytes=limits["cpu_mem_bytes"])
-            hw_l = replace(hw_l, link=replace(hw_l.link, pinned_max_bytes=limits["pin_bytes"]))
-            profile_path = workdir / f"{hw.name}-{scheduler}-{kind}.toml"
-            save_profile(hw_l, profile_path)
-            cli_args = ["--model", str(layer_config), "--dummy-weights", "--device", "cuda",
+            profile_path = bench.layer_profile(gpu_cap, f"{scheduler}-{kind}")
+            cli_args = ["--model", str(bench.layer_config), "--dummy-weights", "--device", "cuda",
                         "--cpu-mem", f"{limits['cpu_mem_bytes'] / GiB:.4f}",
                         "--pin-mem", f"{limits['pin_bytes'] / GiB:.4f}", "--ignore-eos",
                         "--gpu-mem", f"{gpu_cap / GiB:.4f}", "--scheduler", scheduler,
@@ -138,7 +121,7 @@ def main() -> None:
             if args.dry_run:
                 print(f"[{scheduler} {kind}] {policy.to_dict()}\n  hrm run {' '.join(cli_args)}")
                 continue
-            res = run_cli(cli_args, workdir, f"{scheduler}_{kind}")
+            res = run_cli(cli_args, bench.workdir, f"{scheduler}_{kind}")
             res["workload_kind"] = kind
             res["full_model_prediction"] = opt.prediction.to_dict()
             if "throughput_tok_s" in res:
@@ -147,10 +130,10 @@ def main() -> None:
                 res["useful_throughput_tok_s"] = job.generated_tokens() / total_s
                 res["full_model_tok_s_estimate"] = \
                     res["useful_throughput_tok_s"] * args.layers / FULL_LAYERS
-            results.append(res)
-            save()
-    save()
-    print(f"wrote {summary_path}")
+            bench.results.append(res)
+            bench.save()
+    bench.save()
+    print(f"wrote {bench.summary_path}")
 
 
 if __name__ == "__main__":

@@ -28,13 +28,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hrm.hardware import load_profile, save_profile  # noqa: E402
+from hrm.hardware import HardwareProfile, load_profile, save_profile  # noqa: E402
 from hrm.io import write_json_atomic  # noqa: E402
 from hrm.model import load_model_spec  # noqa: E402
 from hrm.optimize import optimize  # noqa: E402
@@ -50,6 +50,48 @@ def scaled_limits(layers: int, host_bytes: float, pinned_bytes: float) -> dict[s
     """The L/32 share of the CPU memory and the pinned budget (both hold per-layer data)."""
     f = layers / FULL_LAYERS
     return {"cpu_mem_bytes": host_bytes * f, "pin_bytes": pinned_bytes * f}
+
+
+@dataclass
+class LayerBench:
+    """The first L decoder layers of Mixtral-8x7B that a benchmark runs, the L/32 share of the
+    machine they get, and the summary JSON rewritten (atomically) after every run."""
+
+    layers: int
+    hw: HardwareProfile
+    limits: dict[str, float]
+    workdir: Path
+    layer_config: Path
+    summary_path: Path
+    results: list[dict] = field(default_factory=list)
+
+    def save(self) -> None:
+        write_json_atomic(self.summary_path, {"layers": self.layers, "limits": self.limits,
+                                              "hardware_profile": self.hw.name,
+                                              "runs": self.results})
+
+    def layer_profile(self, gpu_cap_bytes: float, name: str) -> Path:
+        """The profile with the L-layer run's GPU cap, CPU share and pinned share, saved for
+        `hrm run --hardware` (so the prediction it writes uses the same limits)."""
+        hw = self.hw.with_memory(gpu_memory_bytes=gpu_cap_bytes,
+                                 cpu_memory_bytes=self.limits["cpu_mem_bytes"])
+        hw = replace(hw, link=replace(hw.link, pinned_max_bytes=self.limits["pin_bytes"]))
+        path = self.workdir / f"{self.hw.name}-{name}.toml"
+        save_profile(hw, path)
+        return path
+
+
+def layer_bench(config: dict, layers: int, hw: HardwareProfile, host_bytes: float, out: Path,
+                name: str) -> LayerBench:
+    """Write the L-layer config into a fresh work dir and size the L-layer limits."""
+    limits = scaled_limits(layers, min(host_bytes, hw.cpu.memory_bytes),
+                           min(hw.link.pinned_max_bytes, 0.45 * host_bytes))
+    workdir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    layer_config = workdir / f"mixtral-8x7b-{layers}layers.json"
+    layer_config.write_text(json.dumps(dict(config, num_hidden_layers=layers,
+                                            _name_or_path=f"mixtral-8x7b-{layers}layers")))
+    return LayerBench(layers, hw, limits, workdir, layer_config,
+                      out / f"{name}_bench_{layers}layers.json")
 
 
 def fit_to_executor(spec, policy, prompt_lens: list[int], gen_len: int, gpu_bytes: float,
@@ -228,24 +270,14 @@ def main() -> None:
     config = json.loads((ROOT / "hrm" / "model_configs" / "mixtral-8x7b.json").read_text())
     hw = load_profile(args.hardware)
     host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    limits = scaled_limits(args.layers, min(host_bytes, hw.cpu.memory_bytes),
-                           min(hw.link.pinned_max_bytes, 0.45 * host_bytes))
-    workdir = Path(tempfile.mkdtemp(prefix="bench-executor-"))
-    layer_config = workdir / f"mixtral-8x7b-{args.layers}layers.json"
-    layer_config.write_text(json.dumps(dict(config, num_hidden_layers=args.layers,
-                                            _name_or_path=f"mixtral-8x7b-{args.layers}layers")))
+    bench = layer_bench(config, args.layers, hw, host_bytes, args.out, "executor")
+    limits, workdir, results = bench.limits, bench.workdir, bench.results
     hw_full = hw.with_memory(gpu_memory_bytes=args.gpu_mem * GiB,
                              cpu_memory_bytes=min(host_bytes, hw.cpu.memory_bytes))
-    common = ["--model", str(layer_config), "--dummy-weights", "--device", "cuda",
+    common = ["--model", str(bench.layer_config), "--dummy-weights", "--device", "cuda",
               "--cpu-mem", f"{limits['cpu_mem_bytes'] / GiB:.4f}",
               "--pin-mem", f"{limits['pin_bytes'] / GiB:.4f}", "--ignore-eos",
               "--synthetic", "mtbench"]
-    results: list[dict] = []
-    summary_path = args.out / f"executor_bench_{args.layers}layers.json"
-
-    def save() -> None:
-        write_json_atomic(summary_path, {"layers": args.layers, "limits": limits,
-                                         "hardware_profile": hw.name, "runs": results})
 
     started = time.perf_counter()
     for gen_len in args.gen_lens:
@@ -264,11 +296,7 @@ def main() -> None:
             gpu_cap_l = args.gpu_mem * GiB - (FULL_LAYERS - args.layers) * \
                 layer_gpu_bytes(spec, plan)
             caps = ["--gpu-mem", f"{gpu_cap_l / GiB:.4f}"]
-            hw_l = hw.with_memory(gpu_memory_bytes=gpu_cap_l,
-                                  cpu_memory_bytes=limits["cpu_mem_bytes"])
-            hw_l = replace(hw_l, link=replace(hw_l.link, pinned_max_bytes=limits["pin_bytes"]))
-            profile_path = workdir / f"{hw.name}-{schedule}-g{gen_len}.toml"
-            save_profile(hw_l, profile_path)
+            profile_path = bench.layer_profile(gpu_cap_l, f"{schedule}-g{gen_len}")
             extra = ["--trace", str(args.out / "executor_trace_cgopipe.json")] \
                 if args.trace and schedule == "cgopipe" and gen_len == args.gen_lens[0] else []
             res = run_cli([*common, *caps, "--policy", str(policy_path), "--hardware",
@@ -281,7 +309,7 @@ def main() -> None:
                 res["full_model_tok_s_estimate"] = \
                     res["throughput_tok_s"] * args.layers / FULL_LAYERS
             results.append(res)
-            save()
+            bench.save()
         if "accelerate" in args.only and gen_len in args.accelerate_gen_lens:
             lens = list(synthetic_workload("mtbench", max(args.accelerate_batches),
                                            gen_len).prompt_lens)
@@ -302,9 +330,9 @@ def main() -> None:
                            "error": proc.stderr.strip()[-1500:]}
                 print(f"[accelerate b{batch} g{gen_len}] {json.dumps(res)[:300]}", flush=True)
                 results.append(res)
-                save()
-    save()
-    print(f"wrote {summary_path}")
+                bench.save()
+    bench.save()
+    print(f"wrote {bench.summary_path}")
 
 
 if __name__ == "__main__":
