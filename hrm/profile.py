@@ -42,6 +42,7 @@ from hrm.hardware import (
     CPUTier,
     GPUTier,
     HardwareProfile,
+    InterconnectTier,
     Interference,
     LinkTier,
     SaturatingCurve,
@@ -534,6 +535,87 @@ def interference_stages(config: ProfileConfig, spec: ModelSpec, device: str) -> 
 
 
 # ---- orchestration -------------------------------------------------------------------------------
+# ---- interconnect: all-reduce between GPUs ----------------------------------------------------
+#: sizes of the all-reduce benchmark (bytes): latency-bound to bandwidth-bound
+ALLREDUCE_SIZES = _powers(64 * KiB, 256 * MiB, 4)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _allreduce_rank(rank: int, world_size: int, port: int, backend: str, device: str,
+                    sizes: tuple[int, ...], reps: int, results: Any) -> None:
+    """One process of `measure_allreduce`: times in-place sum all-reduces of each size; rank 0
+    reports (size, seconds per call...) on `results`."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ["NCCL_NVLS_ENABLE"] = "0"       # the GPU host requires NVLink multicast off
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size)
+    try:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        for nbytes in sizes:
+            x = torch.ones(nbytes // dtype_bytes("bf16" if device == "cuda" else "fp32"),
+                           dtype=dtype, device=f"{device}:{rank}" if device == "cuda" else "cpu")
+            dist.barrier()
+            times = time_calls(lambda x=x: dist.all_reduce(x), reps, device, warmup=2)
+            if rank == 0:
+                results.put((nbytes, times))
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_allreduce(world_size: int, backend: str, device: str,
+                      sizes: Iterable[int] = ALLREDUCE_SIZES, reps: int = 10
+                      ) -> list[Measurement]:
+    """All-reduce of each size over `world_size` processes, one per GPU (backend 'nccl', device
+    'cuda') or on the CPU ('gloo', 'cpu'), spawned with torch.multiprocessing and a localhost
+    rendezvous on a free port. Rate = algorithm bandwidth, bytes / s per call."""
+    import torch.multiprocessing as mp
+
+    sizes = tuple(sizes)
+    results = mp.get_context("spawn").SimpleQueue()
+    os.environ["NCCL_NVLS_ENABLE"] = "0"
+    mp.spawn(_allreduce_rank, args=(world_size, _free_port(), backend, device, sizes, reps,
+                                    results), nprocs=world_size, join=True)
+    out = []
+    for _ in sizes:
+        nbytes, times = results.get()
+        out.append(Measurement("allreduce", {"world_size": world_size, "backend": backend,
+                                             "bytes": nbytes}, x=nbytes, work=nbytes, unit="B/s",
+                               times_s=times))
+    return out
+
+
+def interconnect_from(measurements: list[Measurement], date: str
+                      ) -> tuple[InterconnectTier, dict[str, str]]:
+    """Least-squares fit of t(S) = t_lat + 2 (G - 1) / G * S / B_bus to the median times of
+    the all-reduce sizes: the interconnect tier and the sources of its values."""
+    g = int(measurements[0].params["world_size"])
+    ring_bytes = np.array([2.0 * (g - 1) / g * m.x for m in measurements])
+    seconds = np.array([m.median_s for m in measurements])
+    slope, latency = np.polyfit(ring_bytes, seconds, 1)
+    what = (f"fit {date}: t = t_lat + 2 (G - 1) / G * S / B_bus to {len(measurements)} "
+            f"all-reduce sizes ({fmt_bytes(measurements[0].x)} to "
+            f"{fmt_bytes(measurements[-1].x)}, {measurements[0].params['backend']}, G = {g}, "
+            f"median of {len(measurements[0].times_s)} reps)")
+    tier = InterconnectTier(num_gpus=g, allreduce_bus_bps=float(1.0 / max(slope, 1e-30)),
+                            allreduce_latency_s=float(max(latency, 0.0)), link_shared=False)
+    sources = {"interconnect.num_gpus": f"measured {date}: GPUs visible to torch",
+               "interconnect.allreduce_bus_bps": what, "interconnect.allreduce_latency_s": what,
+               "interconnect.link_shared": "not measured: assumed one host link per GPU (set "
+                                           "true if the GPUs share one)"}
+    return tier, sources
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -841,9 +923,14 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
         },
         "benchmarks": measurement_tables(ms),
     }
+    allreduce = _select(ms, "allreduce")
+    interconnect = InterconnectTier()
+    if allreduce:
+        interconnect, ic_sources = interconnect_from(allreduce, date)
+        sources.update(ic_sources)
     return HardwareProfile(name=name, description=description, gpu=gpu, cpu=cpu, link=link,
-                           interference=inter, curves=curves, sources=sources,
-                           measurements=measurements_table)
+                           interference=inter, interconnect=interconnect, curves=curves,
+                           sources=sources, measurements=measurements_table)
 
 
 def _group(measurements: list[Measurement], keys: tuple[str, ...]
@@ -855,6 +942,12 @@ def _group(measurements: list[Measurement], keys: tuple[str, ...]
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
+def _visible_gpus(device: str) -> int:
+    import torch
+
+    return torch.cuda.device_count() if device == "cuda" else 0
+
+
 def _resolve_device(device: str) -> str:
     import torch
 
@@ -950,6 +1043,10 @@ def profile_command(
         err_console.print(f"[yellow]skipped:[/] {item}")
     measurements = run_benchmarks(benchmark_plan(config, env, spec, pin_probe_bytes),
                                   err_console)
+    gpus = _visible_gpus(dev)
+    if gpus > 1:
+        err_console.print(f"all-reduce over {gpus} GPUs (NCCL)")
+        measurements += measure_allreduce(gpus, "nccl", "cuda")
     profile = build_profile(profile_name, measurements, env, skipped)
     save_profile(profile, output)
     load_profile(output)  # what was written reads back

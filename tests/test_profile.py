@@ -246,3 +246,16 @@ def test_device_cuda_without_cuda_is_an_error(monkeypatch, capsys):
         main()
     assert info.value.code == 2
     assert "torch sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_allreduce_microbenchmark_with_gloo_fits_the_interconnect():
+    """The NCCL code path, run on the CPU: 2 processes, gloo, a few sizes."""
+    from hrm.profile import interconnect_from, measure_allreduce
+
+    ms = measure_allreduce(2, "gloo", "cpu", sizes=(64 * 1024, 1024 * 1024, 4 * 1024 * 1024),
+                           reps=3)
+    assert [m.x for m in ms] == [64 * 1024, 1024 * 1024, 4 * 1024 * 1024]
+    assert all(m.bench == "allreduce" and len(m.times_s) == 3 and m.rate > 0 for m in ms)
+    tier, sources = interconnect_from(ms, "2026-01-01")
+    assert tier.num_gpus == 2 and tier.allreduce_bus_bps > 0 and tier.allreduce_latency_s >= 0
+    assert sources["interconnect.allreduce_bus_bps"].startswith("fit 2026-01-01")
