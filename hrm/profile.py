@@ -923,7 +923,7 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
         },
         "benchmarks": measurement_tables(ms),
     }
-    allreduce = _select(ms, "allreduce")
+    allreduce = [m for m in ms if m.bench == "allreduce"]
     interconnect = InterconnectTier()
     if allreduce:
         interconnect, ic_sources = interconnect_from(allreduce, date)
