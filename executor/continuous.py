@@ -30,7 +30,6 @@ from executor.engine import (
     MemoryPlan,
     MicroBatch,
     load_weights,
-    workspace_bytes,
 )
 from executor.kv_cache import BLOCK_TOKENS
 from executor.sampling import Sampling
@@ -39,7 +38,7 @@ from executor.scheduler import ContinuousScheduler, ScheduledPass, blocks_for, s
 from executor.trace import Tracer
 from executor.weights import read_model, resident_experts_per_layer, torch_dtype
 from hrm.continuous import PREFILL_CHUNK_TOKENS, PassShape, pass_model, predict_passes
-from hrm.cost import CPU_USABLE_FRACTION
+from hrm.cost import CPU_USABLE_FRACTION, prefill_workspace_bytes
 from hrm.errors import HRMError, InfeasibleError, PolicyError
 from hrm.hardware import HardwareProfile
 from hrm.model import ModelSpec
@@ -75,8 +74,8 @@ def continuous_plan(spec: ModelSpec, policy: Policy, resident: list[int], max_se
     gpu = {"dense weights": spec.dense_params() * w_elem,
            "resident experts": sum(resident) * expert,
            "weight staging (2 buffers)": 2 * max(streamed, default=0),
-           "activation workspace": workspace_bytes(spec, policy, prefill_tokens, max_seq_len,
-                                                   w_elem)}
+           "activation workspace": prefill_workspace_bytes(spec, policy, prefill_tokens,
+                                                           max_seq_len, w_elem)}
     cpu = {"streamed experts": sum(streamed), "KV cache (blocks)": blocks * block}
     return MemoryPlan(gpu, cpu, 0, [max_seq_len], block_tokens), blocks
 

@@ -53,6 +53,7 @@ from executor.weights import (
     resident_experts_per_layer,
     torch_dtype,
 )
+from hrm.cost import prefill_workspace_bytes
 from hrm.errors import HRMError, InfeasibleError, PolicyError
 from hrm.model import ModelSpec
 from hrm.policy import Policy
@@ -88,24 +89,6 @@ def prefill_tokens_per_micro_batch(prompt_lens: list[int], micro_batch_size: int
     return max(sum(lens[s:s + micro_batch_size]) for s in range(0, len(lens), micro_batch_size))
 
 
-def workspace_bytes(spec: ModelSpec, policy: Policy, prefill_tokens: int, max_seq_len: int,
-                    elem_bytes: int) -> float:
-    """Estimate of the GPU activation workspace (bytes) of the largest prefill micro-batch: per
-    token the hidden states and their temporaries (6 h1), q/k/v, the expert-sorted copies of the
-    hidden states and outputs (2 k h1), one expert's intermediate in the worst case that every
-    token picks it (3 h2), the shared experts' (3 h2_shared); plus the logits of mu sequences in
-    fp32 and, for GPU decode attention, the scores and one micro-batch of K/V."""
-    qkv = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
-    per_token = (6 * spec.hidden_size + qkv + 2 * spec.top_k * spec.hidden_size
-                 + 3 * spec.expert_intermediate_size + 3 * spec.shared_intermediate_size)
-    logits = policy.micro_batch_size * spec.vocab_size * 4 * 2
-    attn = 0
-    if policy.attn_decode_device == "gpu":
-        attn = policy.micro_batch_size * max_seq_len * (
-            spec.num_heads * 4 + 2 * spec.num_kv_heads * spec.head_dim * elem_bytes)
-    return prefill_tokens * per_token * elem_bytes + logits + attn
-
-
 def slot_capacities(prompt_lens: list[int], gen_len: int, batch_size: int) -> list[int]:
     """Tokens each KV slot must hold: sequences run longest prompt first, in rounds of
     batch_size, so slot r holds at most the r-th longest prompt + gen_len."""
@@ -130,8 +113,8 @@ def plan_memory(spec: ModelSpec, policy: Policy, resident: list[int], prompt_len
            "resident experts": sum(resident) * expert,
            "weight staging (2 buffers)": 2 * max(streamed, default=0),
            "KV cache": kv_cache_bytes(spec, capacities[:gpu_slots], kv_dtype, kv_block_tokens),
-           "activation workspace": workspace_bytes(spec, policy, prefill_tokens, capacities[0],
-                                                   w_elem)}
+           "activation workspace": prefill_workspace_bytes(spec, policy, prefill_tokens,
+                                                           capacities[0], w_elem)}
     cpu = {"streamed experts": sum(streamed),
            "KV cache": kv_cache_bytes(spec, capacities[gpu_slots:], kv_dtype, kv_block_tokens)}
     return MemoryPlan(gpu, cpu, n_gpu_mb, capacities, kv_block_tokens)

@@ -65,6 +65,9 @@ GPU_USABLE_FRACTION = 0.95
 #: share of CPU memory a policy may plan for: the rest is left to the OS, Python and the page
 #: cache (an assumption, not a measurement)
 CPU_USABLE_FRACTION = 0.90
+#: relative slack of memory checks: the MILP solver's feasibility tolerance (CBC, 1e-7) and a
+#: policy's fractions saved to 9 digits can put a policy a few bytes over a binding limit
+MEMORY_CHECK_TOLERANCE = 1e-6
 #: pages in the pinned staging ring that the copy thread fills when weights cannot all be pinned
 STAGING_RING_PAGES = 4
 
@@ -414,15 +417,9 @@ def _memory_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
     if policy.attn_decode_device == "gpu":   # double-buffered KV of a micro-batch from the CPU
         gpu_decode["KV staging"] = one_minus(
             2.0 * mu * workload.max_seq_len * kv_token_layer * kv_share, "r_c")
-    # prefill: one micro-batch of mu * s_max tokens, experts run one at a time over the
-    # token-expert pairs sorted by expert, KV double-buffered on its way to the CPU
-    tokens = mu * workload.max_prompt_len
-    prefill_ws = (tokens * (3 * h1 + qkv + out + k * h1 + 2 * model.shared_intermediate_size
-                            + 2 * model.dense_intermediate_size) * act
-                  + tokens * k * 2 * model.expert_intermediate_size * act / model.num_experts
-                  + 2 * tokens * kv_token_layer + logits)
-    if n_ub == 1:
-        prefill_ws += tokens * h1 * act
+    # prefill: the largest micro-batch, mu * s_max tokens, as the executor sizes it
+    prefill_ws = prefill_workspace_bytes(model, policy, mu * workload.max_prompt_len,
+                                         workload.max_seq_len, act)
     gpu_prefill = {**weights, **kv_gpu, "activations": Affine(const=prefill_ws)}
 
     # pinned CPU buffers: per-micro-batch q/k/v and attention outputs (decode) or the batch's
@@ -446,6 +443,26 @@ def _memory_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
         pinned["staging ring"] = Affine(const=ring)
     return {"gpu_decode": gpu_decode, "gpu_prefill": gpu_prefill, "cpu": cpu, "pinned": pinned,
             "overflow": overflow}
+
+
+def prefill_workspace_bytes(model: ModelSpec, policy: Policy, prefill_tokens: int,
+                            max_seq_len: int, act_bytes: int) -> float:
+    """GPU activation workspace (bytes) of a prefill micro-batch of `prefill_tokens` tokens, the
+    one formula the cost model and the executor's memory plan share. Per token: the hidden states
+    and their temporaries (6 h1), q/k/v, the expert-sorted copies of the hidden states and outputs
+    (2 k h1), one expert's (or dense MLP's) intermediate in the worst case that every token picks
+    it (3 h2), the shared experts' (3 h2_shared); plus mu sequences' logits in fp32 (two copies)
+    and, with GPU decode attention, fp32 scores and one micro-batch of K/V for max_seq_len."""
+    h1, k = model.hidden_size, model.top_k
+    per_token = (6 * h1 + qkv_elements_per_token(model) + 2 * k * h1
+                 + 3 * max(model.expert_intermediate_size, model.dense_intermediate_size)
+                 + 3 * model.shared_intermediate_size)
+    logits = 2 * policy.micro_batch_size * model.vocab_size * LOGIT_BYTES
+    attention = 0.0
+    if policy.attn_decode_device == "gpu":
+        attention = policy.micro_batch_size * max_seq_len * (
+            model.num_heads * LOGIT_BYTES + 2 * model.num_kv_heads * model.head_dim * act_bytes)
+    return prefill_tokens * per_token * act_bytes + logits + attention
 
 
 def gpu_shares(model: ModelSpec, policy: Policy) -> tuple[float, float, float]:
@@ -511,7 +528,7 @@ def check_fits(model: ModelSpec, hw: HardwareProfile, workload: Workload, policy
              hw.gpu.memory_bytes, mem.gpu_breakdown),
             ("CPU", mem.cpu_bytes, mem.cpu_capacity_bytes, hw.cpu.memory_bytes,
              mem.cpu_breakdown)):
-        if need > usable:
+        if need > usable * (1.0 + MEMORY_CHECK_TOLERANCE):
             raise PolicyError(
                 f"policy needs {need / GiB:.1f} GiB {tier} memory ({breakdown_text(parts)}), "
                 f"{usable / GiB:.1f} GiB usable of {total / GiB:.1f} GiB given")

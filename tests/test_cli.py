@@ -90,7 +90,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message, hrm_cli):
     bad_policy = tmp_path / "bad.json"
     bad_policy.write_text("{")
     huge = tmp_path / "huge.json"
-    Policy(batch_size=8192, micro_batch_size=512).save(huge)
+    Policy(batch_size=65536, micro_batch_size=64).save(huge)
     subst = {"BAD_TOML": str(bad_toml), "BAD_POLICY": str(bad_policy), "HUGE_POLICY": str(huge),
              "x.png": str(tmp_path / "x.png")}
     code, out, err = hrm_cli(*[subst.get(a, a) for a in args])

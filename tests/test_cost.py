@@ -181,7 +181,7 @@ def test_terms_are_affine_and_predict_evaluates_them(policy):
 
 
 def test_check_fits_names_what_does_not_fit():
-    too_big = Policy(batch_size=8192, micro_batch_size=512)
+    too_big = Policy(batch_size=65536, micro_batch_size=64)
     with pytest.raises(PolicyError, match=r"GiB CPU memory \(KV cache .*GiB given"):
         check_fits(MIXTRAL, T4, WORK, too_big)
     all_on_gpu = Policy(batch_size=8, micro_batch_size=8, weights_gpu_fraction=1.0)

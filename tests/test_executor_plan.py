@@ -58,3 +58,28 @@ def test_plan_counts_offloaded_experts_and_staging() -> None:
     assert plan.gpu["KV cache"] == 0 and plan.cpu["KV cache"] > 0
     with pytest.raises(InfeasibleError, match="does not fit GPU memory"):
         plan.check(gpu_limit_bytes=16 * 2**30, cpu_limit_bytes=1e12)
+
+
+@pytest.mark.parametrize(("model", "hardware", "gpu_gib", "prompt", "gen"), [
+    ("mixtral-8x7b", "t4", None, 100, 64),
+    ("mixtral-8x7b", "h100-machine", 16.0, 100, 128),
+    ("qwen1.5-moe-a2.7b", "l4", 8.0, 200, 32),
+    ("tiny-mixtral", "h100-machine", 0.03, 32, 16),
+])
+def test_the_optimizers_policy_passes_the_executors_memory_plan(model, hardware, gpu_gib, prompt,
+                                                                gen) -> None:
+    """The cost model and the executor size activations with one formula
+    (hrm.cost.prefill_workspace_bytes), so what `hrm optimize` picks is what `hrm run` accepts
+    under the same GPU cap (the executor realizes r_w in whole experts, spread evenly)."""
+    from hrm.hardware import load_profile
+    from hrm.optimize import optimize
+    from hrm.units import GiB
+    from hrm.workload import Workload
+
+    spec = load_model_spec(model)
+    hw = load_profile(hardware).with_memory(
+        gpu_memory_bytes=None if gpu_gib is None else gpu_gib * GiB)
+    policy = optimize(spec, hw, Workload(num_seqs=4096, prompt_len=prompt, gen_len=gen)).policy
+    resident = resident_experts_per_layer(spec, policy.weights_gpu_fraction)
+    plan = plan_memory(spec, policy, resident, [prompt] * policy.batch_size, gen)
+    plan.check(gpu_limit_bytes=hw.gpu.memory_bytes, cpu_limit_bytes=hw.cpu.memory_bytes)
