@@ -401,43 +401,85 @@ def dram_read(nbytes: int, dtype: str, reps: int) -> Measurement:
                        unit="B/s", times_s=times)
 
 
-def _attention_kernel() -> Callable[..., Any]:
+def executor_attention_threads(cores: int) -> int:
+    """torch threads of the executor's CPU attention worker on a machine with `cores`."""
+    from executor.schedule import compute_threads
+
+    return compute_threads(cores)
+
+
+def ragged_context_lens(batch: int, context: int) -> list[int]:
+    """Non-increasing context lengths of a decode micro-batch whose longest sequence holds
+    `context` tokens: spread evenly over [context / 2, context] (sequences of one batch started
+    with different prompt lengths), as the executor sees them."""
+    return [max(1, context - (context // 2) * i // max(1, batch - 1)) for i in range(batch)]
+
+
+def decode_attention_call(spec: ModelSpec, batch: int, context: int, dtype: str
+                          ) -> tuple[Callable[[], Any], float]:
+    """What the executor's CPU worker does per micro-batch and layer (executor/engine.py): append
+    one token's K/V per sequence to the block KV cache, then grouped-query attention over the
+    ragged contexts (executor.kernels.cpu_decode_attention_paged). Returns the call and the KV
+    bytes it reads: 2 Hkv D bytes_per_element sum_b len_b."""
+    import torch
+
     try:
-        from executor.kernels import cpu_decode_attention
+        from executor.kernels import cpu_decode_attention_paged
+        from executor.kv_cache import KVCache
     except ImportError as exc:
-        raise ProfileError(f"cannot import executor.kernels.cpu_decode_attention ({exc}); run "
-                           "from the repository root or install the package") from None
-    return cpu_decode_attention
-
-
-def kv_bytes_per_call(spec: ModelSpec, batch: int, context: int, dtype: str) -> float:
-    """K and V bytes one decode-attention call reads: 2 B Hkv S D bytes_per_element."""
-    return 2.0 * batch * spec.num_kv_heads * context * spec.head_dim * dtype_bytes(dtype)
-
-
-def attention_inputs(spec: ModelSpec, batch: int, context: int, dtype: str) -> tuple[Any, ...]:
-    """(q [B, Hq, D], k, v [B, Hkv, S, D]) for one decode step, on the CPU."""
+        raise ProfileError(f"cannot import the executor's CPU attention ({exc}); run from the "
+                           "repository root or install the package") from None
+    lens = ragged_context_lens(batch, context)
+    one_layer = dataclasses.replace(spec, num_layers=1)
+    cache = KVCache.allocate(one_layer, lens, _torch_dtype(dtype), torch.device("cpu"),
+                             float("inf"), "CPU")
+    for blocks in cache.k[0] + cache.v[0]:
+        blocks.normal_()
     q = random_tensor((batch, spec.num_heads, spec.head_dim), dtype, "cpu")
-    kv_shape = (batch, spec.num_kv_heads, context, spec.head_dim)
-    return q, random_tensor(kv_shape, dtype, "cpu"), random_tensor(kv_shape, dtype, "cpu")
+    k_new = random_tensor((batch, spec.num_kv_heads, spec.head_dim), dtype, "cpu")
+    slots, positions = slice(0, batch), [n - 1 for n in lens]
+
+    def call() -> Any:
+        cache.append(0, slots, positions, k_new, k_new)
+        k_blocks, v_blocks = cache.blocks(0, slots, lens[0])
+        return cpu_decode_attention_paged(q, k_blocks, v_blocks, lens)
+
+    kv_bytes = 2.0 * spec.num_kv_heads * spec.head_dim * dtype_bytes(dtype) * sum(lens)
+    return call, kv_bytes
 
 
 def cpu_attention_series(spec: ModelSpec, batches: Iterable[int], contexts: Iterable[int],
                          dtype: str, max_kv_bytes: int, reps: int, threads: int
                          ) -> list[Measurement]:
-    """KV bytes/s of the executor's CPU decode-attention kernel (grouped-query, the model's head
-    layout) for each batch x context whose KV fits in `max_kv_bytes`."""
-    kernel = _attention_kernel()
+    """KV bytes/s of the executor's CPU decode attention per call (`decode_attention_call`:
+    KV append + ragged paged kernel, the model's head layout) for each batch x context whose KV
+    fits in `max_kv_bytes`, on `threads` torch threads (the executor's worker runs it on the cores
+    left after its GPU-driving, link and copy threads: executor.schedule.compute_threads)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _attention_measurements(spec, batches, contexts, dtype, max_kv_bytes, reps,
+                                       threads)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _attention_measurements(spec: ModelSpec, batches: Iterable[int], contexts: Iterable[int],
+                            dtype: str, max_kv_bytes: int, reps: int, threads: int
+                            ) -> list[Measurement]:
     out = []
     for batch in batches:
         for context in contexts:
-            kv_bytes = kv_bytes_per_call(spec, batch, context, dtype)
-            if kv_bytes > max_kv_bytes:
+            if 2.0 * batch * spec.num_kv_heads * context * spec.head_dim * \
+                    dtype_bytes(dtype) > max_kv_bytes:
                 continue
-            q, k, v = attention_inputs(spec, batch, context, dtype)
-            times = time_calls(lambda q=q, k=k, v=v: kernel(q, k, v), reps, "cpu")
+            call, kv_bytes = decode_attention_call(spec, batch, context, dtype)
+            times = time_calls(call, reps, "cpu")
             out.append(Measurement(
                 "cpu_attention", {"batch": batch, "context": context, "dtype": dtype,
+                                  "ragged": "lengths context/2..context", "kernel": "paged",
                                   "q_heads": spec.num_heads, "kv_heads": spec.num_kv_heads,
                                   "head_dim": spec.head_dim, "threads": threads},
                 x=kv_bytes, work=kv_bytes, unit="B/s", times_s=times))
@@ -522,15 +564,12 @@ def interference_stages(config: ProfileConfig, spec: ModelSpec, device: str) -> 
     k, n = expert_shape(spec, "up")
     rows = config.interference_gemm_rows
     x, weight = random_tensor((rows, k), "bf16", device), random_tensor((k, n), "bf16", device)
-    batch, context = config.interference_attention
-    kernel = _attention_kernel()
-    q, kc, vc = attention_inputs(spec, batch, context, "bf16")
+    attention, kv_bytes = decode_attention_call(spec, *config.interference_attention, "bf16")
     _sync(device)  # the inputs are written on the default stream; the stages use their own
     return [
         Stage("link", on_stream(lambda: dev.copy_(host, non_blocking=True)), nbytes, "B/s"),
         Stage("gpu", on_stream(lambda: torch.matmul(x, weight)), 2.0 * rows * k * n, "FLOP/s"),
-        Stage("cpu_attention", lambda: kernel(q, kc, vc),
-              kv_bytes_per_call(spec, batch, context, "bf16"), "B/s"),
+        Stage("cpu_attention", attention, kv_bytes, "B/s"),
     ]
 
 
@@ -686,7 +725,7 @@ def benchmark_plan(config: ProfileConfig, env: Environment, spec: ModelSpec,
                                                                       reps)]))
         plan.append((f"CPU attention {dtype}", lambda d=dtype: cpu_attention_series(
             spec, config.attn_batches, config.attn_contexts, d, config.attn_max_kv_bytes, reps,
-            env.threads)))
+            executor_attention_threads(env.threads))))
     plan.append(("overlap interference", lambda: interference(
         interference_stages(config, spec, dev), config.interference_window_s)))
     if pin_probe_bytes:
@@ -765,6 +804,11 @@ def _largest(measurements: list[Measurement], bench: str, **params: Any) -> Meas
 
 def _fastest(measurements: list[Measurement], bench: str, **params: Any) -> Measurement:
     return max(_select(measurements, bench, **params), key=lambda m: m.rate)
+
+
+#: a fitted curve whose relative RMS error exceeds this describes the measurements worse than
+#: the tier's single peak value does, so it is left out of the profile (and said so)
+MAX_CURVE_FIT_ERROR = 0.5
 
 
 def fit_series(series: list[Measurement]) -> SaturatingCurve:
@@ -889,12 +933,17 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
         "cpu_gemm": (f"FLOP/s vs rows, {cpu_best.params['dtype']} CPU GEMMs",
                      _select(ms, "cpu_gemm", dtype=cpu_best.params["dtype"])),
     }
-    curves, fits = {}, {}
+    curves, fits, notes = {}, {}, []
     for key, (what, points) in series.items():
         curve = fit_series(points)
-        curves[key] = curve
+        used = curve.rel_error <= MAX_CURVE_FIT_ERROR
         fits[key] = {"what": what, "points": len(points), "peak": curve.peak,
-                     "half": curve.half, "rel_error": curve.rel_error}
+                     "half": curve.half, "rel_error": curve.rel_error, "used": used}
+        if not used:   # the cost model falls back to the tier's peak
+            notes.append(f"curve {key} not used: fit error {curve.rel_error:.0%} > "
+                         f"{MAX_CURVE_FIT_ERROR:.0%} (noisy or non-saturating measurements)")
+            continue
+        curves[key] = curve
         src = f"fit {date}: y = peak x / (x + half) to {len(points)} points, {what}"
         for field_name in ("peak", "half", "rel_error"):
             sources[f"curves.{key}.{field_name}"] = src
@@ -913,7 +962,7 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
         description += f". {STANDIN_NOTE}; the link is a host memcpy"
     measurements_table = {
         "environment": dataclasses.asdict(env),
-        "skipped": list(skipped or []),
+        "skipped": [*(skipped or []), *notes],
         "fits": fits,
         "derived": {
             "interference_ratio": slowdown_raw,

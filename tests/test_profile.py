@@ -1,6 +1,7 @@
 """hrm profile: measurements -> profile mapping on synthetic data, the TOML round trip, and one
 real `hrm profile --quick --device cpu` run through the CLI."""
 
+import dataclasses
 import json
 import math
 
@@ -12,10 +13,12 @@ from hrm.cli import app, main
 from hrm.hardware import SaturatingCurve, load_profile, save_profile
 from hrm.profile import (
     FULL,
+    MAX_CURVE_FIT_ERROR,
     STANDIN_NOTE,
     Environment,
     Measurement,
     build_profile,
+    executor_attention_threads,
     min_page_bytes,
 )
 from hrm.units import GiB, KiB, MiB
@@ -92,6 +95,19 @@ def synthetic_measurements(standin=False):
             ms.append(Measurement("interference", {"stage": stage, "mode": mode, "ops": 100},
                                   x=1e6, work=rate * 2.0, unit=unit, times_s=(2.0,)))
     return ms
+
+
+def test_a_curve_that_fits_badly_is_left_out_and_said_so():
+    ms = synthetic_measurements()
+    # attention rates that zig-zag by 10x between neighbouring sizes: no saturating curve fits
+    ms = [dataclasses.replace(m, work=m.work * (10.0 if i % 2 else 0.1))
+          if m.bench == "cpu_attention" and m.params["dtype"] == "bf16" else m
+          for i, m in enumerate(ms)]
+    profile = build_profile("noisy", ms, _env(), [])
+    assert "cpu_attention" not in profile.curves and "gpu_gemm" in profile.curves
+    fit = profile.measurements["fits"]["cpu_attention"]
+    assert fit["rel_error"] > MAX_CURVE_FIT_ERROR and fit["used"] is False
+    assert any("curve cpu_attention not used" in s for s in profile.measurements["skipped"])
 
 
 def test_full_run_covers_the_sizes_the_issue_asks_for():
@@ -219,7 +235,8 @@ def test_quick_cpu_profile_measures_attention_in_both_kv_dtypes(quick_run):
     _, toml_path, _ = quick_run
     table = load_profile(toml_path).measurements["benchmarks"]["cpu_attention"]
     assert set(table["dtype"]) == {"fp32", "bf16"}
-    assert set(table["threads"]) == {torch.get_num_threads()}
+    # on the threads the executor's CPU attention worker gets on this machine
+    assert set(table["threads"]) == {executor_attention_threads(torch.get_num_threads())}
 
 
 @pytest.mark.parametrize("args, message", [
