@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
+from hrm.cost import KV_BLOCK_TOKENS
 from hrm.errors import InfeasibleError
 from hrm.model import ModelSpec
 from hrm.units import fmt_bytes
 
-BLOCK_TOKENS = 64
+BLOCK_TOKENS = KV_BLOCK_TOKENS
 
 
 def blocks_per_slot(capacities: list[int], block_tokens: int) -> list[int]:

@@ -46,6 +46,7 @@ from typing import Any
 from hrm.cost import (
     BOTTLENECK_NAMES,
     GPU_USABLE_FRACTION,
+    KV_BLOCK_TOKENS,
     Affine,
     CostTerms,
     affine_sum,
@@ -63,8 +64,6 @@ from hrm.roofline import head_operators, layer_operators
 from hrm.units import GiB, fmt_bytes
 from hrm.workload import Workload
 
-#: KV block size (tokens); the executor's KV cache uses the same
-DEFAULT_BLOCK_TOKENS = 64
 #: most prompt tokens per prefill micro-batch (bounds the GPU activation workspace); a longer
 #: prompt is prefilled alone
 PREFILL_CHUNK_TOKENS = 8192
@@ -315,7 +314,7 @@ def steady_shape(running: float, stats: LengthStats) -> PassShape:
 
 
 def predict_continuous(model: ModelSpec, hw: HardwareProfile, workload: Workload,
-                       policy: Policy, *, block_tokens: int = DEFAULT_BLOCK_TOKENS,
+                       policy: Policy, *, block_tokens: int = KV_BLOCK_TOKENS,
                        prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS) -> ContinuousPrediction:
     """Steady-state throughput of continuous scheduling (module docstring) with token budget
     n_tok = policy.batch_size, and what binds it. Raises InfeasibleError when the GPU does not
@@ -426,7 +425,7 @@ class ContinuousResult:
 
 def optimize_continuous(model: ModelSpec, hw: HardwareProfile, workload: Workload, *,
                         schedule: str = "cgopipe", weight_dtype: str = "bf16",
-                        kv_dtype: str = "bf16", block_tokens: int = DEFAULT_BLOCK_TOKENS,
+                        kv_dtype: str = "bf16", block_tokens: int = KV_BLOCK_TOKENS,
                         micro_batch_sizes: tuple[int, ...] = MICRO_BATCH_SIZES,
                         token_budgets: tuple[int, ...] = TOKEN_BUDGETS) -> ContinuousResult:
     """Best (mu, n_tok, r_w) for continuous scheduling. For fixed (mu, n_tok) throughput never

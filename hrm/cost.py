@@ -68,6 +68,9 @@ CPU_USABLE_FRACTION = 0.90
 #: relative slack of memory checks: the MILP solver's feasibility tolerance (CBC, 1e-7) and a
 #: policy's fractions saved to 9 digits can put a policy a few bytes over a binding limit
 MEMORY_CHECK_TOLERANCE = 1e-6
+#: KV cache block (tokens): each sequence's KV is allocated in whole blocks (the executor's
+#: block KV cache, executor/kv_cache.py, and the continuous scheduler use the same)
+KV_BLOCK_TOKENS = 64
 #: pages in the pinned staging ring that the copy thread fills when weights cannot all be pinned
 STAGING_RING_PAGES = 4
 
@@ -393,7 +396,8 @@ def _memory_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
     routed_bytes = model.routed_expert_bytes(policy.weight_dtype)
     layer_bytes = model.routed_expert_bytes_per_layer(policy.weight_dtype)
     kv_token_layer = kv_bytes_per_token_layer(model, policy.kv_dtype)
-    kv_bytes = n * workload.max_seq_len * model.kv_bytes_per_token(policy.kv_dtype)
+    kv_tokens = math.ceil(workload.max_seq_len / KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS
+    kv_bytes = n * kv_tokens * model.kv_bytes_per_token(policy.kv_dtype)
     qkv, out = qkv_elements_per_token(model), attn_out_elements_per_token(model)
     widest_ffn = max(2 * model.expert_intermediate_size * k, 2 * model.shared_intermediate_size,
                      2 * model.dense_intermediate_size)
@@ -407,7 +411,13 @@ def _memory_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
     weights = {"dense weights": Affine(const=dense_bytes),
                "resident experts": Affine(r_w=routed_bytes * expert_share)}
     if model.num_moe_layers:
-        weights["expert staging (2 layers)"] = one_minus(2.0 * layer_bytes * expert_share, "r_w")
+        # two buffers of a layer's streamed experts; the executor keeps whole experts resident,
+        # so a layer may stream one expert (share) more than (1 - r_w) of its bytes
+        expert_rounding = model.expert_bytes(policy.weight_dtype) * (
+            1.0 if policy.parallelism == "ep" and g > 1 else expert_share)
+        weights["expert staging (2 layers)"] = (
+            one_minus(2.0 * layer_bytes * expert_share, "r_w")
+            + Affine(const=2.0 * expert_rounding))
     kv_gpu = ({"KV cache": Affine(r_c=kv_bytes * kv_share)}
               if policy.attn_decode_device == "gpu" else {})
 
