@@ -172,14 +172,21 @@ def accelerate_run(config: dict, layers: int, prompt_lens: list[int], gen_len: i
     mask = torch.zeros_like(ids)
     for i, n in enumerate(lens):  # left padding
         mask[i, width - n:] = 1
-    torch.cuda.reset_peak_memory_stats(device)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
+
+    def generate(new_tokens: int) -> torch.Tensor:
+        return model.generate(ids.to(device), attention_mask=mask.to(device),
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              do_sample=False, pad_token_id=0)
+
     try:
         with torch.inference_mode():
-            out = model.generate(ids.to(device), attention_mask=mask.to(device),
-                                 max_new_tokens=gen_len, min_new_tokens=gen_len,
-                                 do_sample=False, pad_token_id=0)
+            warm_start = time.perf_counter()
+            generate(2)   # untimed warm-up, as the executor's (Engine.warm_up)
+            warmup_s = time.perf_counter() - warm_start
+            torch.cuda.reset_peak_memory_stats(device)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = generate(gen_len)
     except torch.OutOfMemoryError as exc:
         return {"schedule": "accelerate", "batch_size": batch, "gen_len": gen_len,
                 "error": f"out of memory: {str(exc).splitlines()[0]}"}
@@ -188,6 +195,7 @@ def accelerate_run(config: dict, layers: int, prompt_lens: list[int], gen_len: i
     generated = (out.shape[1] - width) * len(lens)
     return {"schedule": "accelerate", "num_layers": layers, "batch_size": batch,
             "gen_len": gen_len, "generated_tokens": generated, "total_s": elapsed,
+            "warmup_s": warmup_s,
             "throughput_tok_s": generated / elapsed,
             "full_model_tok_s_estimate": generated / elapsed * layers / FULL_LAYERS,
             "peak_gpu_mem_bytes": torch.cuda.max_memory_allocated(device),

@@ -309,6 +309,8 @@ def run_command(
         "gpu_mem_plan_bytes": facts["gpu_mem_plan_bytes"],  # per GPU (rank 0)
         "cpu_mem_plan_bytes": facts["cpu_mem_plan_bytes"],  # per rank (rank 0)
         "load_s": facts["load_s"],
+        # untimed warm-up generate before the measured run (Engine.warm_up; CUDA only)
+        "warmup_s": facts.get("warmup_s", 0.0),
         "prediction": prediction,
         "hardware_profile": hw.name if hw else None,
         "machine": dict(machine_info(device), pipeline_torch_threads=compute_threads(

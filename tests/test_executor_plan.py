@@ -83,3 +83,27 @@ def test_the_optimizers_policy_passes_the_executors_memory_plan(model, hardware,
     resident = resident_experts_per_layer(spec, policy.weights_gpu_fraction)
     plan = plan_memory(spec, policy, resident, [prompt] * policy.batch_size, gen)
     plan.check(gpu_limit_bytes=hw.gpu.memory_bytes, cpu_limit_bytes=hw.cpu.memory_bytes)
+
+
+def test_warm_up_leaves_no_trace_in_the_measured_run() -> None:
+    """Engine.warm_up (run before the timed generate on CUDA) must not change the outputs,
+    the seeded sampling or the byte counters of the run that follows."""
+    from executor.engine import build_engine
+    from executor.sampling import Sampling
+
+    prompts = [[5 + i + j for j in range(3 + 2 * i)] for i in range(6)]
+    policy = Policy(batch_size=4, micro_batch_size=2, weight_dtype="fp32", kv_dtype="fp32",
+                    weights_gpu_fraction=0.25)
+
+    def engine():
+        return build_engine("tiny-mixtral", policy, device=torch.device("cpu"),
+                            prompt_lens=[len(p) for p in prompts], gen_len=5,
+                            gpu_mem_bytes=2**32, cpu_mem_bytes=2**32,
+                            sampling=Sampling(temperature=1.0, top_p=0.9, seed=3))
+
+    cold = engine().generate(prompts, 5)
+    warm_engine = engine()
+    assert warm_engine.warm_up(prompts) > 0
+    warm = warm_engine.generate(prompts, 5)
+    assert warm.outputs == cold.outputs
+    assert warm.bytes_moved == cold.bytes_moved
