@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hrm.model import ModelSpec
 
@@ -85,11 +86,20 @@ def attention_in(x: torch.Tensor, layer: DenseLayer, spec: ModelSpec, cos: torch
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
+#: SDPA backends for prefill, which is called once per distinct prompt length: cuDNN attention is
+#: left out because it builds an execution plan per new shape (our reading of the GPU machine's
+#: trace: the first prefill layer cost 0.6-1.6 s per micro-batch of new lengths, the second
+#: 0.02-0.07 s; benchmarks/results/h200x2_2026-11-29_run2/README.md)
+PREFILL_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                         SDPBackend.MATH]
+
+
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal GQA self-attention of n equal-length prompts: q [n, L, n_q, D], k/v [n, L, n_kv, D]
     -> [n, L, n_q * D]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         is_causal=True, enable_gqa=True)
+    with sdpa_kernel(PREFILL_SDPA_BACKENDS):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                             v.transpose(1, 2), is_causal=True, enable_gqa=True)
     n, _, length, _ = out.shape
     return out.transpose(1, 2).reshape(n, length, -1)
 
