@@ -8,6 +8,7 @@ exits with code 2, never with a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,7 +26,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+#: width of tables written to a pipe or file (rich's default of 80 columns would squeeze them);
+#: a terminal keeps its own width, and COLUMNS still overrides both
+PIPE_WIDTH = 140
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else PIPE_WIDTH)
 err_console = Console(stderr=True)
 
 
@@ -200,7 +204,9 @@ def hardware_command(as_json: JsonOpt = False) -> None:
     rows = []
     for name in shipped_profiles():
         hw = load_profile(name)
-        rows.append({"name": name, "gpu": hw.gpu.name, "gpu_mem_bytes": hw.gpu.memory_bytes,
+        rows.append({"name": name, "gpu": hw.gpu.name, "gpus": hw.interconnect.num_gpus,
+                     "allreduce_bus_bps": hw.interconnect.allreduce_bus_bps,
+                     "gpu_mem_bytes": hw.gpu.memory_bytes,
                      "gpu_bf16_flops": hw.gpu.flops("bf16"),
                      "hbm_bps": hw.gpu.hbm_bandwidth_bps, "cpu": hw.cpu.name,
                      "cpu_cores": hw.cpu.cores, "cpu_mem_bytes": hw.cpu.memory_bytes,
@@ -211,11 +217,13 @@ def hardware_command(as_json: JsonOpt = False) -> None:
         emit_json(rows)
         return
     table = Table(title="shipped hardware profiles")
-    for col in ("profile", "GPU", "GPU mem", "bf16", "HBM", "CPU cores", "CPU mem", "DRAM",
-                "PCIe H2D", "curves"):
+    for col in ("profile", "GPU", "GPUs", "GPU mem", "bf16", "HBM", "CPU cores",
+                "CPU mem", "DRAM", "PCIe H2D", "curves"):
         table.add_column(col, justify="left" if col in ("profile", "GPU", "curves") else "right")
     for r in rows:
-        table.add_row(r["name"], r["gpu"], f"{r['gpu_mem_bytes'] / 1e9:.0f} GB",
+        gpus = str(r["gpus"]) + (f" ({r['allreduce_bus_bps'] / 1e9:.0f} GB/s)"
+                                 if r["gpus"] > 1 else "")
+        table.add_row(r["name"], r["gpu"], gpus, f"{r['gpu_mem_bytes'] / 1e9:.0f} GB",
                       f"{r['gpu_bf16_flops'] / 1e12:.0f} TFLOP/s", f"{r['hbm_bps'] / 1e9:.0f} GB/s",
                       str(r["cpu_cores"]), f"{r['cpu_mem_bytes'] / 1e9:.0f} GB",
                       f"{r['dram_bps'] / 1e9:.0f} GB/s", f"{r['h2d_pinned_bps'] / 1e9:.1f} GB/s",

@@ -19,7 +19,8 @@ def test_models_and_hardware(hrm_cli):
     code, out, _ = hrm_cli("hardware", "--json")
     rows = {r["name"]: r for r in json.loads(out)}
     assert code == 0 and rows["t4"]["h2d_pinned_bps"] == 12.89e9
-    for command, name in (("models", "olmoe"), ("hardware", "a100")):
+    assert rows["h200x2-quick"]["gpus"] == 2 and rows["t4"]["gpus"] == 1
+    for command, name in (("models", "olmoe"), ("hardware", "t4")):
         code, out, _ = hrm_cli(command)
         assert code == 0 and name in out
 
