@@ -270,7 +270,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     if args.attention:
-        write_json_atomic(args.out / "executor_cpu_attention.json", attention_bench())
+        import platform
+
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                capture_output=True, text=True).stdout.strip()
+        write_json_atomic(args.out / "executor_cpu_attention.json", {
+            "machine": {"cpu": platform.processor() or platform.machine(),
+                        "cores": os.cpu_count()},
+            "command": " ".join([sys.executable, *sys.argv]), "commit": commit,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "rows": attention_bench()})
         return
 
     import torch
