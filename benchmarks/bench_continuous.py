@@ -69,6 +69,9 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=128, help="mtbench and rag")
     ap.add_argument("--gpu-mem", type=float, default=16.0, help="GiB, for the full model")
     ap.add_argument("--hardware", default="h100-machine")
+    ap.add_argument("--host-mem", type=float, default=None,
+                    help="GiB of host memory the full model may use (default: what the OS "
+                         "reports; hosts whose memory grows on use report too little at start)")
     ap.add_argument("--deadline-s", type=float, default=float("inf"),
                     help="start no new run after this many seconds")
     ap.add_argument("--dry-run", action="store_true",
@@ -79,8 +82,11 @@ def main() -> None:
     spec = load_model_spec("mixtral-8x7b")
     config = json.loads((ROOT / "hrm" / "model_configs" / "mixtral-8x7b.json").read_text())
     hw = load_profile(args.hardware)
-    host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if args.dry_run:   # plan as if on the profiled machine
+    host_bytes = (args.host_mem * GiB if args.host_mem else
+                  os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if args.host_mem:  # the profile's CPU memory is what the host showed when it was profiled
+        hw = hw.with_memory(cpu_memory_bytes=host_bytes)
+    if args.dry_run and not args.host_mem:   # plan as if on the profiled machine
         host_bytes = hw.cpu.memory_bytes
     cpu_full = min(host_bytes, hw.cpu.memory_bytes)
     bench = layer_bench(config, args.layers, hw, host_bytes, args.out, "continuous")
