@@ -207,3 +207,22 @@ def plot_what_if(sweep: Any, x: str, xlabel: str, path: str | Path | None = None
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def plot_phase_times(runs: Any, path: str | Path | None = None, title: str = "") -> Any:
+    """Measured vs predicted prefill and decode seconds of executor runs (a pandas frame with
+    columns run, prefill_s, predicted_prefill_s, decode_s, predicted_decode_s): where a
+    throughput error comes from."""
+    fig, axes = plt.subplots(1, 2, figsize=(max(7.0, 1.1 * len(runs)), 3.6), sharey=False)
+    x = np.arange(len(runs))
+    for ax, phase in zip(axes, ("prefill", "decode"), strict=True):
+        ax.bar(x - 0.2, runs[f"{phase}_s"], 0.4, label="measured")
+        ax.bar(x + 0.2, runs[f"predicted_{phase}_s"], 0.4, label="predicted (HRM)")
+        ax.set_xticks(x, runs["run"], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(f"{phase} s")
+        ax.set_title(phase, fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
