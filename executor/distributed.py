@@ -133,7 +133,8 @@ def rank_cores(rank: int, world: int) -> list[int]:
     return cores[rank * share:(rank + 1) * share]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on localhost, for a torch.distributed rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -172,7 +173,7 @@ def spawn(fn: Callable[..., Any], world: int, parallelism: str, device_type: str
     with tempfile.TemporaryDirectory(prefix="hrm-ranks-") as tmp:
         result_path = str(Path(tmp) / "rank0.pt")
         context = mp.start_processes(
-            _rank_main, args=(world, parallelism, device_type, _free_port(), fn, args,
+            _rank_main, args=(world, parallelism, device_type, free_port(), fn, args,
                               result_path),
             nprocs=world, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout_s

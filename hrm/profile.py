@@ -579,14 +579,6 @@ def interference_stages(config: ProfileConfig, spec: ModelSpec, device: str) -> 
 ALLREDUCE_SIZES = _powers(64 * KiB, 256 * MiB, 4)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _allreduce_rank(rank: int, world_size: int, port: int, backend: str, device: str,
                     sizes: tuple[int, ...], reps: int, results: Any) -> None:
     """One process of `measure_allreduce`: times in-place sum all-reduces of each size; rank 0
@@ -594,7 +586,9 @@ def _allreduce_rank(rank: int, world_size: int, port: int, backend: str, device:
     import torch
     import torch.distributed as dist
 
-    os.environ["NCCL_NVLS_ENABLE"] = "0"       # the GPU host requires NVLink multicast off
+    from executor.distributed import RANK_ENV
+
+    os.environ.update(RANK_ENV)                # the GPU host requires NVLink multicast off
     if device == "cuda":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -620,10 +614,12 @@ def measure_allreduce(world_size: int, backend: str, device: str,
     rendezvous on a free port. Rate = algorithm bandwidth, bytes / s per call."""
     import torch.multiprocessing as mp
 
+    from executor.distributed import RANK_ENV, free_port
+
     sizes = tuple(sizes)
     results = mp.get_context("spawn").SimpleQueue()
-    os.environ["NCCL_NVLS_ENABLE"] = "0"
-    mp.spawn(_allreduce_rank, args=(world_size, _free_port(), backend, device, sizes, reps,
+    os.environ.update(RANK_ENV)
+    mp.spawn(_allreduce_rank, args=(world_size, free_port(), backend, device, sizes, reps,
                                     results), nprocs=world_size, join=True)
     out = []
     for _ in sizes:
