@@ -38,6 +38,7 @@ from hrm.hardware import HardwareProfile, load_profile, save_profile  # noqa: E4
 from hrm.io import write_json_atomic  # noqa: E402
 from hrm.model import load_model_spec  # noqa: E402
 from hrm.optimize import optimize  # noqa: E402
+from hrm.profile import time_calls  # noqa: E402
 from hrm.units import GiB  # noqa: E402
 from hrm.workload import synthetic_workload  # noqa: E402
 
@@ -215,13 +216,7 @@ def attention_bench(threads: int | None = None) -> list[dict]:
         torch.set_num_threads(threads)
 
     def best_s(fn, reps: int = 5) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
+        return min(time_calls(fn, reps, "cpu"))
 
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
