@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_executor import (  # noqa: E402
     FULL_LAYERS,
+    add_host_mem_option,
     fit_to_executor,
+    host_memory,
     layer_bench,
     layer_gpu_bytes,
     run_cli,
@@ -69,9 +70,7 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=128, help="mtbench and rag")
     ap.add_argument("--gpu-mem", type=float, default=16.0, help="GiB, for the full model")
     ap.add_argument("--hardware", default="h100-machine")
-    ap.add_argument("--host-mem", type=float, default=None,
-                    help="GiB of host memory the full model may use (default: what the OS "
-                         "reports; hosts whose memory grows on use report too little at start)")
+    add_host_mem_option(ap)
     ap.add_argument("--deadline-s", type=float, default=float("inf"),
                     help="start no new run after this many seconds")
     ap.add_argument("--dry-run", action="store_true",
@@ -81,11 +80,7 @@ def main() -> None:
 
     spec = load_model_spec("mixtral-8x7b")
     config = json.loads((ROOT / "hrm" / "model_configs" / "mixtral-8x7b.json").read_text())
-    hw = load_profile(args.hardware)
-    host_bytes = (args.host_mem * GiB if args.host_mem else
-                  os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    if args.host_mem:  # the profile's CPU memory is what the host showed when it was profiled
-        hw = hw.with_memory(cpu_memory_bytes=host_bytes)
+    host_bytes, hw = host_memory(args.host_mem, load_profile(args.hardware))
     if args.dry_run and not args.host_mem:   # plan as if on the profiled machine
         host_bytes = hw.cpu.memory_bytes
     cpu_full = min(host_bytes, hw.cpu.memory_bytes)

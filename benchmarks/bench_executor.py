@@ -82,6 +82,24 @@ class LayerBench:
         return path
 
 
+def add_host_mem_option(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--host-mem", type=float, default=None,
+                    help="GiB of host memory the full model may use (default: what the OS "
+                         "reports; hosts whose memory grows on use report too little at start)")
+
+
+def host_memory(host_mem_gib: float | None, hw: HardwareProfile
+                ) -> tuple[float, HardwareProfile]:
+    """Host bytes the full model may use (--host-mem, else what the OS reports) and the profile
+    with that CPU memory when --host-mem is given (the profile's CPU memory is what the host
+    showed when it was profiled)."""
+    from executor.cli import host_memory_bytes
+
+    if not host_mem_gib:
+        return host_memory_bytes(), hw
+    return host_mem_gib * GiB, hw.with_memory(cpu_memory_bytes=host_mem_gib * GiB)
+
+
 def layer_bench(config: dict, layers: int, hw: HardwareProfile, host_bytes: float, out: Path,
                 name: str) -> LayerBench:
     """Write the L-layer config into a fresh work dir and size the L-layer limits."""
@@ -251,9 +269,7 @@ def main() -> None:
     ap.add_argument("--gen-lens", type=int, nargs="+", default=[32, 64, 128, 256])
     ap.add_argument("--gpu-mem", type=float, default=16.0, help="GiB, for the full model")
     ap.add_argument("--hardware", default="h100")
-    ap.add_argument("--host-mem", type=float, default=None,
-                    help="GiB of host memory the full model may use (default: what the OS "
-                         "reports; hosts whose memory grows on use report too little at start)")
+    add_host_mem_option(ap)
     ap.add_argument("--accelerate-gen-lens", type=int, nargs="*", default=[32])
     ap.add_argument("--accelerate-batches", type=int, nargs="*", default=[8, 16, 32])
     ap.add_argument("--only", nargs="*", default=["cgopipe", "layerwise", "accelerate"])
@@ -283,11 +299,7 @@ def main() -> None:
         sys.exit("bench_executor needs a CUDA GPU")
     spec = load_model_spec("mixtral-8x7b")
     config = json.loads((ROOT / "hrm" / "model_configs" / "mixtral-8x7b.json").read_text())
-    host_bytes = (args.host_mem * GiB if args.host_mem else
-                  os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    hw = load_profile(args.hardware)
-    if args.host_mem:  # the profile's CPU memory is what the host showed when it was profiled
-        hw = hw.with_memory(cpu_memory_bytes=host_bytes)
+    host_bytes, hw = host_memory(args.host_mem, load_profile(args.hardware))
     bench = layer_bench(config, args.layers, hw, host_bytes, args.out, "executor")
     limits, workdir, results = bench.limits, bench.workdir, bench.results
     hw_full = hw.with_memory(gpu_memory_bytes=args.gpu_mem * GiB,
