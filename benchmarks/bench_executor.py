@@ -224,14 +224,21 @@ def accelerate_run(config: dict, layers: int, prompt_lens: list[int], gen_len: i
 
 def attention_bench(threads: int | None = None) -> list[dict]:
     """CPU decode attention at decode shapes (32 q / 8 kv heads, D=128): KV bytes read per
-    second, next to the DRAM read bandwidth of a torch sum over 4 GiB (the roof)."""
+    second of the dense kernel and of both paged kernels (torch ops and C++, ragged lengths),
+    next to the DRAM read bandwidth of a torch sum over 4 GiB (the roof)."""
     import torch
 
-    from executor.kernels import cpu_decode_attention, cpu_decode_attention_paged
+    from executor.kernels import (
+        cpu_decode_attention,
+        paged_attention_cpp,
+        paged_attention_extension,
+        paged_attention_torch,
+    )
     from executor.kv_cache import BLOCK_TOKENS
 
     if threads:
         torch.set_num_threads(threads)
+    extension = paged_attention_extension()
 
     def best_s(fn, reps: int = 5) -> float:
         return min(time_calls(fn, reps, "cpu"))
@@ -241,25 +248,28 @@ def attention_bench(threads: int | None = None) -> list[dict]:
         big = torch.ones(GiB * 4 // torch.empty((), dtype=dtype).element_size(), dtype=dtype)
         dram_bps = big.numel() * big.element_size() / best_s(lambda b=big: b.sum())
         del big
-        for batch, seq in ((64, 1024), (256, 512), (1024, 256)):
+        for batch, seq in ((64, 144), (64, 1024), (256, 512), (1024, 256), (8, 8192)):
             q = torch.randn(batch, 32, 128).to(dtype)
             k, v = (torch.randn(batch, 8, seq, 128).to(dtype) for _ in "kv")
             kv_bytes = 2 * k.numel() * k.element_size()
             lens = sorted((seq - (i * 7) % (seq // 4) for i in range(batch)), reverse=True)
             ragged_bytes = kv_bytes * sum(lens) / (batch * seq)
-            dense_s = best_s(lambda q=q, k=k, v=v: cpu_decode_attention(q, k, v))
             kb, vb = ([x[:sum(1 for n in lens if n > j * BLOCK_TOKENS), :,
                          j * BLOCK_TOKENS:(j + 1) * BLOCK_TOKENS].contiguous()
                        for j in range(-(-lens[0] // BLOCK_TOKENS))] for x in (k, v))
-            ragged_s = best_s(lambda q=q, k=kb, v=vb, n=lens: cpu_decode_attention_paged(q, k, v,
-                                                                                        n))
-            rows.append({"dtype": str(dtype).removeprefix("torch."), "batch": batch,
-                         "context": seq, "dram_read_bps": dram_bps,
-                         "dense_kv_bps": kv_bytes / dense_s,
-                         "paged_ragged_kv_bps": ragged_bytes / ragged_s,
-                         "dense_fraction_of_dram": kv_bytes / dense_s / dram_bps,
-                         "threads": torch.get_num_threads()})
+            row = {"dtype": str(dtype).removeprefix("torch."), "batch": batch, "context": seq,
+                   "dram_read_bps": dram_bps, "threads": torch.get_num_threads(),
+                   "dense_kv_bps": kv_bytes / best_s(lambda q=q, k=k, v=v:
+                                                     cpu_decode_attention(q, k, v)),
+                   "paged_torch_kv_bps": ragged_bytes / best_s(
+                       lambda q=q, k=kb, v=vb, n=lens: paged_attention_torch(q, k, v, n))}
+            if extension is not None:
+                row["paged_cpp_kv_bps"] = ragged_bytes / best_s(
+                    lambda q=q, k=kb, v=vb, n=lens: paged_attention_cpp(extension, q, k, v, n))
+                row["paged_cpp_fraction_of_dram"] = row["paged_cpp_kv_bps"] / dram_bps
+            rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
+            del q, k, v, kb, vb
     return rows
 
 

@@ -31,7 +31,7 @@ import torch
 
 from executor import layers as L
 from executor.distributed import Shard
-from executor.kernels import cpu_decode_attention_paged
+from executor.kernels import cpu_decode_attention_paged, paged_attention_extension
 from executor.kv_cache import BLOCK_TOKENS, KVCache, kv_cache_bytes
 from executor.sampling import Sampling, sample
 from executor.schedule import (
@@ -156,6 +156,8 @@ class Engine:
         self.sampling, self.eos = sampling, eos_token_id
         self.renorm = renormalize_topk(self.spec, weights.config)
         self.cpu_attention = policy.attn_decode_device == "cpu"
+        if self.cpu_attention:
+            paged_attention_extension()  # built (or loaded) now, not inside a timed decode
         self.overlap = policy.schedule == "cgopipe"
         if policy.attn_prefill_device != "gpu":
             raise PolicyError("the executor runs prefill attention on the GPU: set "

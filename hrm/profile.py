@@ -469,6 +469,8 @@ def cpu_attention_series(spec: ModelSpec, batches: Iterable[int], contexts: Iter
 def _attention_measurements(spec: ModelSpec, batches: Iterable[int], contexts: Iterable[int],
                             dtype: str, max_kv_bytes: int, reps: int, threads: int
                             ) -> list[Measurement]:
+    from executor.kernels import paged_kernel_name
+
     out = []
     for batch in batches:
         for context in contexts:
@@ -479,7 +481,8 @@ def _attention_measurements(spec: ModelSpec, batches: Iterable[int], contexts: I
             times = time_calls(call, reps, "cpu")
             out.append(Measurement(
                 "cpu_attention", {"batch": batch, "context": context, "dtype": dtype,
-                                  "ragged": "lengths context/2..context", "kernel": "paged",
+                                  "ragged": "lengths context/2..context",
+                                  "kernel": f"paged-{paged_kernel_name()}",
                                   "q_heads": spec.num_heads, "kv_heads": spec.num_kv_heads,
                                   "head_dim": spec.head_dim, "threads": threads},
                 x=kv_bytes, work=kv_bytes, unit="B/s", times_s=times))

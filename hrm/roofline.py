@@ -28,8 +28,21 @@ from hrm.units import dtype_bytes
 #: (int8/fp8 weights are dequantized to 16 bits for the matmul)
 ACT_DTYPE = "bf16"
 COMPUTE_DTYPE = "bf16"
-#: GEMM launches per touched expert: gate (w1), up (w3) and down (w2) projections
-KERNELS_PER_EXPERT = 3
+#: Host-issued operations per micro-batch (what `launches` counts, each costing the profile's
+#: op_overhead_s on the GPU stage): the aten operations the executor's layer code
+#: (executor/layers.py) dispatches, views included, since each costs the launching thread its
+#: Python and dispatcher time and decode micro-batches are small enough to be bound by it.
+#: Counted on the executor by tests/test_roofline.py::test_op_counts_match_the_executor.
+#: attention_in: RMSNorm, Q/K/V projections, RoPE on q and k
+OPS_ATTENTION_IN = 35
+#: attention_out: output projection and residual
+OPS_ATTENTION_OUT = 3
+#: routing and the token permutation around the experts: router GEMM, softmax, top-k, sort,
+#: bincount, gather, scatter-add, residual, post-attention RMSNorm
+OPS_MOE_ROUTING = 24
+#: per touched expert: slices, the gate/up GEMM and its split, SiLU, product, down GEMM, gate
+#: weighting, cast and the write into the sorted output
+OPS_PER_EXPERT = 17
 #: bytes per logit (the LM head's output is kept in fp32 for sampling)
 LOGIT_BYTES = 4
 
@@ -203,7 +216,7 @@ def layer_operators(model: ModelSpec, *, micro_batch_size: int, num_micro_batche
     o_params = model.num_heads * model.v_dim * h1
     ops = [
         _gemm("qkv_proj", (attn_params - o_params) * heads, tokens_ub, n_ub, weight_dtype, h1,
-              qkv_width, 1),
+              qkv_width, OPS_ATTENTION_IN),
     ]
 
     # attention core: decode reads the whole cached context; prefill is causal, mean ctx s/2.
@@ -223,20 +236,20 @@ def layer_operators(model: ModelSpec, *, micro_batch_size: int, num_micro_batche
         gpu_bytes=kv_read_bytes + io_bytes, cpu_bytes=kv_read_bytes + io_bytes,
         link_bytes=kv_read_bytes, rows=0.0, launches=n_ub))
     ops.append(_gemm("o_proj", o_params * heads, tokens_ub, n_ub, weight_dtype, out_width, h1,
-                     1))
+                     OPS_ATTENTION_OUT))
 
     if layer_kind == "dense":
         ops.append(_gemm("dense_mlp", model.dense_mlp_params() * heads, tokens_ub, n_ub,
                          weight_dtype, h1, h1 + 2 * model.dense_intermediate_size * heads,
-                         KERNELS_PER_EXPERT))
+                         OPS_PER_EXPERT))
     else:
         ops.append(_gemm("router", model.router_params(), tokens_ub, n_ub, weight_dtype, h1,
-                         model.num_experts, 1))
+                         model.num_experts, OPS_MOE_ROUTING))
         if model.shared_intermediate_size:
             ops.append(_gemm("shared_experts", model.shared_expert_params() * heads, tokens_ub,
                              n_ub, weight_dtype, h1,
                              h1 + 2 * model.shared_intermediate_size * heads,
-                             KERNELS_PER_EXPERT))
+                             OPS_PER_EXPERT))
         ops += _expert_operators(model, tokens_ub, n_ub, weight_dtype, g, parallelism)
 
     # data movement between the tiers for this placement (this GPU's share, over its link)
@@ -289,7 +302,7 @@ def _expert_operators(model: ModelSpec, tokens_ub: float, n_ub: int, weight_dtyp
             gpu_bytes=n_ub * (touched * expert_w * width + pairs * (2 * h1 + 3 * h2 * width)
                               * act),
             cpu_bytes=n_ub * touched * expert_w * width, link_bytes=held * expert_w * width,
-            rows=routed_rows / e_act, launches=n_ub * touched * KERNELS_PER_EXPERT),
+            rows=routed_rows / e_act, launches=n_ub * touched * OPS_PER_EXPERT),
         Operator(
             name="weight_h2d", device="h2d", flops=0.0, gpu_bytes=0.0,
             cpu_bytes=held * expert_w * width, link_bytes=held * expert_w * width, rows=0.0,

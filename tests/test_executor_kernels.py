@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 torch = pytest.importorskip("torch")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from executor.kernels import cpu_decode_attention, cpu_decode_attention_paged  # noqa: E402
+from executor.kernels import (  # noqa: E402
+    cpu_decode_attention,
+    cpu_decode_attention_paged,
+    paged_attention_cpp,
+    paged_attention_extension,
+    paged_attention_torch,
+)
+
+
+def cpp_kernel(*args, **kwargs):
+    """The compiled kernel; skipped only where this machine has no C++ compiler (a failed build
+    with a compiler fails the test)."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the C++ CPU attention kernel cannot be built here")
+    extension = paged_attention_extension()
+    if extension is None:
+        pytest.fail("the C++ CPU attention kernel did not build (see the log)")
+    return paged_attention_cpp(extension, *args, **kwargs)
+
+
+PAGED = {"torch": paged_attention_torch, "cpp": cpp_kernel}
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int]) -> torch.Tensor:
@@ -49,29 +71,57 @@ def to_blocks(x: torch.Tensor, block: int, lens: list[int] | None = None) -> lis
             for j in range(-(-max(lens) // block))]
 
 
+@pytest.mark.parametrize("kernel", PAGED)
 @settings(max_examples=25, deadline=None)
 @given(lens=st.lists(st.integers(1, 80), min_size=1, max_size=6), block=st.sampled_from([4, 16]),
+       group=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([8, 128]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
-def test_paged_matches_reference(lens, block, dtype, seed) -> None:
+def test_paged_matches_reference(kernel, lens, block, group, head_dim, dtype, seed) -> None:
     lens = sorted(lens, reverse=True)
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(len(lens), 4, 8, generator=g).to(dtype)
-    k, v = (torch.randn(len(lens), 2, 80, 8, generator=g).to(dtype) for _ in "kv")
-    out = cpu_decode_attention_paged(q, to_blocks(k, block, lens), to_blocks(v, block, lens),
-                                     lens)
+    q = torch.randn(len(lens), 2 * group, head_dim, generator=g).to(dtype)
+    k, v = (torch.randn(len(lens), 2, 80, head_dim, generator=g).to(dtype) for _ in "kv")
+    out = PAGED[kernel](q, to_blocks(k, block, lens), to_blocks(v, block, lens), lens)
+    assert out.shape == q.shape and out.dtype == dtype
     torch.testing.assert_close(out.double(), reference(q, k, v, lens), atol=TOL[dtype],
                                rtol=TOL[dtype])
 
 
-def test_paged_ignores_positions_past_each_length() -> None:
+@pytest.mark.parametrize("kernel", PAGED)
+def test_paged_ignores_positions_past_each_length(kernel) -> None:
     q, k, v = torch.randn(2, 2, 4), torch.randn(2, 1, 12, 4), torch.randn(2, 1, 12, 4)
-    before = cpu_decode_attention_paged(q, to_blocks(k, 4), to_blocks(v, 4), [7, 3])
+    before = PAGED[kernel](q, to_blocks(k, 4), to_blocks(v, 4), [7, 3])
     k[1, :, 3:], v[1, :, 3:], k[0, :, 7:] = 1e4, 1e4, -1e4
-    torch.testing.assert_close(
-        cpu_decode_attention_paged(q, to_blocks(k, 4), to_blocks(v, 4), [7, 3]), before)
+    torch.testing.assert_close(PAGED[kernel](q, to_blocks(k, 4), to_blocks(v, 4), [7, 3]),
+                               before)
 
 
-def test_paged_needs_non_increasing_lengths() -> None:
+@pytest.mark.parametrize("kernel", PAGED)
+def test_paged_needs_non_increasing_lengths(kernel) -> None:
     q, k = torch.randn(2, 2, 4), [torch.randn(2, 1, 4, 4)] * 2
     with pytest.raises(ValueError, match="non-increasing"):
-        cpu_decode_attention_paged(q, k, k, [3, 7])
+        PAGED[kernel](q, k, k, [3, 7])
+
+
+def test_cpp_kernel_rejects_a_block_that_does_not_hold_a_sequence() -> None:
+    q = torch.randn(2, 2, 4)
+    blocks = [torch.randn(2, 1, 4, 4), torch.randn(1, 1, 4, 4)]  # block 1 holds sequence 0 only
+    with pytest.raises(RuntimeError, match="does not hold it"):
+        cpp_kernel(q, blocks, blocks, [8, 8])
+
+
+def test_dispatch_follows_the_environment(monkeypatch) -> None:
+    """MOE_LIGHTNING_CPU_KERNEL=torch forces the torch ops; a bad value is an error."""
+    q, k = torch.randn(1, 2, 4), [torch.randn(1, 1, 4, 4)]
+    try:
+        monkeypatch.setenv("MOE_LIGHTNING_CPU_KERNEL", "torch")
+        paged_attention_extension.cache_clear()
+        assert paged_attention_extension() is None
+        torch.testing.assert_close(cpu_decode_attention_paged(q, k, k, [3]),
+                                   paged_attention_torch(q, k, k, [3]))
+        monkeypatch.setenv("MOE_LIGHTNING_CPU_KERNEL", "fast")
+        paged_attention_extension.cache_clear()
+        with pytest.raises(ValueError, match="auto, cpp or torch"):
+            paged_attention_extension()
+    finally:
+        paged_attention_extension.cache_clear()

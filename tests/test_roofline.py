@@ -119,3 +119,44 @@ def test_summary_places_expert_ffn_between_p1_and_p2():
     attn = next(p for p in s.operators if p.name == "attention_decode")
     assert attn.best_device == "cpu"            # MoE-Lightning §3: attention left of P1
     assert s.to_dict()["operators"][0]["best_device"] in ("cpu", "gpu")
+
+
+def test_op_counts_match_the_executor():
+    """The host-issued operations the model charges per micro-batch (OPS_*) are the aten
+    operations the executor's layer code dispatches (counted, not fitted): a decode micro-batch
+    of tiny-mixtral touching 2 experts (one token, top-2) and all 8 (64 tokens)."""
+    torch = pytest.importorskip("torch")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import executor.layers as L
+    from executor.weights import random_weights, read_model
+    from hrm.roofline import OPS_ATTENTION_IN, OPS_ATTENTION_OUT, OPS_MOE_ROUTING, OPS_PER_EXPERT
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    spec, config = read_model("tiny-mixtral")
+    w = random_weights(spec, config, dtype=torch.float32, device=torch.device("cpu"),
+                       resident=[spec.num_experts] * spec.num_layers, page_bytes=1 << 20,
+                       pin_budget_bytes=0, seed=0)
+    cos, sin = L.rope_tables(spec, 8, "cpu")
+    for tokens in (1, 64):
+        x, pos = torch.randn(tokens, spec.hidden_size), torch.zeros(tokens, dtype=torch.long)
+        c_in, c_out, c_moe = Count(), Count(), Count()
+        attn = torch.randn(tokens, spec.num_heads * spec.head_dim)
+        with c_in:
+            L.attention_in(x, w.layers[0], spec, cos[pos], sin[pos])  # as the engine calls it
+        with c_out:
+            L.attention_out(x, attn, w.layers[0])
+        with c_moe:
+            L.moe_ffn(x, w.layers[0], spec, w.experts.expert_fn(0, 0), True)
+        counts = [c_in.n, c_out.n, c_moe.n]
+        touched = min(spec.num_experts, tokens * spec.top_k)
+        assert counts == [OPS_ATTENTION_IN, OPS_ATTENTION_OUT,
+                          OPS_MOE_ROUTING + touched * OPS_PER_EXPERT]

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One device session on the GPU machine (device tool): profile the machine, then validate the
+# model on it and benchmark the executor, each step under its own time limit so that one call
+# (10 minutes at most) returns whatever finished. Results land in $W (default /tmp/w).
+#
+#   STEPS="profile validate attention" bash benchmarks/device_session.sh
+#
+# Steps (in the order given):
+#   profile     hrm profile (full, pinned-memory probe up to 72 GiB) -> $W/<name>.toml
+#   validate    hrm validate --grid full, Mixtral-8x7B shapes, first $LAYERS layers, GPU cap scaled
+#               from 16 GiB for the full model, on $PROFILE (default: the one just measured)
+#   attention   benchmarks/bench_executor.py --attention (CPU decode attention kernels)
+#   continuous  benchmarks/bench_continuous.py --layers 1 on $PROFILE
+#   executor    benchmarks/bench_executor.py --layers $LAYERS on $PROFILE ($BENCH_ARGS)
+set -u
+W=${W:-/tmp/w}
+NAME=${NAME:-h200-machine}
+LAYERS=${LAYERS:-4}
+PROFILE=${PROFILE:-$W/$NAME.toml}
+mkdir -p "$W"
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc;
+  free -g; git rev-parse HEAD; python3 -c 'import torch; print(torch.__version__, torch.version.cuda)'
+} > "$W/machine.txt" 2>&1
+for step in ${STEPS:-profile validate attention}; do
+  echo "== $step $(date -u +%T)"
+  case $step in
+    profile) timeout "${T_PROFILE:-220}" python3 -m hrm.cli profile -o "$W/$NAME.toml" \
+               --name "$NAME" --pin-probe-gib 72 --raw-json "$W/profile_raw.json" \
+               > "$W/profile.log" 2>&1 ;;
+    validate) COLUMNS=140 timeout "${T_VALIDATE:-300}" python3 -m hrm.cli validate \
+               --model mixtral-8x7b --num-layers "$LAYERS" --full-model-gpu-mem 16 \
+               --hardware "$PROFILE" --grid full --device cuda -o "$W/validate" \
+               > "$W/validate.log" 2>&1 ;;
+    attention) timeout "${T_ATTENTION:-60}" python3 benchmarks/bench_executor.py --attention \
+               --out "$W" > "$W/attention.log" 2>&1 ;;
+    continuous) timeout "${T_CONTINUOUS:-300}" python3 benchmarks/bench_continuous.py --layers 1 \
+               --hardware "$PROFILE" --host-mem "${HOST_MEM:-120}" \
+               --deadline-s "${DEADLINE_CONTINUOUS:-200}" --out "$W/continuous" \
+               > "$W/continuous.log" 2>&1 ;;
+    executor) timeout "${T_EXECUTOR:-300}" python3 benchmarks/bench_executor.py --layers "$LAYERS" \
+               --hardware "$PROFILE" --host-mem "${HOST_MEM:-120}" ${BENCH_ARGS:-} \
+               --out "$W/executor" > "$W/executor.log" 2>&1 ;;
+    *) echo "unknown step $step" ;;
+  esac
+  echo "   exit $? $(date -u +%T)"
+done
