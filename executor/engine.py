@@ -212,16 +212,18 @@ class Engine:
         mb.tokens.append(tokens)
         mb.hidden = self.w.embed[tokens]
 
-    def _prefill_item(self, layer: int, mb: MicroBatch, buffer: int, tracer: Tracer) -> None:
+    def _prefill_item(self, layer: int, mb: MicroBatch, buffer: int, tracer: Tracer,
+                      worker: Any = None) -> None:
+        """Prefill of one micro-batch in one layer. The prompts' K/V for a CPU cache cross the
+        link once per micro-batch into pinned memory (d2h stream) and are filed into the cache's
+        blocks by the CPU worker (`worker`; inline without one) while the GPU goes on with the
+        FFN: the worker runs tasks in order, so every later attention sees them."""
         spec, dense = self.spec, self.w.layers[layer]
         with tracer.span("gpu", "prefill", self.streams.compute, layer):
             q, k, v = L.attention_in(mb.hidden, dense, spec, self.cos[mb.positions],
                                      self.sin[mb.positions])
-            # the whole micro-batch's K/V crosses the link once (one sync), then is filed
-            k_dst, v_dst = (t.to(mb.cache.k[layer][0].device) for t in (k, v))
-            if mb.cache is self.cpu_cache:
-                self.bytes["kv_d2h"] += 2 * k.numel() * k.element_size()
-            outs, token, seq = [], 0, 0
+            k_host, v_host, ready = self._prompt_kv_to_cache_device(mb, k, v, layer)
+            outs, groups, token, seq = [], [], 0, 0
             while seq < len(mb.seqs):  # equal-length prompts are adjacent: one SDPA call each
                 length = mb.prompt_lens[seq]
                 n = next((j for j in range(seq, len(mb.seqs)) if mb.prompt_lens[j] != length),
@@ -229,10 +231,14 @@ class Engine:
                 shape = (n, length, -1, spec.head_dim)
                 qg, kg, vg = (t[token:token + n * length].reshape(shape) for t in (q, k, v))
                 outs.append(L.prefill_attention(qg, kg, vg).reshape(n * length, -1))
-                slots = slice(mb.slots.start + seq, mb.slots.start + seq + n)
-                mb.cache.write_prompt(layer, slots, k_dst[token:token + n * length].reshape(shape),
-                                      v_dst[token:token + n * length].reshape(shape))
+                groups.append((slice(mb.slots.start + seq, mb.slots.start + seq + n), token,
+                               shape))
                 token, seq = token + n * length, seq + n
+            if worker is None or mb.cache is not self.cpu_cache:
+                self._file_prompts(layer, mb, groups, k_host, v_host, ready, tracer)
+            else:
+                worker.submit(self._file_prompts, layer, mb, groups, k_host, v_host, ready,
+                              tracer)
             x = L.attention_out(mb.hidden, torch.cat(outs), dense, self.shard.all_reduce)
             x = L.moe_ffn(x, dense, spec, self.w.experts.expert_fn(layer, buffer), self.renorm,
                           self.shard.all_reduce)
@@ -242,6 +248,39 @@ class Engine:
                 mb.positions = torch.tensor(mb.prompt_lens, device=self.device)
             else:
                 mb.hidden = x
+
+    def _prompt_kv_to_cache_device(self, mb: MicroBatch, k: torch.Tensor, v: torch.Tensor,
+                                   layer: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """k, v on the cache's device: for the engine's CPU cache on CUDA, pinned copies queued on
+        the d2h stream after the compute that made them (with the event marking them done);
+        other caches (on the GPU, or the continuous scheduler's block pool) get plain copies."""
+        if mb.cache is not self.cpu_cache:
+            device = mb.cache.k[layer][0].device
+            return k.to(device), v.to(device), None
+        self.bytes["kv_d2h"] += 2 * k.numel() * k.element_size()
+        if self.device.type != "cuda":
+            return k, v, None
+        d2h = self.streams.d2h
+        wait(d2h, record(self.streams.compute))
+        hosts = []
+        with on(d2h):
+            for t in (k, v):
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                t.record_stream(d2h)
+                hosts.append(host)
+        return hosts[0], hosts[1], record(d2h)
+
+    def _file_prompts(self, layer: int, mb: MicroBatch, groups: list[tuple[slice, int, tuple]],
+                      k: torch.Tensor, v: torch.Tensor, ready: Any, tracer: Tracer) -> None:
+        """File the prompts' K/V ([tokens, n_kv, D], on the cache's device once `ready`) into
+        the cache: one (slots, first token, [n, L, n_kv, D] shape) per equal-length group."""
+        host_wait(ready)
+        with tracer.span("cpu_attention", "kv_store", None, layer):
+            for slots, token, shape in groups:
+                count = shape[0] * shape[1]
+                mb.cache.write_prompt(layer, slots, k[token:token + count].reshape(shape),
+                                      v[token:token + count].reshape(shape))
 
     def _decode_pre(self, layer: int, m: int, mb: MicroBatch, worker: Any, tracer: Tracer
                     ) -> Any:
@@ -319,7 +358,7 @@ class Engine:
 
     # ---- phases ----------------------------------------------------------------------------
     def _prefill(self, mbs: list[MicroBatch], prompts: list[list[int]], weights: Any,
-                 visit: int, tracer: Tracer) -> int:
+                 visit: int, worker: Any, tracer: Tracer) -> int:
         for mb in mbs:
             ids = torch.tensor([t for i in mb.seqs for t in prompts[i]], device=self.device)
             mb.hidden = self.w.embed[ids]
@@ -328,7 +367,7 @@ class Engine:
         for layer in range(self.spec.num_layers):
             buffer = weights.acquire(visit, self.streams.compute)
             for mb in mbs:
-                self._prefill_item(layer, mb, buffer, tracer)
+                self._prefill_item(layer, mb, buffer, tracer, worker)
             weights.release(visit, self.streams.compute)
             visit += 1
         return visit
@@ -394,8 +433,8 @@ class Engine:
                 for seqs in rounds:
                     mbs = self._micro_batches(seqs, prompts)
                     t0 = tracer.now_s()
-                    visit = self._prefill(mbs, prompts, weights, visit, tracer)
-                    self._sync()
+                    visit = self._prefill(mbs, prompts, weights, visit, worker, tracer)
+                    worker.submit(self._sync).result()  # the prompts are filed, the GPU done
                     t1 = tracer.now_s()
                     for _ in range(gen_len - 1):
                         visit = self._decode_step(mbs, weights, visit, worker, tracer)

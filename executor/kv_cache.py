@@ -105,13 +105,17 @@ class KVCache:
     def gather(self, layer: int, slots: slice, length: int, device: torch.device
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense [n, n_kv, n_blocks * T, D] copies on `device` (for SDPA; positions a sequence
-        does not reach are zeros and must be masked)."""
+        does not reach are zeros and must be masked). A CPU cache bound for a GPU is gathered
+        into pinned memory first and crosses the link in one asynchronous copy per tensor."""
         t, n = self.block_tokens, slots.stop - slots.start
+        here = self.k[layer][0].device
+        staged = here.type == "cpu" and device.type == "cuda"
         out = []
         for blocks in self.blocks(layer, slots, length):
-            dense = torch.zeros(n, blocks[0].shape[1], len(blocks) * t, blocks[0].shape[-1],
-                                dtype=blocks[0].dtype, device=device)
+            dense = torch.empty(n, blocks[0].shape[1], len(blocks) * t, blocks[0].shape[-1],
+                                dtype=blocks[0].dtype, device=here, pin_memory=staged)
             for j, block in enumerate(blocks):
-                dense[:block.shape[0], :, j * t:(j + 1) * t] = block.to(device)
-            out.append(dense)
+                dense[:block.shape[0], :, j * t:(j + 1) * t] = block
+                dense[block.shape[0]:, :, j * t:(j + 1) * t] = 0
+            out.append(dense.to(device, non_blocking=staged))
         return out[0], out[1]
