@@ -187,7 +187,10 @@ class Engine:
                         for _ in range(n_ub)] if cuda else []
         self.generator = torch.Generator(device=device).manual_seed(sampling.seed)
         self.bytes = {"weights_h2d_pinned": 0, "weights_h2d_staged": 0, "qkv_d2h": 0,
-                      "attn_out_h2d": 0, "kv_d2h": 0, "kv_h2d": 0}
+                      "attn_out_h2d": 0, "kv_d2h": 0, "kv_h2d": 0, "hidden_d2h": 0,
+                      "hidden_h2d": 0}
+        #: (layer, micro-batch) -> the worker's pending append of the last token (GPU attention)
+        self.appends: dict[tuple[int, int], Any] = {}
 
     # ---- placement ---------------------------------------------------------------------------
     def _micro_batches(self, seqs: list[int], prompts: list[list[int]]) -> list[MicroBatch]:
@@ -258,18 +261,7 @@ class Engine:
             device = mb.cache.k[layer][0].device
             return k.to(device), v.to(device), None
         self.bytes["kv_d2h"] += 2 * k.numel() * k.element_size()
-        if self.device.type != "cuda":
-            return k, v, None
-        d2h = self.streams.d2h
-        wait(d2h, record(self.streams.compute))
-        hosts = []
-        with on(d2h):
-            for t in (k, v):
-                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                host.copy_(t, non_blocking=True)
-                t.record_stream(d2h)
-                hosts.append(host)
-        return hosts[0], hosts[1], record(d2h)
+        return self._to_host(k, v)
 
     def _file_prompts(self, layer: int, mb: MicroBatch, groups: list[tuple[slice, int, tuple]],
                       k: torch.Tensor, v: torch.Tensor, ready: Any, tracer: Tracer) -> None:
@@ -282,6 +274,50 @@ class Engine:
                 mb.cache.write_prompt(layer, slots, k[token:token + count].reshape(shape),
                                       v[token:token + count].reshape(shape))
 
+    def _gather_with_new_token(self, layer: int, m: int, mb: MicroBatch, context_lens: list[int],
+                               k: torch.Tensor, v: torch.Tensor, worker: Any, tracer: Tracer
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """GPU attention over the CPU cache without stalling the launching thread: the cached
+        positions come up in one host-staged copy per tensor (KVCache.gather), the new token's
+        k/v are written into that copy on the GPU, and their append to the CPU cache goes to the
+        worker once they have crossed (d2h stream), ready before this micro-batch's next step."""
+        previous = self.appends.pop((layer, m), None)
+        if previous is not None:
+            previous.result()
+        kc, vc = mb.cache.gather(layer, mb.slots, context_lens[0] + 1, self.device)
+        self.bytes["kv_h2d"] += 2 * kc.numel() * kc.element_size()
+        rows = torch.arange(len(context_lens), device=self.device)
+        at = torch.tensor(context_lens, device=self.device)
+        kc[rows, :, at] = k.to(kc.dtype)
+        vc[rows, :, at] = v.to(vc.dtype)
+        k_host, v_host, ready = self._to_host(k, v)
+        self.appends[(layer, m)] = worker.submit(self._append_host, layer, mb, context_lens,
+                                                 k_host, v_host, ready, tracer)
+        return kc, vc
+
+    def _to_host(self, *tensors: torch.Tensor) -> tuple[Any, ...]:
+        """Pinned host copies of GPU tensors queued on the d2h stream after the compute that
+        made them, and the event marking them done (the tensors themselves on the CPU)."""
+        if self.device.type != "cuda":
+            return (*tensors, None)
+        d2h = self.streams.d2h
+        wait(d2h, record(self.streams.compute))
+        hosts = []
+        with on(d2h):
+            for t in tensors:
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                t.record_stream(d2h)
+                hosts.append(host)
+        return (*hosts, record(d2h))
+
+    def _append_host(self, layer: int, mb: MicroBatch, context_lens: list[int],
+                     k: torch.Tensor, v: torch.Tensor, ready: Any, tracer: Tracer) -> None:
+        """Worker thread: file one token's k/v per sequence into the CPU cache."""
+        host_wait(ready)
+        with tracer.span("cpu_attention", "kv_append", None, layer):
+            mb.cache.append(layer, mb.slots, context_lens, k, v)
+
     def _decode_pre(self, layer: int, m: int, mb: MicroBatch, worker: Any, tracer: Tracer
                     ) -> Any:
         """QKV on the GPU; then attention: started on the CPU worker (returns its future) or
@@ -293,10 +329,12 @@ class Engine:
         context_lens = [n + len(mb.tokens) - 1 for n in mb.prompt_lens]  # before this token
         if not self.cpu_attention:
             with tracer.span("gpu", "gpu_attn", compute, layer, m):
-                mb.cache.append(layer, mb.slots, context_lens, k, v)
-                kc, vc = mb.cache.gather(layer, mb.slots, context_lens[0] + 1, self.device)
                 if mb.cache is self.cpu_cache:
-                    self.bytes["kv_h2d"] += 2 * kc.numel() * kc.element_size()
+                    kc, vc = self._gather_with_new_token(layer, m, mb, context_lens, k, v,
+                                                         worker, tracer)
+                else:
+                    mb.cache.append(layer, mb.slots, context_lens, k, v)
+                    kc, vc = mb.cache.gather(layer, mb.slots, context_lens[0] + 1, self.device)
                 lens = torch.tensor(context_lens, device=self.device) + 1
                 return L.gpu_decode_attention(q, kc.to(q.dtype), vc.to(q.dtype), lens)
         qkv = torch.cat((q.flatten(1), k.flatten(1), v.flatten(1)), dim=1)
@@ -364,13 +402,45 @@ class Engine:
             mb.hidden = self.w.embed[ids]
             mb.positions = torch.cat([torch.arange(n, device=self.device)
                                       for n in mb.prompt_lens])
+        park = len(mbs) > 1
+        parked: list[Any] = [None] * len(mbs)
         for layer in range(self.spec.num_layers):
             buffer = weights.acquire(visit, self.streams.compute)
-            for mb in mbs:
+            for m, mb in enumerate(mbs):
+                if parked[m] is not None:
+                    mb.hidden = self._unpark(*parked[m])
                 self._prefill_item(layer, mb, buffer, tracer, worker)
+                if park and layer < self.spec.num_layers - 1:
+                    parked[m] = self._park(mb.hidden)
             weights.release(visit, self.streams.compute)
             visit += 1
         return visit
+
+    def _park(self, hidden: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """A prefill micro-batch's hidden states wait in pinned CPU memory while the other
+        micro-batches run the layer (d2h stream; the GPU copy is freed once it has crossed), so
+        the GPU holds one micro-batch's activations, as the cost model assumes."""
+        d2h, cuda = self.streams.d2h, self.device.type == "cuda"
+        wait(d2h, record(self.streams.compute))
+        host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=cuda)
+        with on(d2h):
+            host.copy_(hidden, non_blocking=cuda)
+            if cuda:
+                hidden.record_stream(d2h)
+        self.bytes["hidden_d2h"] += hidden.numel() * hidden.element_size()
+        return host, record(d2h)
+
+    def _unpark(self, host: torch.Tensor, parked: Any) -> torch.Tensor:
+        """The hidden states back on the GPU (h2d stream), ordered before the compute using
+        them."""
+        h2d = self.streams.h2d
+        wait(h2d, parked)
+        hidden = torch.empty(host.shape, dtype=host.dtype, device=self.device)
+        with on(h2d):
+            hidden.copy_(host, non_blocking=self.device.type == "cuda")
+        wait(self.streams.compute, record(h2d))
+        self.bytes["hidden_h2d"] += hidden.numel() * hidden.element_size()
+        return hidden
 
     def _decode_step(self, mbs: list[MicroBatch], weights: Any, visit: int, worker: Any,
                      tracer: Tracer) -> int:
@@ -438,7 +508,8 @@ class Engine:
                     t1 = tracer.now_s()
                     for _ in range(gen_len - 1):
                         visit = self._decode_step(mbs, weights, visit, worker, tracer)
-                    self._sync()
+                    worker.submit(self._sync).result()  # the GPU and the worker's appends done
+                    self.appends.clear()
                     t2 = tracer.now_s()
                     prefill_s, decode_s = prefill_s + t1 - t0, decode_s + t2 - t1
                     windows.append((t1, t2))

@@ -54,6 +54,7 @@ from hrm.cost import (
     gpu_op_time_s,
     layer_stage_sums,
     micro_batch_chain_s,
+    without_weight_stream,
 )
 from hrm.errors import InfeasibleError, PolicyError
 from hrm.hardware import HardwareProfile
@@ -210,18 +211,21 @@ class PassModel:
         return decode, prefill
 
     def time(self, shape: PassShape) -> PassTime:
-        """t_pass = sum_layers layer_s + LM head + one decode micro-batch's chain (cgopipe)."""
+        """t_pass = LM head + max(sum_layers layer_s, one decode micro-batch's chain + the
+        layers' non-weight-stream stages) in cgopipe (hrm.cost: the fill and drain idle the
+        GPU and CPU, not the prefetched weight stream), LM head + sum_layers layer_s else."""
         terms, p = self.terms, self.policy
         r_w, page = p.weights_gpu_fraction, float(p.weight_page_bytes)
         o = terms.overflow(r_w)
         per_layer_o = {"moe": 1.0 / self.model.num_moe_layers if terms.overflow_bytes else 0.0,
                        "dense": 0.0}
-        total_s, stage_s, chain_s, top = 0.0, {}, 0.0, ("", -1.0)
+        total_s, unfed_s, stage_s, chain_s, top = 0.0, 0.0, {}, 0.0, ("", -1.0)
         for kind, count in terms.layer_counts.items():
             decode, prefill = self._layer_ops(shape, kind)
             stages = layer_stage_sums(self.hw, decode + prefill, page, per_layer_o[kind])
             t = {s: terms.factors[s] * a(r_w, 0.0, o) for s, a in stages.items()}
             total_s += count * (max(t.values()) if terms.overlapped else sum(t.values()))
+            unfed_s += count * max(without_weight_stream(t).values(), default=0.0)
             for s, seconds in t.items():
                 stage_s[s] = stage_s.get(s, 0.0) + count * seconds
                 if seconds > top[1]:
@@ -235,7 +239,8 @@ class PassModel:
         head_s = sum(gpu_op_time_s(self.hw, op) for op in head_operators(
             self.model, micro_batch_size=rows / n_head, num_micro_batches=n_head,
             weight_dtype=p.weight_dtype)) if rows else 0.0
-        return PassTime(pass_s=total_s + head_s + chain_s, stage_s=stage_s,
+        layers_s = max(total_s, chain_s + unfed_s) if terms.overlapped else total_s
+        return PassTime(pass_s=layers_s + head_s, stage_s=stage_s,
                         bottleneck=BOTTLENECK_NAMES[top[0]])
 
 

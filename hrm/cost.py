@@ -7,11 +7,14 @@ Each stage of one decoder layer (for the whole batch) is a sum over the operator
 `hrm.roofline.layer_operators` placed on that stage:
 
     GPU op      t = max(F / P_g(rows), B_hbm / BW_g) + launches * t_launch
-                P_g(rows) from curve 'gpu_gemm' (achieved FLOP/s vs GEMM rows), else the peak
+                P_g(rows) from curve 'gpu_gemm' (achieved FLOP/s vs GEMM rows), else the peak;
+                launches = the host-issued operations of the executor's layer code (roofline
+                OPS_*); with GPU attention over a CPU KV cache, + (1 - r_c) KV / BW_pageable
+                (the host-staged KV copy the compute stream waits for)
     CPU attn    t = max(F / P_c, t_kv(KV bytes)), t_kv from curve 'cpu_attention', else B / BW_c
                 (+ 2 o_l / BW_c: the copy thread's DRAM read+write shares the bus, MoE-Lens Eq. 5)
-    H2D         t = (1 - r_w) W_e / bw(page) + activations (+ (1 - r_c) KV when attention is on
-                the GPU, FlexGen S4); bw(x) from curve 'h2d' at the copy size, else pinned peak
+    H2D         t = (1 - r_w) W_e / B_pinned + activations; B_pinned the bulk pinned rate (pages
+                are queued back to back), bw(x) of activations from curve 'h2d' at their size
     D2H         t = q/k/v per micro-batch (+ (1 - r_c) KV offload)
     copy thread t = o_l / BW_pageable->pinned, o_l = pinned overflow of one layer
     all-reduce  t = calls * t_lat + 2 (G - 1) / G * S / BW_bus   (ring, G > 1 GPUs; on the GPU
@@ -19,10 +22,15 @@ Each stage of one decoder layer (for the whole batch) is a sum over the operator
 
     o = max(0, (1 - r_w) W_routed + pinned buffers - pinned_max)   bytes that cannot stay pinned
 
-Schedules: cgopipe  layer_s = max_s(f_s t_s)  (f = interference factors) + a fill/drain of one
-           micro-batch per decode step;  cgopipe-serial and layerwise  layer_s = sum_s t_s.
-Decode:    step_s = sum_layers layer_s + lm head;  decode_s = (n - 1) step_s (prefill makes the
-           first token).  throughput = N n / (prefill_s + decode_s)  (FlexGen / MoE-Lightning).
+Schedules: cgopipe  layer_s = max_s(f_s t_s)  (f = interference factors);  cgopipe-serial and
+           layerwise  layer_s = sum_s t_s.
+Decode:    step_s = lm head + max(sum_layers layer_s, fill + sum_layers max_{s not fed} f_s t_s)
+           (cgopipe: a step boundary drains and refills the pipeline by one micro-batch's chain,
+           which idles the GPU and CPU but not the weight stream, prefetched across steps; so
+           the fill costs only where the stages other than h2d and the copy thread bind);
+           serial schedules  step_s = lm head + sum_layers layer_s.  decode_s = (n - 1) step_s
+           (prefill makes the first token).  throughput = N n / (prefill_s + decode_s)
+           (FlexGen / MoE-Lightning).
 
 G GPUs (policy.num_gpus): every stage is one GPU's, from its share of the operators
 (`hrm.roofline.layer_operators`: tensor or expert parallel) over its own host link, or over
@@ -71,6 +79,8 @@ MEMORY_CHECK_TOLERANCE = 1e-6
 #: KV cache block (tokens): each sequence's KV is allocated in whole blocks (the executor's
 #: block KV cache, executor/kv_cache.py, and the continuous scheduler use the same)
 KV_BLOCK_TOKENS = 64
+#: stages fed by the weight prefetch, which runs ahead across decode steps (no fill or drain)
+WEIGHT_STREAM_STAGES = ("h2d", "copy_thread")
 #: pages in the pinned staging ring that the copy thread fills when weights cannot all be pinned
 STAGING_RING_PAGES = 4
 
@@ -164,9 +174,19 @@ def allreduce_time_s(hw: HardwareProfile, op: Operator) -> float:
 
 def transfer_time(hw: HardwareProfile, op: Operator, page_bytes: float) -> Affine:
     """Seconds to move `op` over the link, scaled by the fraction that is not GPU-resident:
-    routed expert weights by (1 - r_w) in pages of `page_bytes`, KV by (1 - r_c)."""
+    routed expert weights by (1 - r_w), KV by (1 - r_c).
+
+    Weight pages are queued back to back (a few in flight), so their per-copy latency overlaps
+    and the stream moves at the bulk pinned rate B_pinned (measured on the GPU machine: 2.82 GB
+    per layer in 16 MiB pages at 54.3 GB/s against 55.4 GB/s for one 1 GiB copy); `page_bytes`
+    matters only through the staging path (`_stage_sums`). A CPU KV cache read by GPU attention
+    is gathered on the host into pinned memory and copied on the compute stream
+    (executor/kv_cache.py `gather`): a host-staged copy, at the pageable H2D rate, that the GPU
+    waits for (`_stage_of`). Other copies take the rate of their size (curve 'h2d')."""
     if op.name == "weight_h2d":
-        return one_minus(op.link_bytes / link_bps(hw, "h2d", page_bytes), "r_w")
+        return one_minus(op.link_bytes / hw.link.h2d_pinned_bps, "r_w")
+    if op.name == "kv_h2d":
+        return one_minus(op.link_bytes / hw.link.h2d_pageable_bps, "r_c")
     seconds = op.link_bytes / link_bps(hw, op.device, op.link_bytes / op.launches)
     if op.name.startswith("kv_"):
         return one_minus(seconds, "r_c")
@@ -185,7 +205,8 @@ class CostTerms:
     layer_counts: dict[str, int]
     decode_stages: dict[str, dict[str, Affine]]
     prefill_stages: dict[str, dict[str, Affine]]
-    #: added once per decode step / once per prefill (LM head, pipeline fill and drain)
+    #: added once per decode step (LM head) / once per prefill (LM head, first layer's weights,
+    #: pipeline fill)
     decode_extra_s: Affine
     prefill_extra_s: Affine
     #: interference factor of each stage (1 in serial schedules)
@@ -200,6 +221,8 @@ class CostTerms:
     cpu_capacity_bytes: float
     #: all-reduce seconds (included in the GPU stage) per layer, phase -> kind; 0 with one GPU
     comm_s: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: cgopipe: one decode micro-batch's chain, the fill and drain at each step boundary
+    decode_fill_s: Affine = field(default_factory=Affine)
 
     def overflow(self, r_w: float) -> float:
         """o = max(0, overflow_bytes(r_w)): bytes of offloaded weights that cannot be pinned."""
@@ -211,10 +234,17 @@ class CostTerms:
         return max(times) if self.overlapped else sum(times)
 
     def decode_step_s(self, r_w: float, r_c: float) -> float:
+        """lm head + max(sum layer_s, fill + sum of the layers' non-weight-stream maxima)."""
         o = self.overflow(r_w)
-        return self.decode_extra_s(r_w, r_c, o) + sum(
-            count * self.layer_time_s(self.decode_stages[kind], r_w, r_c)
-            for kind, count in self.layer_counts.items())
+        layers = sum(count * self.layer_time_s(self.decode_stages[kind], r_w, r_c)
+                     for kind, count in self.layer_counts.items())
+        if self.overlapped:
+            filled = self.decode_fill_s(r_w, r_c, o) + sum(
+                count * self.layer_time_s(without_weight_stream(self.decode_stages[kind]),
+                                          r_w, r_c)
+                for kind, count in self.layer_counts.items())
+            layers = max(layers, filled)
+        return self.decode_extra_s(r_w, r_c, o) + layers
 
     def prefill_s(self, r_w: float, r_c: float) -> float:
         o = self.overflow(r_w)
@@ -293,8 +323,17 @@ def _chain_s(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
                        for op in ops if op.name != "weight_h2d"]).scaled(1.0 / num_micro_batches)
 
 
+def without_weight_stream(stages: dict[str, Any]) -> dict[str, Any]:
+    """The stages (terms or seconds) a step boundary's fill and drain idles: all but
+    WEIGHT_STREAM_STAGES."""
+    return {s: a for s, a in stages.items() if s not in WEIGHT_STREAM_STAGES}
+
+
 def _stage_of(op: Operator) -> str:
-    """The resource an operator occupies; all-reduces run on the GPU stream."""
+    """The resource an operator occupies; all-reduces and the host-staged KV copy for GPU
+    attention (`transfer_time`) run on the GPU stream."""
+    if op.name == "kv_h2d":
+        return "gpu"
     return {"cpu": "cpu_attn", "comm": "gpu"}.get(op.device, op.device)
 
 
@@ -346,13 +385,13 @@ def cost_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
     factors = ({"h2d": inter.link, "d2h": inter.link, "gpu": inter.gpu,
                 "cpu_attn": inter.cpu_attention, "copy_thread": 1.0, "chain": 1.0}
                if overlapped else dict.fromkeys(STAGES, 1.0))
-    decode_extra, prefill_extra = Affine(const=head_s), Affine(const=head_s)
+    decode_extra, prefill_extra, decode_fill = Affine(const=head_s), Affine(const=head_s), Affine()
     if overlapped:
         for k in counts:
             decode[k]["chain"] = _chain_s(hw, ops["decode", k], page, n_ub, factors)
             prefill[k]["chain"] = _chain_s(hw, ops["prefill", k], page, n_ub, factors)
         kind = "moe" if "moe" in counts else "dense"
-        decode_extra += decode[kind]["chain"]
+        decode_fill = decode[kind]["chain"]
         # the first layer's weights arrive before any expert runs, then one micro-batch fills
         first_weights = affine_sum([transfer_time(hw, op, page) for op in ops["prefill", kind]
                                     if op.name == "weight_h2d"])
@@ -361,6 +400,7 @@ def cost_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
         policy=policy, gen_len=workload.gen_len, layer_counts=counts, decode_stages=decode,
         prefill_stages=prefill, decode_extra_s=decode_extra, prefill_extra_s=prefill_extra,
         factors=factors, overlapped=overlapped, overflow_bytes=overflow_expr,
+        decode_fill_s=decode_fill,
         gpu_memory={"prefill": memory["gpu_prefill"], "decode": memory["gpu_decode"]},
         cpu_memory=memory["cpu"], pinned_memory=memory["pinned"],
         gpu_capacity_bytes=GPU_USABLE_FRACTION * hw.gpu.memory_bytes,

@@ -38,6 +38,7 @@ from hrm.cost import (
     cost_terms,
     gpu_label,
     predict,
+    without_weight_stream,
 )
 from hrm.errors import InfeasibleError
 from hrm.hardware import HardwareProfile
@@ -267,9 +268,17 @@ def _add_mode(prob: pulp.LpProblem, m: int, terms: CostTerms, w_m: pulp.LpVariab
                 prob.addConstraint(t_var >= lin(a.scaled(terms.factors[s])))
         return t_var
 
-    step = lin(terms.decode_extra_s) + pulp.lpSum(
-        count * layer_time(terms.decode_stages[k], f"D{m}_{k}")
-        for k, count in terms.layer_counts.items())
+    layers = pulp.lpSum(count * layer_time(terms.decode_stages[k], f"D{m}_{k}")
+                        for k, count in terms.layer_counts.items())
+    if terms.overlapped:   # max(layers, fill + layers without the weight stream): epigraph
+        filled = lin(terms.decode_fill_s) + pulp.lpSum(
+            count * layer_time(without_weight_stream(terms.decode_stages[k]), f"F{m}_{k}")
+            for k, count in terms.layer_counts.items())
+        step_layers = prob.add_variable(f"S{m}", 0)
+        prob.addConstraint(step_layers >= layers)
+        prob.addConstraint(step_layers >= filled)
+        layers = step_layers
+    step = lin(terms.decode_extra_s) + layers
     prefill = lin(terms.prefill_extra_s) + pulp.lpSum(
         count * layer_time(terms.prefill_stages[k], f"P{m}_{k}")
         for k, count in terms.layer_counts.items())

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import math
 import os
 import platform
@@ -810,6 +811,18 @@ def _fastest(measurements: list[Measurement], bench: str, **params: Any) -> Meas
 MAX_CURVE_FIT_ERROR = 0.5
 
 
+#: the CPU attention curve is fitted to calls with at least this many (sequence, KV head) work
+#: items per thread: the C++ kernel splits those items over the threads, so a call with fewer
+#: (a single long sequence has 8) measures idle threads, not KV bandwidth, and its rate does not
+#: grow with the bytes per call. Decode micro-batches hold tens of sequences or more.
+MIN_ATTENTION_ITEMS_PER_THREAD = 2
+
+
+def _parallel_attention(points: list[Measurement]) -> list[Measurement]:
+    return [m for m in points if m.params["batch"] * m.params["kv_heads"]
+            >= MIN_ATTENTION_ITEMS_PER_THREAD * m.params["threads"]]
+
+
 def fit_series(series: list[Measurement]) -> SaturatingCurve:
     """Fit rate vs x of a list of measurements (hrm.fit.fit_saturating)."""
     from hrm.fit import fit_saturating  # scipy: imported on use, so that the CLI starts fast
@@ -925,10 +938,13 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
                      _select(ms, "gpu_gemm", dtype="bf16")),
         "h2d": ("bytes/s vs copy bytes, " + ("host memcpy (stand-in)" if env.standin else
                                              "pinned H2D"), h2d_series),
-        "cpu_attention": ("KV bytes/s vs KV bytes per call, bf16 KV",
-                          _select(ms, "cpu_attention", dtype="bf16")),
-        "cpu_attention_fp32": ("KV bytes/s vs KV bytes per call, fp32 KV",
-                               _select(ms, "cpu_attention", dtype="fp32")),
+        "cpu_attention": ("KV bytes/s vs KV bytes per call, bf16 KV, calls with at least "
+                          f"{MIN_ATTENTION_ITEMS_PER_THREAD} (sequence, KV head) items per thread",
+                          _parallel_attention(_select(ms, "cpu_attention", dtype="bf16"))),
+        "cpu_attention_fp32": ("KV bytes/s vs KV bytes per call, fp32 KV, calls with at least "
+                               f"{MIN_ATTENTION_ITEMS_PER_THREAD} (sequence, KV head) items per "
+                               "thread",
+                               _parallel_attention(_select(ms, "cpu_attention", dtype="fp32"))),
         "cpu_gemm": (f"FLOP/s vs rows, {cpu_best.params['dtype']} CPU GEMMs",
                      _select(ms, "cpu_gemm", dtype=cpu_best.params["dtype"])),
     }
@@ -1055,14 +1071,19 @@ def profile_command(
     name: str | None = typer.Option(None, "--name", help="profile name [default: the output "
                                     "file's stem, else derived from the GPU name]"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    from_raw: Path | None = typer.Option(
+        None, "--from-raw", help="measure nothing: fit the profile again from the samples a "
+        "previous run wrote with --raw-json (same machine, today's fitting rules)"),
 ) -> None:
     """Measure this machine (GPU GEMM and memory, PCIe copies, CPU GEMM, DRAM and decode
     attention, overlap interference) and write a fitted hardware profile."""
     import torch
-    from rich.table import Table
 
-    from hrm.cli import console, emit_json, err_console
+    from hrm.cli import err_console
 
+    if from_raw is not None:
+        _refit_command(from_raw, output, name, as_json)
+        return
     if threads is not None:
         if threads < 1:
             raise ProfileError(f"--threads must be >= 1, got {threads}")
@@ -1102,6 +1123,15 @@ def profile_command(
         write_json_atomic(raw_json, {"environment": dataclasses.asdict(env),
                                      "config": dataclasses.asdict(config), "skipped": skipped,
                                      "measurements": [m.to_dict() for m in measurements]})
+    _report(profile, env, output, raw_json, skipped, as_json)
+
+
+def _report(profile: HardwareProfile, env: Environment, output: Path, raw_json: Path | None,
+            skipped: list[str], as_json: bool) -> None:
+    from rich.table import Table
+
+    from hrm.cli import console, emit_json
+
     rows = _summary_rows(profile)
     if as_json:
         emit_json({"profile": str(output), "raw_json": str(raw_json) if raw_json else None,
@@ -1114,3 +1144,23 @@ def profile_command(
         table.add_row(*row)
     console.print(table)
     console.print(f"wrote {output}" + (f" and {raw_json}" if raw_json else ""))
+
+
+def _refit_command(raw_json: Path, output: Path | None, name: str | None,
+                   as_json: bool) -> None:
+    """`hrm profile --from-raw`: the profile of the samples in `raw_json`, fitted again."""
+    try:
+        raw = json.loads(raw_json.read_text())
+        env = Environment(**raw["environment"])
+        measurements = [Measurement(m["bench"], m["params"], m["x"], m["work"], m["unit"],
+                                    tuple(m["times_s"])) for m in raw["measurements"]]
+        skipped = list(raw.get("skipped", []))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ProfileError(f"--from-raw {raw_json}: not a raw sample file written by "
+                           f"`hrm profile --raw-json` ({exc})") from None
+    profile_name = name or (output.stem if output else raw_json.stem)
+    output = output or PROFILE_DIR / f"{profile_name}.toml"
+    profile = build_profile(profile_name, measurements, env, skipped)
+    save_profile(profile, output)
+    load_profile(output)
+    _report(profile, env, output, None, skipped, as_json)

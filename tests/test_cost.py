@@ -20,6 +20,7 @@ from hrm.errors import PolicyError
 from hrm.hardware import Interference, SaturatingCurve, load_profile
 from hrm.model import load_model_spec
 from hrm.policy import Policy
+from hrm.roofline import kv_bytes_per_token_layer
 from hrm.units import GiB, KiB
 from hrm.workload import Workload
 
@@ -93,8 +94,11 @@ def test_serial_schedules_sum_the_stages():
     assert piped.throughput_tok_s > serial.throughput_tok_s
     layerwise = predict(MIXTRAL, T4, WORK, replace(base, schedule="layerwise",
                                                    attn_decode_device="gpu"))
-    assert layerwise.decode_layer.cpu_attn_s == 0 and layerwise.decode_layer.h2d_s > \
-        piped.decode_layer.h2d_s                      # the KV now crosses the link too
+    # the KV now comes up from the CPU cache, host-staged, while the compute stream waits
+    kv_s = (512 * WORK.mean_decode_context * kv_bytes_per_token_layer(MIXTRAL, "bf16")
+            / T4.link.h2d_pageable_bps)
+    assert layerwise.decode_layer.cpu_attn_s == 0
+    assert layerwise.decode_layer.gpu_s > piped.decode_layer.gpu_s + 0.99 * kv_s
 
 
 def test_interference_slows_overlapped_stages():
@@ -139,8 +143,10 @@ def test_fitted_curves_replace_the_peaks():
     assert fp32_layer.cpu_attn_s == pytest.approx(4 * fp32_curve.time_s(2 * kv_per_ub))
     page_curve = replace(T4, curves={"h2d": SaturatingCurve(peak=12.89e9, half=4 * 2**20)})
     small_pages = replace(policy, weight_page_bytes=2**20)
-    assert predict(MIXTRAL, page_curve, WORK, small_pages).decode_layer.h2d_s > \
-        predict(MIXTRAL, page_curve, WORK, policy).decode_layer.h2d_s
+    # pages are queued back to back: the weight stream moves at the bulk pinned rate whatever
+    # the page size (the curve prices copies by their size)
+    assert predict(MIXTRAL, page_curve, WORK, small_pages).decode_layer.h2d_s == \
+        pytest.approx(predict(MIXTRAL, page_curve, WORK, policy).decode_layer.h2d_s, rel=1e-3)
 
 
 policies = st.builds(

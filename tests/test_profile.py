@@ -87,7 +87,8 @@ def synthetic_measurements(standin=False):
             for context in (128, 1024):
                 kv = 2.0 * batch * 8 * context * 128 * (4 if dtype == "fp32" else 2)
                 ms.append(_m("cpu_attention", {"batch": batch, "context": context,
-                                               "dtype": dtype, "threads": 16}, kv, kv,
+                                               "dtype": dtype, "threads": 16, "kv_heads": 8},
+                             kv, kv,
                              ATTN_CURVE(kv) * scale))
     for stage, unit, solo_rate in (("link", "B/s", 50e9), ("gpu", "FLOP/s", 600e12),
                                    ("cpu_attention", "B/s", 55e9)):
@@ -234,6 +235,19 @@ def test_quick_cpu_profile_runs_and_loads(quick_run):
     assert all(len(m["times_s"]) >= 1 for m in raw["measurements"])
 
 
+def test_from_raw_refits_the_same_profile_without_measuring(quick_run, tmp_path):
+    _, toml_path, raw_path = quick_run
+    again = tmp_path / "again.toml"
+    result = CliRunner().invoke(app, ["profile", "--from-raw", str(raw_path), "-o", str(again),
+                                      "--name", "quick"])
+    assert result.exit_code == 0, result.output
+    assert load_profile(again) == load_profile(toml_path)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"measurements": []}')
+    result = CliRunner().invoke(app, ["profile", "--from-raw", str(bad), "-o", str(again)])
+    assert result.exit_code != 0 and "not a raw sample file" in str(result.exception)
+
+
 def test_quick_cpu_profile_measures_attention_in_both_kv_dtypes(quick_run):
     _, toml_path, _ = quick_run
     table = load_profile(toml_path).measurements["benchmarks"]["cpu_attention"]
@@ -279,3 +293,15 @@ def test_allreduce_microbenchmark_with_gloo_fits_the_interconnect():
     tier, sources = interconnect_from(ms, "2026-01-01")
     assert tier.num_gpus == 2 and tier.allreduce_bus_bps > 0 and tier.allreduce_latency_s >= 0
     assert sources["interconnect.allreduce_bus_bps"].startswith("fit 2026-01-01")
+
+
+def test_attention_curve_leaves_out_calls_with_too_few_work_items():
+    """A single sequence gives the kernel 8 (sequence, KV head) items for 16 threads: its rate
+    measures idle threads, so it is not fitted (MIN_ATTENTION_ITEMS_PER_THREAD)."""
+    ms = [dataclasses.replace(m, work=m.work / 20)
+          if m.bench == "cpu_attention" and m.params["batch"] == 1 else m
+          for m in synthetic_measurements()]
+    profile = build_profile("few-items", ms, _env(), [])
+    fit = profile.measurements["fits"]["cpu_attention"]
+    assert fit["points"] == 6 and fit["used"] is True        # batches 8, 64, 512 x 2 contexts
+    assert profile.curves["cpu_attention"].peak == pytest.approx(ATTN_CURVE.peak, rel=0.05)
