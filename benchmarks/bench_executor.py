@@ -222,10 +222,16 @@ def accelerate_run(config: dict, layers: int, prompt_lens: list[int], gen_len: i
             "mean_prompt_len": sum(lens) / len(lens)}
 
 
-def attention_bench(threads: int | None = None) -> list[dict]:
+#: (batch, longest context) of the attention benchmark: decode micro-batches of short and long
+#: contexts, and one long-context call with few sequences
+ATTENTION_SHAPES = ((64, 144), (64, 1024), (256, 512), (1024, 256), (8, 8192))
+
+
+def attention_bench(threads: int | None = None, shapes=ATTENTION_SHAPES,
+                    dram_bytes: int = 4 * GiB) -> list[dict]:
     """CPU decode attention at decode shapes (32 q / 8 kv heads, D=128): KV bytes read per
     second of the dense kernel and of both paged kernels (torch ops and C++, ragged lengths),
-    next to the DRAM read bandwidth of a torch sum over 4 GiB (the roof)."""
+    next to the DRAM read bandwidth of a torch sum over `dram_bytes` (the roof)."""
     import torch
 
     from executor.kernels import (
@@ -245,13 +251,14 @@ def attention_bench(threads: int | None = None) -> list[dict]:
 
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        big = torch.ones(GiB * 4 // torch.empty((), dtype=dtype).element_size(), dtype=dtype)
+        big = torch.ones(dram_bytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype)
         dram_bps = big.numel() * big.element_size() / best_s(lambda b=big: b.sum())
         del big
-        for batch, seq in ((64, 144), (64, 1024), (256, 512), (1024, 256), (8, 8192)):
+        for batch, seq in shapes:
             q = torch.randn(batch, 32, 128).to(dtype)
-            k, v = (torch.randn(batch, 8, seq, 128).to(dtype) for _ in "kv")
-            kv_bytes = 2 * k.numel() * k.element_size()
+            padded = -(-seq // BLOCK_TOKENS) * BLOCK_TOKENS   # the cache holds whole blocks
+            k, v = (torch.randn(batch, 8, padded, 128).to(dtype) for _ in "kv")
+            kv_bytes = 2 * k[:, :, :seq].numel() * k.element_size()
             lens = sorted((seq - (i * 7) % (seq // 4) for i in range(batch)), reverse=True)
             ragged_bytes = kv_bytes * sum(lens) / (batch * seq)
             kb, vb = ([x[:sum(1 for n in lens if n > j * BLOCK_TOKENS), :,
@@ -259,8 +266,8 @@ def attention_bench(threads: int | None = None) -> list[dict]:
                        for j in range(-(-lens[0] // BLOCK_TOKENS))] for x in (k, v))
             row = {"dtype": str(dtype).removeprefix("torch."), "batch": batch, "context": seq,
                    "dram_read_bps": dram_bps, "threads": torch.get_num_threads(),
-                   "dense_kv_bps": kv_bytes / best_s(lambda q=q, k=k, v=v:
-                                                     cpu_decode_attention(q, k, v)),
+                   "dense_kv_bps": kv_bytes / best_s(
+                       lambda q=q, k=k[:, :, :seq], v=v[:, :, :seq]: cpu_decode_attention(q, k, v)),
                    "paged_torch_kv_bps": ragged_bytes / best_s(
                        lambda q=q, k=kb, v=vb, n=lens: paged_attention_torch(q, k, v, n))}
             if extension is not None:

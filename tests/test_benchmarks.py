@@ -38,3 +38,17 @@ def test_bench_continuous_dry_run_plans_both_schedulers(tmp_path) -> None:
                 "--host-mem", "125", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--scheduler static" in proc.stdout and "--scheduler continuous" in proc.stdout
+
+
+def test_attention_bench_times_every_kernel_on_small_shapes() -> None:
+    """bench_executor --attention's measurement on shapes a 2-core machine runs in seconds,
+    including a context that ends mid-block (the KV cache holds whole blocks)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.bench_executor import attention_bench
+    from executor.kernels import paged_attention_extension
+
+    rows = attention_bench(threads=2, shapes=((4, 144), (2, 64)), dram_bytes=2**26)
+    assert [(r["batch"], r["context"]) for r in rows] == [(4, 144), (2, 64)] * 2
+    keys = {"dense_kv_bps", "paged_torch_kv_bps"} | (
+        {"paged_cpp_kv_bps"} if paged_attention_extension() is not None else set())
+    assert all(keys <= set(r) and all(r[k] > 0 for k in keys) for r in rows)
