@@ -22,6 +22,7 @@ import functools
 import logging
 import math
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def paged_attention_extension() -> object | None:
         return None
     from torch.utils.cpp_extension import load
 
+    _put_ninja_on_path()
     source = Path(__file__).with_name("csrc") / "paged_attention.cpp"
     try:
         return load(name="moe_lightning_paged_attention", sources=[str(source)],
@@ -76,6 +78,17 @@ def paged_attention_extension() -> object | None:
         log.warning("C++ CPU attention kernel not built (%s); using torch ops",
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None
+
+
+def _put_ninja_on_path() -> None:
+    """torch builds with the `ninja` on PATH; the pip package (a dependency of the exec extra)
+    installs one next to the interpreter, which is not on PATH unless the venv is activated."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def paged_kernel_name() -> str:
