@@ -596,14 +596,15 @@ def run_facts(engine: Engine) -> dict[str, Any]:
         peak_gpu = torch.cuda.max_memory_allocated(engine.device)
     else:
         peak_gpu = sum(engine.w.gpu_bytes.values()) + engine.gpu_cache.nbytes
-    streamed = {p: sum(store.streamed_bytes(i) for i, q in enumerate(store.pinned) if q == p)
-                for p in (True, False)}
+    layers = range(len(store.cpu))
+    pinned_bytes = sum(store.pinned_bytes(i) for i in layers)
+    pageable_bytes = sum(store.streamed_bytes(i) for i in layers) - pinned_bytes
     return {"realized": {"weights_gpu_fraction": store.realized_gpu_fraction(),
                          "kv_gpu_fraction": engine.n_gpu_mb / engine.policy.num_micro_batches,
                          "resident_experts_per_layer": store.resident,
-                         "pinned_layers": sum(store.pinned),
-                         "pinned_weight_bytes": streamed[True],
-                         "pageable_weight_bytes": streamed[False]},
+                         "pinned_layers": sum(store.fully_pinned(i) for i in layers),
+                         "pinned_weight_bytes": pinned_bytes,
+                         "pageable_weight_bytes": pageable_bytes},
             "gpu_mem_plan_bytes": engine.plan.gpu, "cpu_mem_plan_bytes": engine.plan.cpu,
             "peak_gpu_mem_bytes_per_rank": engine.shard.gather(peak_gpu),
             "peak_cpu_mem_bytes_per_rank": engine.shard.gather(peak_cpu_mem_bytes())}

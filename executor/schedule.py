@@ -106,8 +106,7 @@ class WeightLink:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="weight-link")
         self.memcpy = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="weight-memcpy")
         cuda = store.device.type == "cuda"
-        needs_ring = not all(store.pinned[i] or store.cpu[i].numel() == 0
-                             for i in range(len(store.cpu)))
+        needs_ring = not all(store.fully_pinned(i) for i in range(len(store.cpu)))
         self.ring = [torch.empty(store.page_elements, dtype=store.dtype, pin_memory=cuda)
                      for _ in range(RING_SLOTS)] if needs_ring else []
         self.ring_events: list[Any] = [None] * len(self.ring)
@@ -121,28 +120,44 @@ class WeightLink:
         return self.pool.submit(self._copy, layer, buffer, after)
 
     def _copy(self, layer: int, buffer: int, after: Any) -> Any:
+        """The layer's pinned pages straight to the GPU, then its pageable pages through the
+        ring; returns the event marking the whole layer staged."""
         src = self.store.cpu[layer]
         if src.numel() == 0:
             return None
         dst, stream = self.store.staging[buffer], self.streams.weights
         wait(stream, after)
-        nbytes = src.numel() * src.element_size()
-        if self.store.pinned[layer]:  # (only on CUDA)
-            queued: deque[tuple[Any, int]] = deque()   # (event, bytes) of copies in flight
-            in_flight = 0
-            with on(stream), self.tracer.span("h2d", "weights_h2d", stream, layer):
-                for start, end in self.store.pages(layer):
-                    while queued and in_flight >= WEIGHT_BYTES_IN_FLIGHT:
-                        event, page_bytes = queued.popleft()
-                        host_wait(event)
-                        in_flight -= page_bytes
-                    dst[start:end].copy_(src[start:end], non_blocking=True)
-                    page_bytes = (end - start) * src.element_size()
-                    queued.append((record(stream), page_bytes))
-                    in_flight += page_bytes
-            self.bytes_pinned_path += nbytes
-            return record(stream)
-        for i, (start, end) in enumerate(self.store.pages(layer)):
+        pinned_end = self.store.pinned_elements[layer]
+        pages = self.store.pages(layer)
+        direct = [(start, end) for start, end in pages if end <= pinned_end]
+        staged = [(start, end) for start, end in pages if end > pinned_end]
+        if direct:
+            self._copy_pinned(layer, src, dst, stream, direct)
+        if staged:
+            self._copy_staged(layer, src, dst, stream, staged)
+        return record(stream)
+
+    def _copy_pinned(self, layer: int, src: torch.Tensor, dst: torch.Tensor, stream: Any,
+                     pages: list[tuple[int, int]]) -> None:
+        """Page-locked pages, at most WEIGHT_BYTES_IN_FLIGHT queued at a time."""
+        queued: deque[tuple[Any, int]] = deque()   # (event, bytes) of copies in flight
+        in_flight = 0
+        with on(stream), self.tracer.span("h2d", "weights_h2d", stream, layer):
+            for start, end in pages:
+                while queued and in_flight >= WEIGHT_BYTES_IN_FLIGHT:
+                    event, page_bytes = queued.popleft()
+                    host_wait(event)
+                    in_flight -= page_bytes
+                dst[start:end].copy_(src[start:end], non_blocking=True)
+                page_bytes = (end - start) * src.element_size()
+                queued.append((record(stream), page_bytes))
+                in_flight += page_bytes
+                self.bytes_pinned_path += page_bytes
+
+    def _copy_staged(self, layer: int, src: torch.Tensor, dst: torch.Tensor, stream: Any,
+                     pages: list[tuple[int, int]]) -> None:
+        """Pageable pages: memcpy into a pinned ring slot on the copy thread, then H2D."""
+        for i, (start, end) in enumerate(pages):
             slot = i % len(self.ring)
             host_wait(self.ring_events[slot])  # the slot's previous H2D has finished reading it
             staged = self.ring[slot][:end - start]
@@ -154,8 +169,7 @@ class WeightLink:
                 else:
                     dst[start:end].copy_(staged, non_blocking=True)
             self.ring_events[slot] = record(stream)
-        self.bytes_staged_path += nbytes
-        return record(stream)
+            self.bytes_staged_path += (end - start) * src.element_size()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

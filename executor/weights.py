@@ -5,9 +5,11 @@ GPU. Of the routed experts, r_w = weights_gpu_fraction is realized in whole expe
 * l * n_e) experts are GPU-resident, spread over the layers (layer i keeps the first R // l
 experts, plus one for i < R mod l), so the realized fraction R / (l * n_e) is within 1 / (2 l n_e)
 of r_w. The other experts of a layer live in one flat CPU buffer, [w13_e | w2_e] per expert, cut
-into pages of `weight_page_bytes` that stream to the GPU. Layers are pinned while the pinned
-budget lasts (one large pinned allocation per layer); the rest stays pageable and goes through
-the pinned staging ring of the link (executor/schedule.py).
+into pages of `weight_page_bytes` that stream to the GPU. The buffers are page-locked in place
+while the pinned budget lasts: whole layers first, then the whole pages of one more layer that
+still fit (`pin_plan`), so the bytes left pageable are what the cost model's pinned overflow
+o = max(0, streamed bytes - pinnable) counts. Pageable pages go through the pinned staging ring
+of the link (executor/schedule.py).
 
 Weights come from a local Hugging Face checkpoint (config.json + *.safetensors, read lazily
 tensor by tensor straight into the pages) or are random at the real shapes: a random tile is
@@ -100,7 +102,8 @@ class ExpertStore:
     resident: list[int]
     gpu: list[torch.Tensor]
     cpu: list[torch.Tensor]
-    pinned: list[bool]
+    #: per layer, the leading elements of `cpu[layer]` that are page-locked
+    pinned_elements: list[int]
     staging: list[torch.Tensor]
     page_elements: int
     local: dict[int, int] = field(default_factory=dict)
@@ -143,6 +146,12 @@ class ExpertStore:
     def streamed_bytes(self, layer: int) -> int:
         return self.cpu[layer].numel() * self.cpu[layer].element_size()
 
+    def pinned_bytes(self, layer: int) -> int:
+        return self.pinned_elements[layer] * self.cpu[layer].element_size()
+
+    def fully_pinned(self, layer: int) -> bool:
+        return self.pinned_elements[layer] >= self.cpu[layer].numel()
+
     def resident_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.gpu)
 
@@ -174,22 +183,36 @@ def _allocate_store(spec: ModelSpec, dtype: torch.dtype, device: torch.device,
     unit = 3 * spec.hidden_size * spec.expert_intermediate_size
     elem = torch.empty((), dtype=dtype).element_size()
     gpu = [torch.empty(r * unit, dtype=dtype, device=device) for r in resident]
-    cpu, pinned, pin_left = [], [], pin_budget_bytes if device.type == "cuda" else 0
-    for r in resident:
-        n = (spec.num_experts - r) * unit
-        buffer = torch.empty(n, dtype=dtype)
-        want = 0 < n * elem <= pin_left
-        pin = want and _pin(buffer)
-        if want:  # after a refusal the rest stays pageable
-            pin_left = pin_left - n * elem if pin else 0
-        cpu.append(buffer)
-        pinned.append(pin)
+    cpu = [torch.empty((spec.num_experts - r) * unit, dtype=dtype) for r in resident]
+    page_elements = max(1, page_bytes // elem)
+    budget = pin_budget_bytes if device.type == "cuda" else 0.0
+    pinned = [0] * len(cpu)
+    for layer, want in enumerate(pin_plan([t.numel() for t in cpu], elem, budget,
+                                          page_elements)):
+        if want and not _pin(cpu[layer][:want]):
+            break  # the driver refused: the rest stays pageable
+        pinned[layer] = want
     max_streamed = max((t.numel() for t in cpu), default=0)
     staging = [torch.empty(max_streamed, dtype=dtype, device=device) for _ in range(2)] \
         if max_streamed else []
-    page_elements = max(1, page_bytes // elem)
     return ExpertStore(spec, dtype, device, resident, gpu, cpu, pinned, staging, page_elements,
                        {e: i for i, e in enumerate(held)})
+
+
+def pin_plan(layer_elements: list[int], element_bytes: int, budget_bytes: float,
+             page_elements: int) -> list[int]:
+    """Elements to page-lock at the start of each layer's streamed buffer under `budget_bytes`:
+    whole layers in order while they fit, then the whole pages of the next layer that still
+    fit; nothing after that."""
+    plan, left = [], budget_bytes
+    for n in layer_elements:
+        if n * element_bytes <= left:
+            take = n
+        else:
+            take = min(n, int(left // (page_elements * element_bytes)) * page_elements)
+        plan.append(take)
+        left = left - take * element_bytes if take == n else 0.0
+    return plan
 
 
 def _pin(buffer: torch.Tensor) -> bool:

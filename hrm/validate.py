@@ -291,8 +291,10 @@ class SharedModel:
         staging = [torch.empty(longest, dtype=base.dtype, device=self.device)
                    for _ in range(2)] if longest else []
         elem = base.cpu[0].element_size()
-        store = ExpertStore(self.spec, base.dtype, self.device, resident, gpu, cpu,
-                            list(base.pinned), staging, max(1, page_bytes // elem))
+        pinned = [max(0, p - r * unit) for p, r in zip(base.pinned_elements, resident,
+                                                       strict=True)]
+        store = ExpertStore(self.spec, base.dtype, self.device, resident, gpu, cpu, pinned,
+                            staging, max(1, page_bytes // elem))
         gpu_bytes = {"dense": self.weights.gpu_bytes["dense"],
                      "resident_experts": store.resident_bytes(),
                      "staging": store.staging_bytes()}

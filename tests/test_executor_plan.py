@@ -107,3 +107,45 @@ def test_warm_up_leaves_no_trace_in_the_measured_run() -> None:
     warm = warm_engine.generate(prompts, 5)
     assert warm.outputs == cold.outputs
     assert warm.bytes_moved == cold.bytes_moved
+
+
+@settings(max_examples=50, deadline=None)
+@given(layers=st.lists(st.integers(0, 40), min_size=1, max_size=6), budget=st.integers(0, 200),
+       page=st.integers(1, 8))
+def test_pin_plan_pins_whole_layers_then_whole_pages(layers, budget, page) -> None:
+    """What stays pageable is the streamed bytes beyond the budget, up to one page of rounding
+    (the cost model's o = max(0, streamed - pinnable))."""
+    from executor.weights import pin_plan
+
+    plan = pin_plan(layers, 2, float(budget), page)
+    assert all(0 <= p <= n for p, n in zip(plan, layers, strict=True))
+    assert 2 * sum(plan) <= budget
+    first_short = next((i for i, (p, n) in enumerate(zip(plan, layers, strict=True)) if p < n),
+                       len(plan))
+    assert all(p == 0 for p in plan[first_short + 1:])      # nothing after the partial layer
+    if first_short < len(plan):
+        assert plan[first_short] % page == 0
+        assert budget - 2 * sum(plan) < 2 * page              # less than a page was left over
+
+
+def test_weight_link_streams_pinned_pages_and_ring_pages_of_one_layer() -> None:
+    """A layer pinned in part: its pinned pages go straight, the rest through the ring, and the
+    staging buffer ends up with the whole layer (on the CPU stand-in, where both are memcpys)."""
+    from executor.schedule import Streams, WeightLink
+    from executor.trace import Tracer
+    from executor.weights import ExpertStore
+
+    spec, cpu = load_model_spec("tiny-mixtral"), torch.device("cpu")
+    unit = 3 * spec.hidden_size * spec.expert_intermediate_size
+    src = [torch.randn(spec.num_experts * unit) for _ in range(2)]
+    page = unit // 4
+    store = ExpertStore(spec, torch.float32, cpu, [0, 0], [torch.empty(0)] * 2, src,
+                        [5 * page, 0], [torch.zeros_like(src[0])], page)
+    link = WeightLink(store, Streams(cpu), Tracer(cpu))
+    try:
+        link.fetch(0, 0, None).result()
+        assert torch.equal(store.staging[0], src[0])
+        assert link.bytes_pinned_path == 5 * page * 4
+        assert link.bytes_staged_path == (src[0].numel() - 5 * page) * 4
+    finally:
+        link.close()
