@@ -151,9 +151,11 @@ def _print_prediction(pred: Any, title: str) -> None:
     table.add_row("bottleneck", f"{pred.bottleneck} (next stage {pred.bottleneck_slack:.2f}x "
                   "faster)")
     table.add_row("GPU memory" + (" per GPU" if p.num_gpus > 1 else ""),
-                  f"{fmt_bytes(mem.gpu_bytes)} of {fmt_bytes(mem.gpu_capacity_bytes)} usable")
-    table.add_row("CPU memory", f"{fmt_bytes(mem.cpu_bytes)} of {fmt_bytes(mem.cpu_capacity_bytes)}"
-                  f" usable ({fmt_bytes(mem.pinned_bytes)} pinned)")
+                  f"{_used(mem.gpu_bytes, mem.gpu_capacity_bytes)} of "
+                  f"{fmt_bytes(mem.gpu_capacity_bytes)} usable")
+    table.add_row("CPU memory", f"{_used(mem.cpu_bytes, mem.cpu_capacity_bytes)} of "
+                  f"{fmt_bytes(mem.cpu_capacity_bytes)} usable ({fmt_bytes(mem.pinned_bytes)} "
+                  "pinned)")
     for note in pred.notes:
         table.add_row("note", note)
     console.print(table)
@@ -392,6 +394,17 @@ app.command("run")(run_command)
 from hrm.validate import validate_command  # noqa: E402  (torch is imported inside)
 
 app.command("validate")(validate_command)
+
+
+def _used(need_bytes: float, capacity_bytes: float) -> str:
+    """The bytes a policy needs; a policy the solver filled to its limit (within its tolerance,
+    hrm.cost.MEMORY_CHECK_TOLERANCE) shows the limit, not a rounding above it."""
+    from hrm.cost import MEMORY_CHECK_TOLERANCE
+    from hrm.units import fmt_bytes
+
+    if capacity_bytes < need_bytes <= capacity_bytes * (1 + MEMORY_CHECK_TOLERANCE):
+        need_bytes = capacity_bytes
+    return fmt_bytes(need_bytes)
 
 
 def main() -> None:
