@@ -412,6 +412,7 @@ class Engine:
                 self._prefill_item(layer, mb, buffer, tracer, worker)
                 if park and layer < self.spec.num_layers - 1:
                     parked[m] = self._park(mb.hidden)
+                    mb.hidden = None  # the GPU copy is freed once it has crossed
             weights.release(visit, self.streams.compute)
             visit += 1
         return visit

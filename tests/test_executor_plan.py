@@ -149,3 +149,31 @@ def test_weight_link_streams_pinned_pages_and_ring_pages_of_one_layer() -> None:
         assert link.bytes_staged_path == (src[0].numel() - 5 * page) * 4
     finally:
         link.close()
+
+
+def test_prefill_holds_one_micro_batchs_hidden_states_at_a_time() -> None:
+    """Between its layers a prefill micro-batch's hidden states wait in host memory (the cost
+    model's prefill_swap): when a micro-batch runs a layer, no other one holds device hidden
+    states, and every parked copy crossed (hidden_d2h = hidden_h2d)."""
+    from executor.engine import build_engine
+
+    prompts = [[5 + i + j for j in range(4)] for i in range(6)]
+    policy = Policy(batch_size=6, micro_batch_size=2, weight_dtype="fp32", kv_dtype="fp32")
+    engine = build_engine("tiny-mixtral", policy, device=torch.device("cpu"),
+                          prompt_lens=[len(p) for p in prompts], gen_len=2,
+                          gpu_mem_bytes=2**32, cpu_mem_bytes=2**32)
+    holding, mbs = [], {}
+    original = engine._prefill_item
+
+    def spy(layer, mb, *args):
+        mbs[id(mb)] = mb
+        holding.append((layer, sum(o.hidden is not None for o in mbs.values() if o is not mb)))
+        original(layer, mb, *args)
+
+    engine._prefill_item = spy
+    gen = engine.generate(prompts, 2)
+    last = engine.spec.num_layers - 1
+    # layers 1..l-2: all others parked (at the last layer the finished ones hold their next
+    # token's embedding, the decode input)
+    assert [n for layer, n in holding if 0 < layer < last] == [0] * 3 * (last - 1)
+    assert gen.bytes_moved["hidden_d2h"] == gen.bytes_moved["hidden_h2d"] > 0
