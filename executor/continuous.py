@@ -33,7 +33,7 @@ from executor.engine import (
 )
 from executor.kv_cache import BLOCK_TOKENS
 from executor.sampling import Sampling
-from executor.schedule import LayerWeightsInFlight, pipeline_threads
+from executor.schedule import LayerWeightsInFlight, index_tensor, pipeline_threads
 from executor.scheduler import ContinuousScheduler, ScheduledPass, blocks_for, simulate
 from executor.trace import Tracer
 from executor.weights import read_model, resident_experts_per_layer, torch_dtype
@@ -243,11 +243,10 @@ class ContinuousEngine(Engine):
         for start in range(0, len(running), mu):
             seqs = running[start:start + mu]
             cached = [sched.seqs[s].cached for s in seqs]   # the new token included
-            last = torch.tensor([outputs[s][-1] for s in seqs], device=device)
+            last = index_tensor([outputs[s][-1] for s in seqs], device)
             decode.append(MicroBatch(seqs, cached, pool.view(seqs), slice(0, len(seqs)),
                                      hidden=self.w.embed[last],
-                                     positions=torch.tensor([c - 1 for c in cached],
-                                                            device=device)))
+                                     positions=index_tensor([c - 1 for c in cached], device)))
         feeds = {s: prompts[s] + outputs[s] for s in scheduled.prefill}
         order = sorted(scheduled.prefill, key=lambda s: (-len(feeds[s]), s))
         groups: list[list[int]] = []
@@ -260,7 +259,7 @@ class ContinuousEngine(Engine):
         prefill = []
         for seqs in groups:
             lens = [len(feeds[s]) for s in seqs]
-            ids = torch.tensor([t for s in seqs for t in feeds[s]], device=device)
+            ids = index_tensor([t for s in seqs for t in feeds[s]], device)
             prefill.append(MicroBatch(seqs, lens, pool.view(seqs), slice(0, len(seqs)),
                                       hidden=self.w.embed[ids],
                                       positions=torch.cat([torch.arange(n, device=device)

@@ -38,6 +38,7 @@ from executor.schedule import (
     LayerWeightsInFlight,
     Streams,
     host_wait,
+    index_tensor,
     on,
     pipeline_threads,
     record,
@@ -246,9 +247,9 @@ class Engine:
             x = L.moe_ffn(x, dense, spec, self.w.experts.expert_fn(layer, buffer), self.renorm,
                           self.shard.all_reduce)
             if layer == spec.num_layers - 1:
-                ends = torch.tensor(mb.prompt_lens, device=self.device).cumsum(0) - 1
+                ends = index_tensor(mb.prompt_lens, self.device).cumsum(0) - 1
                 self._lm_head_and_sample(mb, x[ends])
-                mb.positions = torch.tensor(mb.prompt_lens, device=self.device)
+                mb.positions = index_tensor(mb.prompt_lens, self.device)
             else:
                 mb.hidden = x
 
@@ -287,7 +288,7 @@ class Engine:
         kc, vc = mb.cache.gather(layer, mb.slots, context_lens[0] + 1, self.device)
         self.bytes["kv_h2d"] += 2 * kc.numel() * kc.element_size()
         rows = torch.arange(len(context_lens), device=self.device)
-        at = torch.tensor(context_lens, device=self.device)
+        at = index_tensor(context_lens, self.device)
         kc[rows, :, at] = k.to(kc.dtype)
         vc[rows, :, at] = v.to(vc.dtype)
         k_host, v_host, ready = self._to_host(k, v)
@@ -335,7 +336,7 @@ class Engine:
                 else:
                     mb.cache.append(layer, mb.slots, context_lens, k, v)
                     kc, vc = mb.cache.gather(layer, mb.slots, context_lens[0] + 1, self.device)
-                lens = torch.tensor(context_lens, device=self.device) + 1
+                lens = index_tensor(context_lens, self.device) + 1
                 return L.gpu_decode_attention(q, kc.to(q.dtype), vc.to(q.dtype), lens)
         qkv = torch.cat((q.flatten(1), k.flatten(1), v.flatten(1)), dim=1)
         done = None
@@ -398,7 +399,7 @@ class Engine:
     def _prefill(self, mbs: list[MicroBatch], prompts: list[list[int]], weights: Any,
                  visit: int, worker: Any, tracer: Tracer) -> int:
         for mb in mbs:
-            ids = torch.tensor([t for i in mb.seqs for t in prompts[i]], device=self.device)
+            ids = index_tensor([t for i in mb.seqs for t in prompts[i]], self.device)
             mb.hidden = self.w.embed[ids]
             mb.positions = torch.cat([torch.arange(n, device=self.device)
                                       for n in mb.prompt_lens])

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from executor.schedule import index_tensor
 from hrm.cost import KV_BLOCK_TOKENS
 from hrm.errors import InfeasibleError
 from hrm.model import ModelSpec
@@ -89,9 +90,9 @@ class KVCache:
         device, t = self.k[layer][0].device, self.block_tokens
         for j in sorted({p // t for p in positions}):
             idx = [i for i, p in enumerate(positions) if p // t == j]
-            sel = torch.tensor(idx, device=k.device)
-            rows = torch.tensor([slots.start + i for i in idx], device=device)
-            offsets = torch.tensor([positions[i] % t for i in idx], device=device)
+            sel = index_tensor(idx, k.device)
+            rows = index_tensor([slots.start + i for i in idx], device)
+            offsets = index_tensor([positions[i] % t for i in idx], device)
             for cache, new in ((self.k[layer][j], k), (self.v[layer][j], v)):
                 cache[rows, :, offsets] = new[sel].to(device, cache.dtype)
 

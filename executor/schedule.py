@@ -78,6 +78,16 @@ def wait(stream: Any, event: Any) -> None:
         stream.wait_event(event)
 
 
+def index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    """An int64 tensor of host-side indices on `device` without stalling the launching thread:
+    a copy from pageable memory makes CUDA wait for all work queued on the stream first (a
+    full stall of the pipeline each call), a copy from pinned memory does not."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def host_wait(event: Any) -> None:
     """Block the calling thread until `event` has completed."""
     if event is not None:
