@@ -36,6 +36,7 @@ from executor.kv_cache import BLOCK_TOKENS, KVCache, kv_cache_bytes
 from executor.sampling import Sampling, sample
 from executor.schedule import (
     LayerWeightsInFlight,
+    StagedLayer,
     Streams,
     host_wait,
     index_tensor,
@@ -216,7 +217,11 @@ class Engine:
         mb.tokens.append(tokens)
         mb.hidden = self.w.embed[tokens]
 
-    def _prefill_item(self, layer: int, mb: MicroBatch, buffer: int, tracer: Tracer,
+    def _experts(self, layer: int, buffer: StagedLayer) -> Any:
+        """The expert lookup of `layer` in its staging buffer (waits for the copy lazily)."""
+        return self.w.experts.expert_fn(layer, buffer.index, buffer.ready)
+
+    def _prefill_item(self, layer: int, mb: MicroBatch, buffer: StagedLayer, tracer: Tracer,
                       worker: Any = None) -> None:
         """Prefill of one micro-batch in one layer. The prompts' K/V for a CPU cache cross the
         link once per micro-batch into pinned memory (d2h stream) and are filed into the cache's
@@ -244,7 +249,7 @@ class Engine:
                 worker.submit(self._file_prompts, layer, mb, groups, k_host, v_host, ready,
                               tracer)
             x = L.attention_out(mb.hidden, torch.cat(outs), dense, self.shard.all_reduce)
-            x = L.moe_ffn(x, dense, spec, self.w.experts.expert_fn(layer, buffer), self.renorm,
+            x = L.moe_ffn(x, dense, spec, self._experts(layer, buffer), self.renorm,
                           self.shard.all_reduce)
             if layer == spec.num_layers - 1:
                 ends = index_tensor(mb.prompt_lens, self.device).cumsum(0) - 1
@@ -376,8 +381,8 @@ class Engine:
         self.bytes["attn_out_h2d"] += out.numel() * self.out_host[m].element_size()
         return self.out_dev[m][:n], record(h2d)
 
-    def _decode_post(self, layer: int, m: int, mb: MicroBatch, attention: Any, buffer: int,
-                     tracer: Tracer) -> None:
+    def _decode_post(self, layer: int, m: int, mb: MicroBatch, attention: Any,
+                     buffer: StagedLayer, tracer: Tracer) -> None:
         if isinstance(attention, torch.Tensor):
             attn, ready = attention, None
         else:
@@ -387,7 +392,7 @@ class Engine:
         dense = self.w.layers[layer]
         with tracer.span("gpu", "post_attn", compute, layer, m):
             x = L.attention_out(mb.hidden, attn, dense, self.shard.all_reduce)
-            x = L.moe_ffn(x, dense, self.spec, self.w.experts.expert_fn(layer, buffer),
+            x = L.moe_ffn(x, dense, self.spec, self._experts(layer, buffer),
                           self.renorm, self.shard.all_reduce)
             if layer == self.spec.num_layers - 1:
                 self._lm_head_and_sample(mb, x)
@@ -407,6 +412,8 @@ class Engine:
         parked: list[Any] = [None] * len(mbs)
         for layer in range(self.spec.num_layers):
             buffer = weights.acquire(visit, self.streams.compute)
+            if not self.overlap:   # serial schedules: the layer starts once its weights are in
+                buffer.ready()
             for m, mb in enumerate(mbs):
                 if parked[m] is not None:
                     mb.hidden = self._unpark(*parked[m])
@@ -448,7 +455,7 @@ class Engine:
                      tracer: Tracer) -> int:
         """One decode step over all layers and micro-batches (module docstring for the order)."""
         pending: tuple[int, int, Any] | None = None
-        buffers: dict[int, int] = {}
+        buffers: dict[int, StagedLayer] = {}
         last = len(mbs) - 1
 
         def post(layer: int, m: int, attention: Any) -> None:
@@ -462,6 +469,7 @@ class Engine:
         for layer in range(self.spec.num_layers):
             if not self.overlap:
                 buffers[visit + layer] = weights.acquire(visit + layer, self.streams.compute)
+                buffers[visit + layer].ready()
             for m, mb in enumerate(mbs):
                 if pending is not None and pending[1] == m:  # this micro-batch's previous layer
                     post(*pending)

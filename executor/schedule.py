@@ -186,6 +186,19 @@ class WeightLink:
         self.memcpy.shutdown(wait=True)
 
 
+class StagedLayer:
+    """A layer visit's staging buffer and the copy filling it (`LayerWeightsInFlight`)."""
+
+    def __init__(self, index: int, copy: Future, stream: Any) -> None:
+        self.index, self._copy, self._stream, self._waited = index, copy, stream, False
+
+    def ready(self) -> None:
+        """Make the stream wait for the copy (once; blocks until the copy is queued)."""
+        if not self._waited:
+            wait(self._stream, self._copy.result())
+            self._waited = True
+
+
 class LayerWeightsInFlight:
     """Which layer visit uses which staging buffer, and the copies in flight.
 
@@ -207,11 +220,13 @@ class LayerWeightsInFlight:
         if visit < self.total and visit not in self.pending:
             self.pending[visit] = self.link.fetch(visit % self.num_layers, visit % 2, after)
 
-    def acquire(self, visit: int, stream: Any) -> int:
-        """Make `stream` wait until visit's weights are staged; returns the staging buffer."""
+    def acquire(self, visit: int, stream: Any) -> StagedLayer:
+        """The staging buffer of `visit`; its `ready()` makes `stream` wait for the weights.
+        The layer code calls it just before the first streamed expert's GEMM, so the work in
+        front of it (output projection, routing, resident experts) neither waits for the
+        weights on the GPU nor blocks the launching thread while the copy thread queues them."""
         self._request(visit, None)
-        wait(stream, self.pending.pop(visit).result())
-        return visit % 2
+        return StagedLayer(visit % 2, self.pending.pop(visit), stream)
 
     def release(self, visit: int, stream: Any) -> None:
         """The visit's compute has been queued: its buffer may be refilled for visit + 2."""

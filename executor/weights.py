@@ -24,6 +24,7 @@ tensors (router, norms, embeddings, LM head) are equal across ranks.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,9 +123,11 @@ class ExpertStore:
         w13 = flat[base:base + 2 * h1 * h2].view(2 * h2, h1)
         return w13, flat[base + 2 * h1 * h2:base + 3 * h1 * h2].view(h1, h2)
 
-    def expert_fn(self, layer: int, staging_index: int) -> ExpertFn:
+    def expert_fn(self, layer: int, staging_index: int,
+                  ready: Callable[[], None] | None = None) -> ExpertFn:
         """Expert lookup for `layer` whose streamed experts sit in staging buffer
-        `staging_index`."""
+        `staging_index`; `ready()` is called before a streamed expert is handed out (it orders
+        the GEMMs after the copy that fills the buffer)."""
         resident = self.resident[layer]
 
         def expert(e: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -133,6 +136,8 @@ class ExpertStore:
                 return None
             if i < resident:
                 return self.views(self.gpu[layer], i)
+            if ready is not None:
+                ready()
             return self.views(self.staging[staging_index], i - resident)
 
         return expert
