@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_executor import (  # noqa: E402
     FULL_LAYERS,
+    add_deadline_options,
     add_host_mem_option,
     fit_to_executor,
     host_memory,
@@ -71,8 +72,7 @@ def main() -> None:
     ap.add_argument("--gpu-mem", type=float, default=16.0, help="GiB, for the full model")
     ap.add_argument("--hardware", default="h100-machine")
     add_host_mem_option(ap)
-    ap.add_argument("--deadline-s", type=float, default=float("inf"),
-                    help="start no new run after this many seconds")
+    add_deadline_options(ap)
     ap.add_argument("--dry-run", action="store_true",
                     help="print the `hrm run` commands (policies, caps) without running them")
     ap.add_argument("--out", type=Path, required=True)
@@ -122,7 +122,7 @@ def main() -> None:
             if args.dry_run:
                 print(f"[{scheduler} {kind}] {policy.to_dict()}\n  hrm run {' '.join(cli_args)}")
                 continue
-            res = run_cli(cli_args, bench.workdir, f"{scheduler}_{kind}")
+            res = run_cli(cli_args, bench.workdir, f"{scheduler}_{kind}", args.run_timeout_s)
             res["workload_kind"] = kind
             res["full_model_prediction"] = opt.prediction.to_dict()
             if "throughput_tok_s" in res:

@@ -138,12 +138,26 @@ def layer_gpu_bytes(spec, plan) -> float:
     return per_layer_dense + (plan.gpu["resident experts"] + plan.gpu["KV cache"]) / spec.num_layers
 
 
-def run_cli(args: list[str], workdir: Path, name: str) -> dict:
-    """`hrm run` in a fresh process (its pinned memory and GPU cap die with it)."""
+def add_deadline_options(ap: argparse.ArgumentParser) -> None:
+    """--deadline-s and --run-timeout-s, so that a device call returns what finished."""
+    ap.add_argument("--deadline-s", type=float, default=float("inf"),
+                    help="start no new run after this many seconds")
+    ap.add_argument("--run-timeout-s", type=float, default=None,
+                    help="kill a run that takes longer than this (default: no limit)")
+
+
+def run_cli(args: list[str], workdir: Path, name: str, timeout_s: float | None = None) -> dict:
+    """`hrm run` in a fresh process (its pinned memory and GPU cap die with it), killed after
+    `timeout_s` (the record then says so, and the benchmark goes on)."""
     result = workdir / f"{name}.json"
     cmd = [sys.executable, "-m", "hrm.cli", "run", *args, "-o", str(result)]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        print(f"[{name}] killed after {timeout_s:g} s", flush=True)
+        return {"name": name, "error": f"timed out after {timeout_s:g} s",
+                "command": " ".join(cmd)}
     wall = time.perf_counter() - start
     print(f"[{name}] rc={proc.returncode} {wall:.0f}s {proc.stdout.strip()[-300:]}"
           f"{proc.stderr.strip()[-600:]}", flush=True)
@@ -291,8 +305,7 @@ def main() -> None:
     ap.add_argument("--accelerate-batches", type=int, nargs="*", default=[8, 16, 32])
     ap.add_argument("--only", nargs="*", default=["cgopipe", "layerwise", "accelerate"])
     ap.add_argument("--trace", action="store_true", help="keep the trace of the first cgopipe run")
-    ap.add_argument("--deadline-s", type=float, default=float("inf"),
-                    help="start no new run after this many seconds")
+    add_deadline_options(ap)
     ap.add_argument("--attention", action="store_true",
                     help="only benchmark CPU decode attention (no GPU needed)")
     ap.add_argument("--out", type=Path, required=True)
@@ -349,7 +362,7 @@ def main() -> None:
             res = run_cli([*common, *caps, "--policy", str(policy_path), "--hardware",
                            str(profile_path), "--num-seqs",
                            str(opt.policy.batch_size), "--gen-len", str(gen_len), *extra],
-                          workdir, f"{schedule}_g{gen_len}")
+                          workdir, f"{schedule}_g{gen_len}", args.run_timeout_s)
             res["full_model_prediction"] = opt.prediction.to_dict()
             res["optimizer_policy"] = opt.policy.to_dict()
             if "throughput_tok_s" in res:

@@ -35,7 +35,8 @@ for step in ${STEPS:-profile validate attention}; do
                --out "$W" > "$W/attention.log" 2>&1 ;;
     continuous) timeout "${T_CONTINUOUS:-300}" python3 benchmarks/bench_continuous.py --layers 1 \
                --hardware "$PROFILE" --host-mem "${HOST_MEM:-120}" \
-               --deadline-s "${DEADLINE_CONTINUOUS:-200}" --out "$W/continuous" \
+               --deadline-s "${DEADLINE_CONTINUOUS:-200}" \
+               --run-timeout-s "${RUN_TIMEOUT_CONTINUOUS:-120}" --out "$W/continuous" \
                > "$W/continuous.log" 2>&1 ;;
     executor) timeout "${T_EXECUTOR:-300}" python3 benchmarks/bench_executor.py --layers "$LAYERS" \
                --hardware "$PROFILE" --host-mem "${HOST_MEM:-120}" ${BENCH_ARGS:-} \

@@ -52,3 +52,13 @@ def test_attention_bench_times_every_kernel_on_small_shapes() -> None:
     keys = {"dense_kv_bps", "paged_torch_kv_bps"} | (
         {"paged_cpp_kv_bps"} if paged_attention_extension() is not None else set())
     assert all(keys <= set(r) and all(r[k] > 0 for k in keys) for r in rows)
+
+
+def test_a_run_past_its_time_limit_is_recorded_not_fatal(tmp_path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.bench_executor import run_cli
+
+    res = run_cli(["--model", "tiny-mixtral", "--dummy-weights", "--device", "cpu",
+                   "--num-seqs", "4", "--prompt-len", "8", "--gen-len", "4"], tmp_path, "slow",
+                  timeout_s=0.05)
+    assert res["name"] == "slow" and res["error"] == "timed out after 0.05 s"
