@@ -15,6 +15,15 @@ gen_len - 1 decode steps. Work items (step, layer, micro-batch) run in one globa
   layerwise: attention on the GPU (KV on the GPU for the first r_c of the micro-batches, else read
       from the CPU cache every layer), weights fetched when their layer starts, no overlap.
 
+Prefill of a micro-batch: its prompts' K/V for the CPU cache cross once into pinned memory (d2h
+stream) and are filed into blocks by the CPU worker; with several micro-batches, the hidden
+states of the ones not running wait in pinned memory between layers (the cost model's
+prefill_swap), so the GPU holds one micro-batch's activations. In every schedule a layer's GPU
+work waits for its streamed weights only at its first streamed expert (`StagedLayer.ready`;
+serial schedules wait at the layer's start), and host-side indices reach the GPU through pinned
+memory (`index_tensor`), so the launching thread never waits for queued GPU work except at the
+routing's per-expert row counts.
+
 With K GPUs, one engine per rank runs the same schedule on the rank's shard (its spec is the
 shard's: executor/distributed.py); the O projection and the MoE block end in an all_reduce and
 rank 0's sampled tokens are broadcast, so all ranks walk the same items in the same order.
