@@ -18,8 +18,8 @@ gen_len - 1 decode steps. Work items (step, layer, micro-batch) run in one globa
 Prefill of a micro-batch: its prompts' K/V for the CPU cache cross once into pinned memory (d2h
 stream) and are filed into blocks by the CPU worker; with several micro-batches, the hidden
 states of the ones not running wait in pinned memory between layers (the cost model's
-prefill_swap), so the GPU holds one micro-batch's activations. In every schedule a layer's GPU
-work waits for its streamed weights only at its first streamed expert (`StagedLayer.ready`;
+prefill_swap), so the GPU holds one micro-batch's activations. In cgopipe a layer's GPU work
+waits for its streamed weights only at its first streamed expert (`StagedLayer.ready`; the
 serial schedules wait at the layer's start), and host-side indices reach the GPU through pinned
 memory (`index_tensor`), so the launching thread never waits for queued GPU work except at the
 routing's per-expert row counts.
