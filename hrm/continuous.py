@@ -232,7 +232,7 @@ class PassModel:
                     top = (s, seconds)
             if terms.overlapped and decode and (kind == "moe" or "moe" not in terms.layer_counts):
                 n_ub = math.ceil(shape.decode_seqs / p.micro_batch_size)
-                chain_s = micro_batch_chain_s(self.hw, decode, page, n_ub, terms.factors)(
+                chain_s = micro_batch_chain_s(self.hw, decode, n_ub, terms.factors)(
                     r_w, 0.0, o)
         rows = shape.decode_seqs + shape.prefill_seqs
         n_head = max(1, math.ceil(rows / p.micro_batch_size))

@@ -172,14 +172,14 @@ def allreduce_time_s(hw: HardwareProfile, op: Operator) -> float:
     return op.launches * ic.allreduce_latency_s + op.link_bytes / ic.allreduce_bus_bps
 
 
-def transfer_time(hw: HardwareProfile, op: Operator, page_bytes: float) -> Affine:
+def transfer_time(hw: HardwareProfile, op: Operator) -> Affine:
     """Seconds to move `op` over the link, scaled by the fraction that is not GPU-resident:
     routed expert weights by (1 - r_w), KV by (1 - r_c).
 
     Weight pages are queued back to back (a few in flight), so their per-copy latency overlaps
     and the stream moves at the bulk pinned rate B_pinned (measured on the GPU machine: 2.82 GB
-    per layer in 16 MiB pages at 54.3 GB/s against 55.4 GB/s for one 1 GiB copy); `page_bytes`
-    matters only through the staging path (`_stage_sums`). A CPU KV cache read by GPU attention
+    per layer in 16 MiB pages at 54.3 GB/s against 55.4 GB/s for one 1 GiB copy); the page size
+    matters only on the staging path (`_stage_sums`). A CPU KV cache read by GPU attention
     is gathered on the host into pinned memory and copied on the compute stream
     (executor/kv_cache.py `gather`): a host-staged copy, at the pageable H2D rate, that the GPU
     waits for (`_stage_of`). Other copies take the rate of their size (curve 'h2d')."""
@@ -279,7 +279,7 @@ def _stage_sums(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
     shared CPU stages it all, each of the `num_gpus` links carries 1/G of it."""
     stages = {s: Affine() for s in STAGES}
     for op in ops:
-        stages[_stage_of(op)] += _op_time(hw, op, page_bytes)
+        stages[_stage_of(op)] += _op_time(hw, op)
     if overflow_per_layer:
         p2p_bps = hw.link.pageable_to_pinned_bps
         if p2p_bps > 0:
@@ -304,22 +304,22 @@ def _layer_ops(model: ModelSpec, workload: Workload, policy: Policy, phase: str,
         parallelism=policy.parallelism)
 
 
-def _op_time(hw: HardwareProfile, op: Operator, page_bytes: float) -> Affine:
+def _op_time(hw: HardwareProfile, op: Operator) -> Affine:
     if op.device == "gpu":
         return Affine(const=gpu_op_time_s(hw, op))
     if op.device == "comm":
         return Affine(const=allreduce_time_s(hw, op))
     if op.device == "cpu":
         return Affine(const=cpu_op_time_s(hw, op))
-    return transfer_time(hw, op, page_bytes)
+    return transfer_time(hw, op)
 
 
-def _chain_s(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
-             num_micro_batches: int, factors: dict[str, float]) -> Affine:
+def _chain_s(hw: HardwareProfile, ops: list[Operator], num_micro_batches: int,
+             factors: dict[str, float]) -> Affine:
     """One micro-batch's dependent chain through a layer (pre-attention, q/k/v D2H, attention,
     output H2D, post-attention; everything but the weight stream): a layer cannot take less,
     and one chain per step is the pipeline's fill and drain."""
-    return affine_sum([_op_time(hw, op, page_bytes).scaled(factors[_stage_of(op)])
+    return affine_sum([_op_time(hw, op).scaled(factors[_stage_of(op)])
                        for op in ops if op.name != "weight_h2d"]).scaled(1.0 / num_micro_batches)
 
 
@@ -343,10 +343,10 @@ def layer_stage_sums(hw: HardwareProfile, ops: list[Operator], page_bytes: float
     return _stage_sums(hw, ops, page_bytes, overflow_per_layer)
 
 
-def micro_batch_chain_s(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
-                        num_micro_batches: int, factors: dict[str, float]) -> Affine:
+def micro_batch_chain_s(hw: HardwareProfile, ops: list[Operator], num_micro_batches: int,
+                        factors: dict[str, float]) -> Affine:
     """Public `_chain_s`, for callers that build their own operator mix (hrm.continuous)."""
-    return _chain_s(hw, ops, page_bytes, num_micro_batches, factors)
+    return _chain_s(hw, ops, num_micro_batches, factors)
 
 
 def _with_kv_dtype_curve(hw: HardwareProfile, kv_dtype: str) -> HardwareProfile:
@@ -388,12 +388,12 @@ def cost_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
     decode_extra, prefill_extra, decode_fill = Affine(const=head_s), Affine(const=head_s), Affine()
     if overlapped:
         for k in counts:
-            decode[k]["chain"] = _chain_s(hw, ops["decode", k], page, n_ub, factors)
-            prefill[k]["chain"] = _chain_s(hw, ops["prefill", k], page, n_ub, factors)
+            decode[k]["chain"] = _chain_s(hw, ops["decode", k], n_ub, factors)
+            prefill[k]["chain"] = _chain_s(hw, ops["prefill", k], n_ub, factors)
         kind = "moe" if "moe" in counts else "dense"
         decode_fill = decode[kind]["chain"]
         # the first layer's weights arrive before any expert runs, then one micro-batch fills
-        first_weights = affine_sum([transfer_time(hw, op, page) for op in ops["prefill", kind]
+        first_weights = affine_sum([transfer_time(hw, op) for op in ops["prefill", kind]
                                     if op.name == "weight_h2d"])
         prefill_extra += first_weights + prefill[kind]["chain"]
     return CostTerms(
@@ -761,7 +761,7 @@ def timeline(model: ModelSpec, hw: HardwareProfile, workload: Workload, policy: 
     n_ub, f = policy.num_micro_batches, terms.factors
     gpu_times = {op.name: gpu_op_time_s(hw, op) for op in ops if op.device == "gpu"}
     pre_share = gpu_times["qkv_proj"] / max(sum(gpu_times.values()), 1e-30)
-    weights_h2d_s = affine_sum([transfer_time(hw, op, policy.weight_page_bytes) for op in ops
+    weights_h2d_s = affine_sum([transfer_time(hw, op) for op in ops
                                 if op.name == "weight_h2d"])(r_w, r_c) + \
         terms.decode_stages[kind]["h2d"].overflow * terms.overflow(r_w)
     per_ub_s = {
