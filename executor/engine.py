@@ -438,15 +438,8 @@ class Engine:
         """A prefill micro-batch's hidden states wait in pinned CPU memory while the other
         micro-batches run the layer (d2h stream; the GPU copy is freed once it has crossed), so
         the GPU holds one micro-batch's activations, as the cost model assumes."""
-        d2h, cuda = self.streams.d2h, self.device.type == "cuda"
-        wait(d2h, record(self.streams.compute))
-        host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=cuda)
-        with on(d2h):
-            host.copy_(hidden, non_blocking=cuda)
-            if cuda:
-                hidden.record_stream(d2h)
         self.bytes["hidden_d2h"] += hidden.numel() * hidden.element_size()
-        return host, record(d2h)
+        return self._to_host(hidden)
 
     def _unpark(self, host: torch.Tensor, parked: Any) -> torch.Tensor:
         """The hidden states back on the GPU (h2d stream), ordered before the compute using
