@@ -74,7 +74,7 @@ def to_blocks(x: torch.Tensor, block: int, lens: list[int] | None = None) -> lis
 @pytest.mark.parametrize("kernel", PAGED)
 @settings(max_examples=25, deadline=None)
 @given(lens=st.lists(st.integers(1, 80), min_size=1, max_size=6), block=st.sampled_from([4, 16]),
-       group=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([8, 128]),
+       group=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([8, 48, 128]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
 def test_paged_matches_reference(kernel, lens, block, group, head_dim, dtype, seed) -> None:
     lens = sorted(lens, reverse=True)
@@ -125,3 +125,9 @@ def test_dispatch_follows_the_environment(monkeypatch) -> None:
             paged_attention_extension()
     finally:
         paged_attention_extension.cache_clear()
+
+
+def test_head_dims_over_the_cpp_limit_use_the_torch_ops() -> None:
+    q, k = torch.randn(2, 2, 264), torch.randn(2, 1, 4, 264)
+    torch.testing.assert_close(cpu_decode_attention_paged(q, [k], [k], [4, 3]).double(),
+                               reference(q, k, k, [4, 3]), atol=1e-5, rtol=1e-5)
