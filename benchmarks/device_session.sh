@@ -10,7 +10,7 @@
 #   validate    hrm validate --grid full, Mixtral-8x7B shapes, first $LAYERS layers, GPU cap scaled
 #               from 16 GiB for the full model, on $PROFILE (default: the one just measured)
 #   attention   benchmarks/bench_executor.py --attention (CPU decode attention kernels)
-#   continuous  benchmarks/bench_continuous.py --layers 1 on $PROFILE
+#   continuous  benchmarks/bench_continuous.py --layers 1 on $PROFILE ($CONT_ARGS)
 #   executor    benchmarks/bench_executor.py --layers $LAYERS on $PROFILE ($BENCH_ARGS)
 set -u
 W=${W:-/tmp/w}
@@ -36,7 +36,7 @@ for step in ${STEPS:-profile validate attention}; do
     continuous) timeout "${T_CONTINUOUS:-300}" python3 benchmarks/bench_continuous.py --layers 1 \
                --hardware "$PROFILE" --host-mem "${HOST_MEM:-120}" \
                --deadline-s "${DEADLINE_CONTINUOUS:-200}" \
-               --run-timeout-s "${RUN_TIMEOUT_CONTINUOUS:-120}" --out "$W/continuous" \
+               --run-timeout-s "${RUN_TIMEOUT_CONTINUOUS:-120}" ${CONT_ARGS:-} --out "$W/continuous" \
                > "$W/continuous.log" 2>&1 ;;
     executor) timeout "${T_EXECUTOR:-300}" python3 benchmarks/bench_executor.py --layers "$LAYERS" \
                --hardware "$PROFILE" --host-mem "${HOST_MEM:-120}" ${BENCH_ARGS:-} \
