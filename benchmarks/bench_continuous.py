@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--hardware", default="h100-machine")
     add_host_mem_option(ap)
     add_deadline_options(ap)
+    ap.add_argument("--trace", action="store_true",
+                    help="write each continuous run's Chrome trace next to its result")
     ap.add_argument("--dry-run", action="store_true",
                     help="print the `hrm run` commands (policies, caps) without running them")
     ap.add_argument("--out", type=Path, required=True)
@@ -119,6 +121,8 @@ def main() -> None:
                         "--policy", str(policy_path), "--hardware", str(profile_path),
                         "--synthetic", kind, "--num-seqs", str(num_seqs),
                         "--gen-len", str(gen_cap)]
+            if args.trace and scheduler == "continuous":
+                cli_args += ["--trace", str(args.out / f"trace_continuous_{kind}.json")]
             if args.dry_run:
                 print(f"[{scheduler} {kind}] {policy.to_dict()}\n  hrm run {' '.join(cli_args)}")
                 continue
