@@ -32,6 +32,7 @@ from executor.engine import (
     load_weights,
 )
 from executor.kv_cache import BLOCK_TOKENS
+from executor.layers import host_list
 from executor.sampling import Sampling
 from executor.schedule import LayerWeightsInFlight, index_tensor, pipeline_threads
 from executor.scheduler import ContinuousScheduler, ScheduledPass, blocks_for, simulate
@@ -213,7 +214,7 @@ class ContinuousEngine(Engine):
                 self._run_pass(decode, prefill, weights, visit, worker, tracer)
                 visit += layers
                 for mb in (*decode, *prefill):
-                    for seq, token in zip(mb.seqs, mb.tokens[-1].tolist(), strict=True):
+                    for seq, token in zip(mb.seqs, host_list(mb.tokens[-1]), strict=True):
                         outputs[seq].append(token)
                 eos = frozenset(s for s in (*scheduled.decode, *scheduled.prefill)
                                 if self.eos is not None and outputs[s][-1] == self.eos)

@@ -139,6 +139,23 @@ def swiglu(h: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor
     return F.linear(F.silu(gate) * up, w2)
 
 
+def host_list(t: torch.Tensor) -> list:
+    """`t.tolist()` for a small device tensor, without holding the GIL while the device catches
+    up. `tolist()` waits for the stream with the GIL held, which stops every other Python thread
+    of the pipeline (the CPU attention worker, the weight link) until the GPU reaches this point,
+    up to a whole layer's weight transfer when the stream waits for weights: on 2026-11-30 this
+    held attention outputs back by a median 5 ms (up to 40 ms) and serialized the CPU and GPU
+    stages. Here the values go to pinned memory and the wait is an event's, GIL released."""
+    if t.device.type != "cuda":
+        return t.tolist()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    done.synchronize()
+    return host.tolist()
+
+
 def routed_experts(h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
                    num_experts: int, expert: ExpertFn) -> torch.Tensor:
     """sum_k g_k FFN_{e_k}(h) for every token, as one GEMM pair per expert over the tokens routed
@@ -148,7 +165,7 @@ def routed_experts(h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     order = torch.argsort(experts.reshape(-1), stable=True)
     token_of = order // top_k
     gate_sorted = weights.reshape(-1)[order]
-    rows_per_expert = torch.bincount(experts.reshape(-1), minlength=num_experts).tolist()
+    rows_per_expert = host_list(torch.bincount(experts.reshape(-1), minlength=num_experts))
     h_sorted = h[token_of]
     out_sorted = torch.empty_like(h_sorted)
     start = 0
