@@ -388,7 +388,12 @@ class Engine:
             self.out_host[m][:n].copy_(out)
             self.out_dev[m][:n].copy_(self.out_host[m][:n], non_blocking=True)
         self.bytes["attn_out_h2d"] += out.numel() * self.out_host[m].element_size()
-        return self.out_dev[m][:n], record(h2d)
+        done = record(h2d)
+        # submit the copy now (a query flushes this thread's queued work): in the traces of
+        # 2026-11-30 each output copy ran only when the worker queued the next one, an attention
+        # later, which put every micro-batch's CPU attention and GPU work in series
+        done.query()
+        return self.out_dev[m][:n], done
 
     def _decode_post(self, layer: int, m: int, mb: MicroBatch, attention: Any,
                      buffer: StagedLayer, tracer: Tracer) -> None:
