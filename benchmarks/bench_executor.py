@@ -241,6 +241,25 @@ def accelerate_run(config: dict, layers: int, prompt_lens: list[int], gen_len: i
 ATTENTION_SHAPES = ((64, 144), (64, 1024), (256, 512), (1024, 256), (8, 8192))
 
 
+def block_pool(k_blocks, v_blocks, lens: list[int]):
+    """The per-block tensors [rows_j, Hkv, T, D] scattered over a shuffled pool [N, Hkv, T, D]
+    (seeded), and each sequence's block table."""
+    import torch
+
+    owners = [(b, j) for j, blk in enumerate(k_blocks) for b in range(blk.shape[0])]
+    slot_of = dict(zip(owners, torch.randperm(len(owners), generator=torch.Generator()
+                                              .manual_seed(0)).tolist(), strict=True))
+    pools = []
+    for blocks in (k_blocks, v_blocks):
+        pool = torch.empty(len(owners), *blocks[0].shape[1:], dtype=blocks[0].dtype)
+        for (b, j), slot in slot_of.items():
+            pool[slot] = blocks[j][b]
+        pools.append(pool)
+    tables = [[slot_of[(b, j)] for j in range(len(k_blocks)) if (b, j) in slot_of]
+              for b in range(len(lens))]
+    return pools[0], pools[1], tables
+
+
 def attention_bench(threads: int | None = None, shapes=ATTENTION_SHAPES,
                     dram_bytes: int = 4 * GiB) -> list[dict]:
     """CPU decode attention at decode shapes (32 q / 8 kv heads, D=128): KV bytes read per
@@ -250,6 +269,8 @@ def attention_bench(threads: int | None = None, shapes=ATTENTION_SHAPES,
 
     from executor.kernels import (
         cpu_decode_attention,
+        cpu_decode_attention_table,
+        gather_blocks,
         paged_attention_cpp,
         paged_attention_extension,
         paged_attention_torch,
@@ -288,6 +309,16 @@ def attention_bench(threads: int | None = None, shapes=ATTENTION_SHAPES,
                 row["paged_cpp_kv_bps"] = ragged_bytes / best_s(
                     lambda q=q, k=kb, v=vb, n=lens: paged_attention_cpp(extension, q, k, v, n))
                 row["paged_cpp_fraction_of_dram"] = row["paged_cpp_kv_bps"] / dram_bps
+                # the continuous scheduler's cache: the same blocks scattered over a pool,
+                # read through block tables, against gathering them first (its old path)
+                pool_k, pool_v, tables = block_pool(kb, vb, lens)
+                row["pool_cpp_kv_bps"] = ragged_bytes / best_s(
+                    lambda q=q, k=pool_k, v=pool_v, t=tables, n=lens:
+                    cpu_decode_attention_table(q, k, v, t, n))
+                row["pool_gather_then_cpp_kv_bps"] = ragged_bytes / best_s(
+                    lambda q=q, k=pool_k, v=pool_v, t=tables, n=lens: paged_attention_cpp(
+                        extension, q, *gather_blocks(k, v, t, n), n))
+                del pool_k, pool_v
             rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
             del q, k, v, kb, vb

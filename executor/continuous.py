@@ -10,8 +10,8 @@ while the CPU attends to the first decode micro-batch. The same layer code as th
 
 KV cache: one pool per layer of N_blocks blocks [N_blocks, n_kv, T, D] in CPU memory; each
 sequence owns a block table; blocks are allocated as the scheduler grows a sequence and returned
-at once when it finishes or is preempted. CPU attention gathers a micro-batch's blocks into the
-layout of `cpu_decode_attention_paged` (block j of the sequences that reach it).
+at once when it finishes or is preempted. CPU attention reads a micro-batch's blocks where they
+lie in the pool, through its block tables (`cpu_decode_attention_table`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from executor.engine import (
     MicroBatch,
     load_weights,
 )
+from executor.kernels import cpu_decode_attention_table
 from executor.kv_cache import BLOCK_TOKENS
 from executor.layers import host_list
 from executor.sampling import Sampling
@@ -142,15 +143,11 @@ class BlockView:
         for cache, new in ((self.pool.k[layer], k), (self.pool.v[layer], v)):
             cache[blocks, :, offsets] = new.to(cache.dtype)
 
-    def blocks(self, layer: int, slots: slice, length: int
-               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per block j < ceil(length / T), block j of the sequences that hold it (a prefix:
-        sequences run longest first), gathered from the pool."""
-        tables = self.tables[slots]
-        index = [torch.tensor([tb[j] for tb in tables if len(tb) > j])
-                 for j in range(-(-length // self.pool.block_tokens))]
-        return tuple([cache[layer].index_select(0, idx) for idx in index]
-                     for cache in (self.pool.k, self.pool.v))
+    def attend(self, layer: int, slots: slice, q: torch.Tensor, lens: list[int]) -> torch.Tensor:
+        """Decode attention over the sequences' blocks where they lie in the pool (slots run
+        longest first, so `lens` does not increase)."""
+        return cpu_decode_attention_table(q, self.pool.k[layer], self.pool.v[layer],
+                                          self.tables[slots], lens)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ import torch
 
 from executor import layers as L
 from executor.distributed import Shard
-from executor.kernels import cpu_decode_attention_paged, paged_attention_extension
+from executor.kernels import paged_attention_extension
 from executor.kv_cache import BLOCK_TOKENS, KVCache, kv_cache_bytes
 from executor.sampling import Sampling, sample
 from executor.schedule import (
@@ -378,9 +378,7 @@ class Engine:
             v = qkv[:, q_out + kv_out:].view(n, spec.num_kv_heads, spec.head_dim)
             mb.cache.append(layer, mb.slots, context_lens, k, v)
             lens = [c + 1 for c in context_lens]
-            kc, vc = mb.cache.blocks(layer, mb.slots, lens[0])
-            out = cpu_decode_attention_paged(q, kc, vc, lens)
-            out = out.reshape(n, -1)
+            out = mb.cache.attend(layer, mb.slots, q, lens).reshape(n, -1)
         if self.device.type != "cuda":
             return out, None
         h2d = self.streams.h2d

@@ -127,6 +127,42 @@ def paged_attention_cpp(extension: object, q: torch.Tensor, k_blocks: Sequence[t
     return out.to(q.dtype)
 
 
+def cpu_decode_attention_table(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                               tables: Sequence[Sequence[int]], context_lens: list[int],
+                               scale: float | None = None) -> torch.Tensor:
+    """Decode attention over ragged contexts in a block pool (the continuous scheduler's cache):
+    k_pool, v_pool [N, Hkv, T, D]; block j of sequence b is pool block tables[b][j];
+    `context_lens` non-increasing. The C++ kernel reads the blocks where they lie; the torch ops
+    (`paged_attention_torch`) need them gathered into per-block tensors first, a copy of the
+    whole context."""
+    _check_non_increasing(context_lens)
+    block_tokens = k_pool.shape[2]
+    needed = [-(-n // block_tokens) for n in context_lens]
+    extension = paged_attention_extension()
+    if extension is None or q.shape[-1] > CPP_MAX_HEAD_DIM:
+        k_blocks, v_blocks = gather_blocks(k_pool, v_pool, tables, context_lens)
+        return paged_attention_torch(q, k_blocks, v_blocks, context_lens, scale)
+    table = torch.tensor([list(t[:k]) + [0] * (needed[0] - k)
+                          for t, k in zip(tables, needed, strict=True)], dtype=torch.int64)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out = extension.paged_decode_attention_table(  # type: ignore[attr-defined]
+        q.float().contiguous(), k_pool.contiguous(), v_pool.contiguous(), table,
+        torch.tensor(context_lens, dtype=torch.int64), scale)
+    return out.to(q.dtype)
+
+
+def gather_blocks(k_pool: torch.Tensor, v_pool: torch.Tensor, tables: Sequence[Sequence[int]],
+                  context_lens: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Block j of the sequences that reach it, copied out of the pool (`index_select`) into
+    `paged_attention_torch`'s layout (context_lens non-increasing)."""
+    block_tokens = k_pool.shape[2]
+    index = [torch.tensor([t[j] for t, n in zip(tables, context_lens, strict=True)
+                           if n > j * block_tokens])
+             for j in range(-(-context_lens[0] // block_tokens))]
+    k_blocks, v_blocks = ([pool.index_select(0, i) for i in index] for pool in (k_pool, v_pool))
+    return k_blocks, v_blocks
+
+
 def _check_non_increasing(context_lens: list[int]) -> None:
     if any(a < b for a, b in zip(context_lens, context_lens[1:], strict=False)):
         raise ValueError("context_lens must be non-increasing")

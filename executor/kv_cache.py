@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from executor.kernels import cpu_decode_attention_paged
 from executor.schedule import index_tensor
 from hrm.cost import KV_BLOCK_TOKENS
 from hrm.errors import InfeasibleError
@@ -102,6 +103,12 @@ class KVCache:
         n_blocks = -(-length // self.block_tokens)
         return tuple([b[slots.start:min(slots.stop, b.shape[0])] for b in cache[layer][:n_blocks]]
                      for cache in (self.k, self.v))
+
+    def attend(self, layer: int, slots: slice, q: torch.Tensor, lens: list[int]) -> torch.Tensor:
+        """Decode attention of `slots`' new queries q [n, Hq, D] over their first `lens` cached
+        positions (non-increasing), read in place from the blocks."""
+        k_blocks, v_blocks = self.blocks(layer, slots, lens[0])
+        return cpu_decode_attention_paged(q, k_blocks, v_blocks, lens)
 
     def gather(self, layer: int, slots: slice, length: int, device: torch.device
                ) -> tuple[torch.Tensor, torch.Tensor]:

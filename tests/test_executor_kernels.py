@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+from unittest import mock
 
 import pytest
 
@@ -13,6 +15,7 @@ from hypothesis import strategies as st  # noqa: E402
 from executor.kernels import (  # noqa: E402
     cpu_decode_attention,
     cpu_decode_attention_paged,
+    cpu_decode_attention_table,
     paged_attention_cpp,
     paged_attention_extension,
     paged_attention_torch,
@@ -131,3 +134,55 @@ def test_head_dims_over_the_cpp_limit_use_the_torch_ops() -> None:
     q, k = torch.randn(2, 2, 264), torch.randn(2, 1, 4, 264)
     torch.testing.assert_close(cpu_decode_attention_paged(q, [k], [k], [4, 3]).double(),
                                reference(q, k, k, [4, 3]), atol=1e-5, rtol=1e-5)
+
+
+def to_pool(k: torch.Tensor, v: torch.Tensor, block: int, lens: list[int], seed: int
+            ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+    """[B, Hkv, S, D] -> a shuffled pool [N, Hkv, T, D] of every sequence's blocks (plus spare
+    blocks of noise) and each sequence's block table, as the continuous scheduler keeps them."""
+    b, h, _, d = k.shape
+    needed = [-(-n // block) for n in lens]
+    spare = 3
+    order = torch.randperm(sum(needed) + spare, generator=torch.Generator().manual_seed(seed))
+    k_pool, v_pool = (torch.randn(len(order), h, block, d).to(k.dtype) for _ in "kv")
+    tables, next_block = [], 0
+    for i, n in enumerate(needed):
+        tables.append([int(order[next_block + j]) for j in range(n)])
+        for j, slot in enumerate(tables[-1]):
+            k_pool[slot] = k[i, :, j * block:(j + 1) * block]
+            v_pool[slot] = v[i, :, j * block:(j + 1) * block]
+        next_block += n
+    return k_pool, v_pool, tables
+
+
+@pytest.mark.parametrize("kernel", ["torch", "cpp"])
+@settings(max_examples=20, deadline=None)
+@given(lens=st.lists(st.integers(1, 80), min_size=1, max_size=6), block=st.sampled_from([4, 16]),
+       group=st.sampled_from([1, 4]), head_dim=st.sampled_from([8, 128]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_block_table_attention_matches_reference(kernel, lens, block, group, head_dim, dtype,
+                                                 seed) -> None:
+    """The pool kernel (continuous scheduler) reads each sequence's blocks through its table."""
+    lens = sorted(lens, reverse=True)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(len(lens), 2 * group, head_dim, generator=g).to(dtype)
+    k, v = (torch.randn(len(lens), 2, 80, head_dim, generator=g).to(dtype) for _ in "kv")
+    k_pool, v_pool, tables = to_pool(k, v, block, lens, seed)
+    if kernel == "cpp":
+        cpp_kernel(q[:1], [k_pool[:1]], [v_pool[:1]], [1])  # skip where no C++ compiler
+    paged_attention_extension.cache_clear()
+    try:
+        with mock.patch.dict(os.environ, {"MOE_LIGHTNING_CPU_KERNEL": kernel}):
+            out = cpu_decode_attention_table(q, k_pool, v_pool, tables, lens)
+    finally:
+        paged_attention_extension.cache_clear()
+    assert out.shape == q.shape and out.dtype == dtype
+    torch.testing.assert_close(out.double(), reference(q, k, v, lens), atol=TOL[dtype],
+                               rtol=TOL[dtype])
+
+
+def test_block_table_attention_rejects_a_block_outside_the_pool() -> None:
+    pool = torch.randn(2, 1, 4, 8)
+    cpp_kernel(torch.randn(1, 2, 8), [pool[:1]], [pool[:1]], [1])  # skip where no C++ compiler
+    with pytest.raises(RuntimeError, match="not in the pool"):
+        cpu_decode_attention_table(torch.randn(1, 2, 8), pool, pool, [[0, 5]], [7])

@@ -147,16 +147,42 @@ void fold_block(const float* qs, const row_t* K, const row_t* V, int64_t n, int6
   }
 }
 
+// Where the rows of (sequence b, KV head h) in block j of the sequence lie: a list of per-block
+// tensors [rows_j, Hkv, T, D] (the static KV cache), or a pool [N, Hkv, T, D] with a block table
+// per sequence (the continuous scheduler's cache). Item bh = b * Hkv + h.
+template <typename kv_type>
+struct BlockList {
+  using kv_t = kv_type;
+  std::vector<const kv_t*> k, v;
+  int64_t block_elems;  // T * D
+  const kv_t* key(int64_t j, int64_t bh) const { return k[j] + bh * block_elems; }
+  const kv_t* value(int64_t j, int64_t bh) const { return v[j] + bh * block_elems; }
+};
+
+template <typename kv_type>
+struct BlockTable {
+  using kv_t = kv_type;
+  const kv_t *k, *v;
+  const int64_t* table;  // [B, max_blocks]: block j of sequence b is table[b * max_blocks + j]
+  int64_t max_blocks, kv_heads, block_elems;
+  int64_t at(int64_t j, int64_t bh) const {
+    const int64_t b = bh / kv_heads, h = bh % kv_heads;
+    return (table[b * max_blocks + j] * kv_heads + h) * block_elems;
+  }
+  const kv_t* key(int64_t j, int64_t bh) const { return k + at(j, bh); }
+  const kv_t* value(int64_t j, int64_t bh) const { return v + at(j, bh); }
+};
+
 // Items are (sequence, KV head) pairs, split into one contiguous range per thread with about
 // equal numbers of KV rows (lengths vary). A thread walks the blocks in its outer loop, so that
-// it reads each block's rows of its items as one contiguous stream (block j is
-// [rows_j, Hkv, T, D]), and keeps every item's running state (acc, m, l) in cache. Rows are read
-// in place where D == Dp (bf16: NV even), else widened into fp32 scratch rows.
-template <int64_t NV, typename kv_t>
-void attend(const float* q, const std::vector<const kv_t*>& k_blocks,
-            const std::vector<const kv_t*>& v_blocks, const int64_t* lens, float* out,
+// with a BlockList it reads each block's rows of its items as one contiguous stream, and keeps
+// every item's running state (acc, m, l) in cache. Rows are read in place where D == Dp (bf16:
+// NV even), else widened into fp32 scratch rows.
+template <int64_t NV, typename Blocks>
+void attend(const float* q, const Blocks& blocks, const int64_t* lens, float* out,
             int64_t batch, int64_t kv_heads, int64_t group, int64_t block_tokens,
             int64_t head_dim, float scale) {
+  using kv_t = typename Blocks::kv_t;
   constexpr int64_t Dp = NV * LANES;
   constexpr bool can_read_in_place = std::is_same_v<kv_t, float> || NV % 2 == 0;
   const int64_t T = block_tokens, D = head_dim, G = group;
@@ -177,8 +203,8 @@ void attend(const float* q, const std::vector<const kv_t*>& k_blocks,
     for (int64_t j = 0; j * T < lens[begin / kv_heads]; ++j) {
       for (int64_t bh = begin; bh < end && j * T < lens[bh / kv_heads]; ++bh) {
         const int64_t n = std::min(T, lens[bh / kv_heads] - j * T), x = bh - begin;
-        const kv_t* K = k_blocks[j] + bh * T * D;
-        const kv_t* V = v_blocks[j] + bh * T * D;
+        const kv_t* K = blocks.key(j, bh);
+        const kv_t* V = blocks.value(j, bh);
         float *state = acc.data() + x * G * Dp, *mx = m.data() + x * G, *lx = l.data() + x * G;
         if constexpr (can_read_in_place) {
           if (in_place) {
@@ -215,35 +241,57 @@ void attend(const float* q, const std::vector<const kv_t*>& k_blocks,
 }
 
 // attend<NV> for the smallest NV in {1, 2, 4, 8, 16} with NV * 16 >= D (D <= 256)
-template <typename kv_t, typename... Args>
+template <typename Blocks, typename... Args>
 void attend_padded(int64_t head_dim, Args&&... args) {
   const int64_t nv = (head_dim + LANES - 1) / LANES;
-  if (nv <= 1) return attend<1, kv_t>(args...);
-  if (nv <= 2) return attend<2, kv_t>(args...);
-  if (nv <= 4) return attend<4, kv_t>(args...);
-  if (nv <= 8) return attend<8, kv_t>(args...);
-  return attend<16, kv_t>(args...);
+  if (nv <= 1) return attend<1, Blocks>(args...);
+  if (nv <= 2) return attend<2, Blocks>(args...);
+  if (nv <= 4) return attend<4, Blocks>(args...);
+  if (nv <= 8) return attend<8, Blocks>(args...);
+  return attend<16, Blocks>(args...);
+}
+
+// Checks shared by both entry points; returns the KV dtype.
+c10::ScalarType check_inputs(const torch::Tensor& q, const torch::Tensor& lens,
+                             const torch::Tensor& k_like, int64_t kv_heads) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.is_contiguous(),
+              "q must be a contiguous fp32 [B, Hq, D] tensor");
+  TORCH_CHECK(lens.dim() == 1 && lens.scalar_type() == torch::kInt64 && lens.is_contiguous(),
+              "lens must be a contiguous int64 [B] tensor");
+  TORCH_CHECK(lens.size(0) == q.size(0), "lens must have one entry per sequence");
+  TORCH_CHECK(q.size(1) % kv_heads == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(q.size(2) <= MAX_HEAD_DIM, "head_dim ", q.size(2), " > ", MAX_HEAD_DIM);
+  const int64_t* len = lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < lens.size(0); ++b) {
+    TORCH_CHECK(len[b] >= 1 && (b == 0 || len[b] <= len[b - 1]),
+                "lens must be positive and non-increasing");
+  }
+  const auto dtype = k_like.scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "KV must be fp32 or bf16");
+  return dtype;
+}
+
+// Calls f(kv_t{}) with the C++ type of `dtype` (fp32 or bf16).
+template <typename F>
+void with_kv_type(c10::ScalarType dtype, F&& f) {
+  if (dtype == torch::kFloat32) {
+    f(float{});
+  } else {
+    f(c10::BFloat16{});
+  }
 }
 
 // q: [B, Hq, D] fp32 contiguous; k_blocks[j], v_blocks[j]: [rows_j, Hkv, T, D] contiguous, one
-// dtype (fp32 or bf16); lens: [B] int64, 1 <= lens[b], with rows_j > b for every block j that
-// sequence b reaches. Returns [B, Hq, D] fp32.
+// dtype (fp32 or bf16); lens: [B] int64, positive, non-increasing, with rows_j > b for every
+// block j that sequence b reaches. Returns [B, Hq, D] fp32.
 torch::Tensor paged_decode_attention(torch::Tensor q, std::vector<torch::Tensor> k_blocks,
                                      std::vector<torch::Tensor> v_blocks, torch::Tensor lens,
                                      double scale) {
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.is_contiguous(),
-              "q must be a contiguous fp32 [B, Hq, D] tensor");
   TORCH_CHECK(!k_blocks.empty() && k_blocks.size() == v_blocks.size(),
               "need the same positive number of K and V blocks");
-  TORCH_CHECK(lens.dim() == 1 && lens.scalar_type() == torch::kInt64 && lens.is_contiguous(),
-              "lens must be a contiguous int64 [B] tensor");
   const int64_t batch = q.size(0), heads = q.size(1), head_dim = q.size(2);
   const int64_t kv_heads = k_blocks[0].size(1), block_tokens = k_blocks[0].size(2);
-  TORCH_CHECK(lens.size(0) == batch, "lens must have one entry per sequence");
-  TORCH_CHECK(heads % kv_heads == 0, "query heads must be a multiple of KV heads");
-  TORCH_CHECK(head_dim <= MAX_HEAD_DIM, "head_dim ", head_dim, " > ", MAX_HEAD_DIM);
-  const auto dtype = k_blocks[0].scalar_type();
-  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "KV must be fp32 or bf16");
+  const auto dtype = check_inputs(q, lens, k_blocks[0], kv_heads);
   const int64_t num_blocks = static_cast<int64_t>(k_blocks.size());
   std::vector<int64_t> rows_min(num_blocks);  // min over blocks 0..j of their rows
   for (int64_t j = 0; j < num_blocks; ++j) {
@@ -258,38 +306,73 @@ torch::Tensor paged_decode_attention(torch::Tensor q, std::vector<torch::Tensor>
   const int64_t* len = lens.data_ptr<int64_t>();
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t needed = (len[b] + block_tokens - 1) / block_tokens;
-    TORCH_CHECK(len[b] >= 1 && needed <= num_blocks && rows_min[needed - 1] > b,
-                "sequence ", b, " (length ", len[b], ") reaches a block that does not hold it");
+    TORCH_CHECK(needed <= num_blocks && rows_min[needed - 1] > b, "sequence ", b, " (length ",
+                len[b], ") reaches a block that does not hold it");
   }
   auto out = torch::empty({batch, heads, head_dim}, q.options());
-  const int64_t group = heads / kv_heads;
-  if (dtype == torch::kFloat32) {
-    std::vector<const float*> kp, vp;
+  with_kv_type(dtype, [&](auto tag) {
+    using kv_t = decltype(tag);
+    BlockList<kv_t> blocks{{}, {}, block_tokens * head_dim};
     for (int64_t j = 0; j < num_blocks; ++j) {
-      kp.push_back(k_blocks[j].data_ptr<float>());
-      vp.push_back(v_blocks[j].data_ptr<float>());
+      blocks.k.push_back(k_blocks[j].data_ptr<kv_t>());
+      blocks.v.push_back(v_blocks[j].data_ptr<kv_t>());
     }
-    attend_padded<float>(head_dim, q.data_ptr<float>(), kp, vp, len, out.data_ptr<float>(),
-                         batch, kv_heads, group, block_tokens, head_dim,
-                         static_cast<float>(scale));
-  } else {
-    std::vector<const c10::BFloat16*> kp, vp;
-    for (int64_t j = 0; j < num_blocks; ++j) {
-      kp.push_back(k_blocks[j].data_ptr<c10::BFloat16>());
-      vp.push_back(v_blocks[j].data_ptr<c10::BFloat16>());
+    attend_padded<BlockList<kv_t>>(head_dim, q.data_ptr<float>(), blocks, len,
+                                   out.data_ptr<float>(), batch, kv_heads, heads / kv_heads,
+                                   block_tokens, head_dim, static_cast<float>(scale));
+  });
+  return out;
+}
+
+// q: [B, Hq, D] fp32 contiguous; k_pool, v_pool: [N, Hkv, T, D] contiguous, one dtype (fp32 or
+// bf16); block_table: [B, M] int64, block j < ceil(lens[b] / T) of sequence b is pool block
+// block_table[b, j]; lens: [B] int64, positive, non-increasing. Returns [B, Hq, D] fp32.
+torch::Tensor paged_decode_attention_table(torch::Tensor q, torch::Tensor k_pool,
+                                           torch::Tensor v_pool, torch::Tensor block_table,
+                                           torch::Tensor lens, double scale) {
+  const int64_t batch = q.size(0), heads = q.size(1), head_dim = q.size(2);
+  TORCH_CHECK(k_pool.dim() == 4 && k_pool.sizes() == v_pool.sizes() && k_pool.is_contiguous() &&
+                  v_pool.is_contiguous() && k_pool.scalar_type() == v_pool.scalar_type() &&
+                  k_pool.size(3) == head_dim,
+              "k_pool and v_pool must be contiguous [N, Hkv, T, D] tensors of one dtype");
+  const int64_t num_blocks = k_pool.size(0), kv_heads = k_pool.size(1),
+                block_tokens = k_pool.size(2);
+  const auto dtype = check_inputs(q, lens, k_pool, kv_heads);
+  TORCH_CHECK(block_table.dim() == 2 && block_table.scalar_type() == torch::kInt64 &&
+                  block_table.is_contiguous() && block_table.size(0) == batch,
+              "block_table must be a contiguous int64 [B, max_blocks] tensor");
+  const int64_t max_blocks = block_table.size(1);
+  const int64_t *len = lens.data_ptr<int64_t>(), *table = block_table.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t needed = (len[b] + block_tokens - 1) / block_tokens;
+    TORCH_CHECK(needed <= max_blocks, "sequence ", b, " (length ", len[b], ") needs ", needed,
+                " blocks, the table has ", max_blocks);
+    for (int64_t j = 0; j < needed; ++j) {
+      const int64_t block = table[b * max_blocks + j];
+      TORCH_CHECK(block >= 0 && block < num_blocks, "block ", block, " of sequence ", b,
+                  " is not in the pool of ", num_blocks);
     }
-    attend_padded<c10::BFloat16>(head_dim, q.data_ptr<float>(), kp, vp, len,
-                                 out.data_ptr<float>(), batch, kv_heads, group, block_tokens,
-                                 head_dim, static_cast<float>(scale));
   }
+  auto out = torch::empty({batch, heads, head_dim}, q.options());
+  with_kv_type(dtype, [&](auto tag) {
+    using kv_t = decltype(tag);
+    const BlockTable<kv_t> blocks{k_pool.data_ptr<kv_t>(), v_pool.data_ptr<kv_t>(), table,
+                                  max_blocks, kv_heads, block_tokens * head_dim};
+    attend_padded<BlockTable<kv_t>>(head_dim, q.data_ptr<float>(), blocks, len,
+                                    out.data_ptr<float>(), batch, kv_heads, heads / kv_heads,
+                                    block_tokens, head_dim, static_cast<float>(scale));
+  });
   return out;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // the GIL is released while the kernel runs: the main thread keeps launching GPU work
+  // the GIL is released while the kernels run: the main thread keeps launching GPU work
   m.def("paged_decode_attention", &paged_decode_attention,
         "GQA decode attention over a paged, ragged CPU KV cache (fp32 or bf16 KV)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("paged_decode_attention_table", &paged_decode_attention_table,
+        "the same over a block pool addressed by a block table per sequence",
         py::call_guard<py::gil_scoped_release>());
 }
