@@ -416,8 +416,6 @@ class Engine:
     def _prefill(self, mbs: list[MicroBatch], prompts: list[list[int]], weights: Any,
                  visit: int, worker: Any, tracer: Tracer) -> int:
         for mb in mbs:
-            ids = index_tensor([t for i in mb.seqs for t in prompts[i]], self.device)
-            mb.hidden = self.w.embed[ids]
             mb.positions = torch.cat([torch.arange(n, device=self.device)
                                       for n in mb.prompt_lens])
         park = len(mbs) > 1
@@ -427,7 +425,10 @@ class Engine:
             if not self.overlap:   # serial schedules: the layer starts once its weights are in
                 buffer.ready()
             for m, mb in enumerate(mbs):
-                if parked[m] is not None:
+                if layer == 0:  # embedded when its turn comes, not all micro-batches up front
+                    ids = index_tensor([t for i in mb.seqs for t in prompts[i]], self.device)
+                    mb.hidden = self.w.embed[ids]
+                elif parked[m] is not None:
                     mb.hidden = self._unpark(*parked[m])
                 self._prefill_item(layer, mb, buffer, tracer, worker)
                 if park and layer < self.spec.num_layers - 1:
@@ -449,10 +450,12 @@ class Engine:
         them."""
         h2d = self.streams.h2d
         wait(h2d, parked)
-        hidden = torch.empty(host.shape, dtype=host.dtype, device=self.device)
-        with on(h2d):
+        with on(h2d):  # allocated in the h2d stream's order, which writes it
+            hidden = torch.empty(host.shape, dtype=host.dtype, device=self.device)
             hidden.copy_(host, non_blocking=self.device.type == "cuda")
         wait(self.streams.compute, record(h2d))
+        if self.device.type == "cuda":  # not reused before the compute stream is done with it
+            hidden.record_stream(self.streams.compute)
         self.bytes["hidden_h2d"] += hidden.numel() * hidden.element_size()
         return hidden
 

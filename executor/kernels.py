@@ -11,13 +11,12 @@ The paged kernel has two implementations of one contract: `paged_attention_torch
 one pair of batched matmuls per KV block) and a C++ kernel (csrc/paged_attention.cpp: one pass
 over each (sequence, KV head)'s blocks with a per-block softmax rescale, explicitly vectorized,
 each thread streaming a contiguous range of the blocks), built on first use by
-torch.utils.cpp_extension. The torch-ops kernel reached 14-21 GB/s of KV in bf16 on the H200
-host (DRAM read 64 GB/s) and pays about 160 us per block per call; the C++ kernel's first version
-(scalar, about 8 G KV elements/s on 10 threads there) 13-30 GB/s. On this project's 2-core CI
-machine the vectorized one reads 15 (fp32) and 11 (bf16) GB/s of KV per thread, 2-3x its first
-version. `cpu_decode_attention_paged` uses the C++ kernel when it builds (a C++ compiler and
-ninja) and the torch ops otherwise, for head dims over 256, or when
-MOE_LIGHTNING_CPU_KERNEL=torch.
+torch.utils.cpp_extension. On the H200 host (16 threads, benchmarks/results/h200_2026-11-30b/)
+the C++ kernel reads 71-100 GB/s of fp32 KV and 30-60 GB/s of bf16 KV (DRAM read: 96 and 80
+GB/s); the torch ops 28-47 and 10-31 GB/s. `cpu_decode_attention_paged` uses the C++ kernel when
+it builds (a C++ compiler and ninja) and the torch ops otherwise, for head dims over 256, or when
+MOE_LIGHTNING_CPU_KERNEL=torch. `cpu_decode_attention_table` is the same over a block pool with
+block tables (the continuous scheduler's cache).
 """
 
 from __future__ import annotations
