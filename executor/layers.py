@@ -143,9 +143,8 @@ def host_list(t: torch.Tensor) -> list:
     """`t.tolist()` for a small device tensor, without holding the GIL while the device catches
     up. `tolist()` waits for the stream with the GIL held, which stops every other Python thread
     of the pipeline (the CPU attention worker, the weight link) until the GPU reaches this point,
-    up to a whole layer's weight transfer when the stream waits for weights: on 2026-11-30 this
-    held attention outputs back by a median 5 ms (up to 40 ms) and serialized the CPU and GPU
-    stages. Here the values go to pinned memory and the wait is an event's, GIL released."""
+    up to a whole layer's weight transfer when the stream waits for weights. Here the values go
+    to pinned memory and the wait is an event's, with the GIL released."""
     if t.device.type != "cuda":
         return t.tolist()
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
