@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from hrm.cost import EXPERT_CHUNK_ROWS
 from hrm.model import ModelSpec
 
 #: expert index -> (w13 [2*h2, h1], w2 [h1, h2]) on the compute device, or None for an expert
@@ -158,7 +159,8 @@ def host_list(t: torch.Tensor) -> list:
 def routed_experts(h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
                    num_experts: int, expert: ExpertFn) -> torch.Tensor:
     """sum_k g_k FFN_{e_k}(h) for every token, as one GEMM pair per expert over the tokens routed
-    to it: the (token, slot) pairs are sorted by expert, so each expert's rows are contiguous.
+    to it (in chunks of at most EXPERT_CHUNK_ROWS, which bounds the intermediate activations):
+    the (token, slot) pairs are sorted by expert, so each expert's rows are contiguous.
     Experts `expert` returns None for (held by another rank) contribute zero."""
     top_k = experts.shape[1]
     order = torch.argsort(experts.reshape(-1), stable=True)
@@ -172,12 +174,13 @@ def routed_experts(h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
         if not rows:
             continue
         weights_e = expert(e)
-        if weights_e is None:
-            out_sorted[start:start + rows] = 0
-        else:
-            y = swiglu(h_sorted[start:start + rows], *weights_e)
-            out_sorted[start:start + rows] = (y.float() * gate_sorted[start:start + rows, None]
-                                              ).to(h.dtype)
+        for lo in range(start, start + rows, EXPERT_CHUNK_ROWS):  # bounded intermediates
+            hi = min(lo + EXPERT_CHUNK_ROWS, start + rows)
+            if weights_e is None:
+                out_sorted[lo:hi] = 0
+            else:
+                y = swiglu(h_sorted[lo:hi], *weights_e)
+                out_sorted[lo:hi] = (y.float() * gate_sorted[lo:hi, None]).to(h.dtype)
         start += rows
     return torch.zeros_like(h).index_add_(0, token_of, out_sorted)
 

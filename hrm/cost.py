@@ -495,24 +495,33 @@ def _memory_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
             "overflow": overflow}
 
 
+#: most tokens an expert's FFN runs at once (executor.layers.routed_experts): bounds its
+#: intermediate activations (3 h2 per row) whatever the routing; large enough that the GEMMs run
+#: at full speed (the H200's expert GEMM reaches half its peak at about 380 rows)
+EXPERT_CHUNK_ROWS = 4096
+
+
 def prefill_workspace_bytes(model: ModelSpec, policy: Policy, prefill_tokens: int,
                             max_seq_len: int, act_bytes: int) -> float:
     """GPU activation workspace (bytes) of a prefill micro-batch of `prefill_tokens` tokens, the
     one formula the cost model and the executor's memory plan share. Per token: the hidden states
     and their temporaries (6 h1), q/k/v, the expert-sorted copies of the hidden states and outputs
-    (2 k h1), one expert's (or dense MLP's) intermediate in the worst case that every token picks
-    it (3 h2), the shared experts' (3 h2_shared); plus mu sequences' logits in fp32 (two copies)
-    and, with GPU decode attention, fp32 scores and one micro-batch of K/V for max_seq_len."""
+    (2 k h1), the shared experts' intermediate (3 h2_shared); one expert's intermediate (3 h2) for
+    at most EXPERT_CHUNK_ROWS rows (the executor runs an expert's tokens in chunks of that many,
+    so this holds however unbalanced the routing), or the dense MLP's for every token; plus mu
+    sequences' logits in fp32 (two copies) and, with GPU decode attention, fp32 scores and one
+    micro-batch of K/V for max_seq_len."""
     h1, k = model.hidden_size, model.top_k
     per_token = (6 * h1 + qkv_elements_per_token(model) + 2 * k * h1
-                 + 3 * max(model.expert_intermediate_size, model.dense_intermediate_size)
                  + 3 * model.shared_intermediate_size)
+    ffn = max(3 * model.expert_intermediate_size * min(prefill_tokens, EXPERT_CHUNK_ROWS),
+              3 * model.dense_intermediate_size * prefill_tokens)
     logits = 2 * policy.micro_batch_size * model.vocab_size * LOGIT_BYTES
     attention = 0.0
     if policy.attn_decode_device == "gpu":
         attention = policy.micro_batch_size * max_seq_len * (
             model.num_heads * LOGIT_BYTES + 2 * model.num_kv_heads * model.head_dim * act_bytes)
-    return prefill_tokens * per_token * act_bytes + logits + attention
+    return (prefill_tokens * per_token + ffn) * act_bytes + logits + attention
 
 
 def gpu_shares(model: ModelSpec, policy: Policy) -> tuple[float, float, float]:

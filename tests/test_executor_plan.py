@@ -180,3 +180,28 @@ def test_prefill_holds_one_micro_batchs_hidden_states_at_a_time() -> None:
     # ones hold their next token's embedding, the decode input)
     assert [n for layer, n in holding if layer < last] == [0] * 3 * last
     assert gen.bytes_moved["hidden_d2h"] == gen.bytes_moved["hidden_h2d"] > 0
+
+
+def test_experts_run_in_bounded_chunks_with_the_same_output(monkeypatch) -> None:
+    """routed_experts runs an expert's tokens in chunks of at most EXPERT_CHUNK_ROWS rows, which
+    bounds the intermediate activations the memory model counts (hrm.cost.
+    prefill_workspace_bytes) however unbalanced the routing; the output is that of one GEMM pair
+    per expert."""
+    from executor import layers as L
+
+    g = torch.Generator().manual_seed(0)
+    tokens, hidden, inter, n_experts = 37, 16, 24, 4
+    h = torch.randn(tokens, hidden, generator=g, dtype=torch.float64)
+    experts = torch.stack([torch.randperm(n_experts, generator=g)[:2] for _ in range(tokens)])
+    experts[:30, 0] = 1   # unbalanced: expert 1 gets at least 30 tokens
+    gates = torch.rand(tokens, 2, generator=g, dtype=torch.float64)
+    w = [(torch.randn(2 * inter, hidden, generator=g, dtype=torch.float64),
+          torch.randn(hidden, inter, generator=g, dtype=torch.float64)) for _ in range(n_experts)]
+    whole = L.routed_experts(h, experts, gates, n_experts, lambda e: w[e])
+    rows_seen = []
+    swiglu = L.swiglu
+    monkeypatch.setattr(L, "swiglu", lambda x, *ws: rows_seen.append(len(x)) or swiglu(x, *ws))
+    monkeypatch.setattr(L, "EXPERT_CHUNK_ROWS", 5)
+    chunked = L.routed_experts(h, experts, gates, n_experts, lambda e: w[e])
+    assert max(rows_seen) == 5 and sum(rows_seen) == 2 * tokens
+    torch.testing.assert_close(chunked, whole)
