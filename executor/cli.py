@@ -153,7 +153,7 @@ def run_command(
     from executor.engine import generate_on_rank, run_facts
     from executor.sampling import Sampling
     from executor.schedule import compute_threads
-    from executor.trace import TRACKS, busy_s, chrome_trace
+    from executor.trace import chrome_trace, decode_busy_s
     from executor.weights import read_model
     from hrm.cli import console, emit_json
     from hrm.hardware import load_profile
@@ -273,8 +273,7 @@ def run_command(
     gen = facts["generation"]
     generated = sum(len(o) for o in gen.outputs)
     total_s = gen.prefill_s + gen.decode_s
-    decode_busy = {t: sum(busy_s(gen.spans, t, a, b) for a, b in gen.decode_windows)
-                   for t in TRACKS}
+    decode_busy = decode_busy_s(gen.spans, gen.decode_windows)
     prediction = continuous.pop("prediction") if continuous else \
         _predict(spec, hw, workload, policy)
     result = {

@@ -54,7 +54,7 @@ from executor.schedule import (
     record,
     wait,
 )
-from executor.trace import Span, Tracer
+from executor.trace import WAIT_TRACK, Span, Tracer
 from executor.weights import (
     ModelWeights,
     load_checkpoint,
@@ -226,9 +226,16 @@ class Engine:
         mb.tokens.append(tokens)
         mb.hidden = self.w.embed[tokens]
 
-    def _experts(self, layer: int, buffer: StagedLayer) -> Any:
-        """The expert lookup of `layer` in its staging buffer (waits for the copy lazily)."""
-        return self.w.experts.expert_fn(layer, buffer.index, buffer.ready)
+    def _experts(self, layer: int, buffer: StagedLayer, tracer: Tracer) -> Any:
+        """The expert lookup of `layer` in its staging buffer. The compute stream waits for the
+        copy lazily, at the first streamed expert; the wait is traced (WAIT_TRACK), so that the
+        GPU's busy time can leave it out."""
+        def ready() -> None:
+            if not buffer.waited:
+                with tracer.span(WAIT_TRACK, "weights_wait", self.streams.compute, layer):
+                    buffer.ready()
+
+        return self.w.experts.expert_fn(layer, buffer.index, ready)
 
     def _prefill_item(self, layer: int, mb: MicroBatch, buffer: StagedLayer, tracer: Tracer,
                       worker: Any = None) -> None:
@@ -258,7 +265,7 @@ class Engine:
                 worker.submit(self._file_prompts, layer, mb, groups, k_host, v_host, ready,
                               tracer)
             x = L.attention_out(mb.hidden, torch.cat(outs), dense, self.shard.all_reduce)
-            x = L.moe_ffn(x, dense, spec, self._experts(layer, buffer), self.renorm,
+            x = L.moe_ffn(x, dense, spec, self._experts(layer, buffer, tracer), self.renorm,
                           self.shard.all_reduce)
             if layer == spec.num_layers - 1:
                 ends = index_tensor(mb.prompt_lens, self.device).cumsum(0) - 1
@@ -404,7 +411,7 @@ class Engine:
         dense = self.w.layers[layer]
         with tracer.span("gpu", "post_attn", compute, layer, m):
             x = L.attention_out(mb.hidden, attn, dense, self.shard.all_reduce)
-            x = L.moe_ffn(x, dense, self.spec, self._experts(layer, buffer),
+            x = L.moe_ffn(x, dense, self.spec, self._experts(layer, buffer, tracer),
                           self.renorm, self.shard.all_reduce)
             if layer == self.spec.num_layers - 1:
                 self._lm_head_and_sample(mb, x)

@@ -192,6 +192,10 @@ class StagedLayer:
     def __init__(self, index: int, copy: Future, stream: Any) -> None:
         self.index, self._copy, self._stream, self._waited = index, copy, stream, False
 
+    @property
+    def waited(self) -> bool:
+        return self._waited
+
     def ready(self) -> None:
         """Make the stream wait for the copy (once; blocks until the copy is queued)."""
         if not self._waited:

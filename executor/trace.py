@@ -1,4 +1,5 @@
-"""Measured timeline: spans on the tracks gpu, cpu_attention, h2d, d2h and copy_thread.
+"""Measured timeline: spans on the tracks gpu, cpu_attention, h2d, d2h and copy_thread, and
+weights_wait (inside GPU spans: the compute stream stalled on a layer's weights).
 
 Host-thread work is timed with the wall clock; work queued on a CUDA stream is timed with CUDA
 events recorded around it on that stream and resolved against one base event after the run, so a
@@ -18,7 +19,9 @@ from typing import Any
 
 import torch
 
-TRACKS = ("gpu", "cpu_attention", "h2d", "d2h", "copy_thread")
+TRACKS = ("gpu", "cpu_attention", "h2d", "d2h", "copy_thread", "weights_wait")
+#: spans of this track lie inside GPU spans: the compute stream stalled on a layer's weights
+WAIT_TRACK = "weights_wait"
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,15 @@ def busy_s(spans: list[Span], track: str, start_s: float, end_s: float) -> float
         if hi > lo:
             busy += hi - lo
             cursor = hi
+    return busy
+
+
+def decode_busy_s(spans: list[Span], windows: list[tuple[float, float]]) -> dict[str, float]:
+    """Busy seconds of every track over the decode windows; the GPU's without its stalls on
+    weights (`WAIT_TRACK`), which lie inside GPU spans: a link-bound GPU is waiting, not
+    working."""
+    busy = {t: sum(busy_s(spans, t, a, b) for a, b in windows) for t in TRACKS}
+    busy["gpu"] = max(0.0, busy["gpu"] - busy[WAIT_TRACK])
     return busy
 
 

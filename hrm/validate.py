@@ -14,7 +14,8 @@ and the summary reports over the grid
     memory error    = max_c |e_c(peak GPU bytes)|, |e_c(peak CPU bytes)|  (<= 5 is the target).
 
 Stage errors compare busy time per decoder layer during decode (the executor's tracer: union of
-the spans of each track, divided by steps x layers) with the model's stage time times its
+the spans of each track, divided by steps x layers; the GPU's without its stalls on weights,
+executor.trace.decode_busy_s) with the model's stage time times its
 interference factor, and the decode layer time (decode wall time / (steps x layers)) with the
 model's `decode_step_s / layers`: a stage that is right while the layer is wrong points at the
 overlap (pipeline fill/drain, interference, Python overheads).
@@ -310,7 +311,7 @@ def measure(shared: SharedModel, config: Config, gpu_limit_bytes: float,
 
     from executor.cli import random_prompts
     from executor.engine import Engine, plan_memory
-    from executor.trace import TRACKS, busy_s
+    from executor.trace import decode_busy_s
     from executor.weights import resident_experts_per_layer
 
     spec, device, policy, wl = shared.spec, shared.device, config.policy, config.workload
@@ -339,8 +340,7 @@ def measure(shared: SharedModel, config: Config, gpu_limit_bytes: float,
         peak_gpu = sum(weights.gpu_bytes.values()) + engine.gpu_cache.nbytes
         peak_cpu = math.nan
     steps_layers = max(wl.gen_len - 1, 1) * spec.num_layers
-    busy = {t: sum(busy_s(gen.spans, t, a, b) for a, b in gen.decode_windows) / steps_layers
-            for t in TRACKS}
+    busy = {t: s / steps_layers for t, s in decode_busy_s(gen.spans, gen.decode_windows).items()}
     generated = sum(len(o) for o in gen.outputs)
     result = {"measured_tok_s": generated / (gen.prefill_s + gen.decode_s),
               "measured_prefill_s": gen.prefill_s, "measured_decode_s": gen.decode_s,

@@ -205,3 +205,32 @@ def test_experts_run_in_bounded_chunks_with_the_same_output(monkeypatch) -> None
     chunked = L.routed_experts(h, experts, gates, n_experts, lambda e: w[e])
     assert max(rows_seen) == 5 and sum(rows_seen) == 2 * tokens
     torch.testing.assert_close(chunked, whole)
+
+
+def test_gpu_busy_time_leaves_out_the_stalls_on_weights() -> None:
+    """The compute stream's wait for a layer's weights is traced inside the GPU span; a
+    link-bound GPU is waiting, not working, so decode_busy_s takes the wait out."""
+    from executor.trace import WAIT_TRACK, Span, decode_busy_s
+
+    spans = [Span("gpu", "post_attn", 0.0, 10.0), Span(WAIT_TRACK, "weights_wait", 2.0, 6.0),
+             Span("gpu", "post_attn", 12.0, 13.0), Span("h2d", "weights_h2d", 1.0, 12.0)]
+    busy = decode_busy_s(spans, [(0.0, 20.0)])
+    assert busy["gpu"] == pytest.approx(7.0) and busy[WAIT_TRACK] == pytest.approx(4.0)
+    assert busy["h2d"] == pytest.approx(11.0)
+
+
+def test_the_engine_traces_its_waits_for_streamed_weights() -> None:
+    """With every expert streamed, each layer visit that reaches a streamed expert records one
+    weights_wait span on the CPU stand-in too (the wait for the link thread's copy)."""
+    from executor.engine import build_engine
+    from executor.trace import WAIT_TRACK
+
+    prompts = [[5 + i + j for j in range(4)] for i in range(4)]
+    policy = Policy(batch_size=4, micro_batch_size=2, weight_dtype="fp32", kv_dtype="fp32")
+    engine = build_engine("tiny-mixtral", policy, device=torch.device("cpu"),
+                          prompt_lens=[len(p) for p in prompts], gen_len=3,
+                          gpu_mem_bytes=2**32, cpu_mem_bytes=2**32)
+    gen = engine.generate(prompts, 3)
+    waits = [s for s in gen.spans if s.track == WAIT_TRACK]
+    visits = engine.spec.num_layers * 3   # prefill + 2 decode steps
+    assert len(waits) == visits and all(s.end_s >= s.start_s for s in waits)
