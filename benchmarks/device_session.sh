@@ -8,7 +8,8 @@
 # Steps (in the order given):
 #   profile     hrm profile (full, pinned-memory probe up to 72 GiB) -> $W/<name>.toml
 #   validate    hrm validate --grid full, Mixtral-8x7B shapes, first $LAYERS layers, GPU cap scaled
-#               from 16 GiB for the full model, on $PROFILE (default: the one just measured)
+#               from 16 GiB for the full model, on $PROFILE (default: the one just measured);
+#               $VALIDATE_ARGS, e.g. "--only base --only n_ub=16"
 #   attention   benchmarks/bench_executor.py --attention (CPU decode attention kernels)
 #   continuous  benchmarks/bench_continuous.py --layers 1 on $PROFILE ($CONT_ARGS)
 #   executor    benchmarks/bench_executor.py --layers $LAYERS on $PROFILE ($BENCH_ARGS)
@@ -29,7 +30,7 @@ for step in ${STEPS:-profile validate attention}; do
                > "$W/profile.log" 2>&1 ;;
     validate) COLUMNS=140 timeout "${T_VALIDATE:-300}" python3 -m hrm.cli validate \
                --model mixtral-8x7b --num-layers "$LAYERS" --full-model-gpu-mem 16 \
-               --hardware "$PROFILE" --grid full --device cuda -o "$W/validate" \
+               --hardware "$PROFILE" --grid full --device cuda ${VALIDATE_ARGS:-} -o "$W/validate" \
                > "$W/validate.log" 2>&1 ;;
     attention) timeout "${T_ATTENTION:-60}" python3 benchmarks/bench_executor.py --attention \
                --out "$W" > "$W/attention.log" 2>&1 ;;

@@ -143,6 +143,17 @@ GRIDS = {g.name: g for g in (QUICK, FULL)}
 
 
 # ---- errors and summary (pure) -----------------------------------------------------------------
+def select_configs(configs: list[Config], names: list[str] | None) -> list[Config]:
+    """The configurations named in `names`, in grid order (all of them without names)."""
+    if not names:
+        return configs
+    unknown = [n for n in names if n not in {c.name for c in configs}]
+    if unknown:
+        raise ValidationError(f"--only {', '.join(unknown)}: not in the grid, whose "
+                              f"configurations are {', '.join(c.name for c in configs)}")
+    return [c for c in configs if c.name in names]
+
+
 def pct_error(predicted: float, measured: float) -> float:
     """100 (predicted - measured) / measured; NaN when either is missing or measured is 0."""
     if predicted is None or measured is None or not measured or not math.isfinite(predicted):
@@ -433,17 +444,18 @@ def optimizer_config(setup: Setup, grid: list[Config]) -> Config:
 
 
 def run_grid(setup: Setup, configs: list[Config], with_optimizer: bool, progress: Any = None,
-             partial_csv: Path | None = None
+             partial_csv: Path | None = None, space: list[Config] | None = None
              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-    """Predict and measure every configuration (and the optimizer's policy): tidy rows, stage
-    rows, and the measured spans of the base configuration (for the trace). The rows so far are
-    rewritten to `partial_csv` after each configuration (what an interrupted run leaves)."""
+    """Predict and measure every configuration (and the optimizer's policy, searched over the
+    space of `space`, by default of `configs`): tidy rows, stage rows, and the measured spans of
+    the base configuration (for the trace). The rows so far are rewritten to `partial_csv` after
+    each configuration (what an interrupted run leaves)."""
     import pandas as pd
 
     shared = SharedModel(setup.model, setup.device, setup.pin_budget_bytes, setup.seed)
     todo = [(c, "grid") for c in configs]
     if with_optimizer:
-        todo.append((optimizer_config(setup, configs), "optimizer"))
+        todo.append((optimizer_config(setup, space or configs), "optimizer"))
     # warm-up (kernels, allocator, threads): a short run of the base policy, not recorded
     warm = Config("warmup", configs[0].policy, replace(configs[0].workload, gen_len=2))
     _try_measure(shared, setup, warm)
@@ -558,6 +570,9 @@ def validate_command(
         "experts fits as would with every layer under this many GiB (instead of --gpu-mem)"),
     optimizer_check: bool = typer.Option(True, "--optimizer/--no-optimizer",
                                          help="also measure the policy `hrm optimize` picks"),
+    only: list[str] | None = typer.Option(
+        None, "--only", help="run only this configuration of the grid (repeatable), e.g. "
+        "--only base --only n_ub=16; the optimizer still searches the whole grid's space"),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
@@ -595,13 +610,14 @@ def validate_command(
         model_arg = _truncated_config(model, num_layers, output / "validation.json")
     spec, _ = read_model(model_arg)
     hw = load_profile(hardware)
-    configs = GRIDS[grid].configs()
+    grid_configs = GRIDS[grid].configs()
+    configs = select_configs(grid_configs, only)
 
     gpu_total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
                  else hw.gpu.memory_bytes)
     if full_model_gpu_mem is not None:
         gpu_limit = scaled_gpu_cap_bytes(full_spec, spec, hw, full_model_gpu_mem * GiB,
-                                         configs[0])
+                                         grid_configs[0])
     else:
         gpu_limit = gpu_mem * GiB if gpu_mem else gpu_total
     gpu_limit = min(gpu_limit, gpu_total)
@@ -615,14 +631,14 @@ def validate_command(
 
     with Progress(console=console, transient=True, disable=as_json) as progress:
         rows, stage_rows, trace = run_grid(setup, configs, optimizer_check, progress,
-                                           output / "validation_partial.csv")
+                                           output / "validation_partial.csv", grid_configs)
     optimizer = next(({k: r.get(k) for k in ("ran", "error", "batch_size", "micro_batch_size",
                                              "attn_decode_device", "weights_gpu_fraction",
                                              "prompt_len", "gen_len", "predicted_tok_s",
                                              "measured_tok_s")}
                       for r in rows if r["role"] == "optimizer"), None)
     meta = {"model": spec.name, "full_model": full_spec.name, "num_layers": spec.num_layers,
-            "hardware": hw.name, "grid": grid, "device": device_name,
+            "hardware": hw.name, "grid": grid, "only": only or None, "device": device_name,
             "gpu_mem_limit_bytes": gpu_limit, "cpu_mem_limit_bytes": cpu_limit,
             "gpu_mem_limit_rule": (f"--full-model-gpu-mem {full_model_gpu_mem} GiB scaled to "
                                    f"{spec.num_layers} layers" if full_model_gpu_mem else

@@ -20,6 +20,7 @@ from hrm.validate import (
     optimizer_gap_pct,
     pct_error,
     scaled_gpu_cap_bytes,
+    select_configs,
     stage_errors,
     summarize,
 )
@@ -231,6 +232,7 @@ def test_quick_run_writes_consistent_results(quick_run) -> None:
     (["--full-model-gpu-mem", "16"], "--full-model-gpu-mem needs --num-layers"),
     (["--gpu-mem", "-1"], "--gpu-mem must be > 0"),
     (["--num-layers", "9"], "--num-layers must be in [1, 4]"),
+    (["--only", "base", "--only", "N=3"], "--only N=3: not in the grid"),
 ])
 def test_bad_arguments_exit_2(args: list[str], message: str, tmp_path, capsys) -> None:
     pytest.importorskip("torch")
@@ -251,3 +253,10 @@ def test_bad_arguments_exit_2(args: list[str], message: str, tmp_path, capsys) -
     err = capsys.readouterr().err
     assert message in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_only_selects_configurations_in_grid_order() -> None:
+    configs = QUICK.configs()
+    assert select_configs(configs, None) == configs
+    chosen = select_configs(configs, ["N=32", "base"])
+    assert [c.name for c in chosen] == ["base", "N=32"]
