@@ -128,6 +128,49 @@ def test_pin_plan_pins_whole_layers_then_whole_pages(layers, budget, page) -> No
         assert budget - 2 * sum(plan) < 2 * page              # less than a page was left over
 
 
+class _PendingEvent:
+    """A CUDA event stand-in that completes only when waited for (a link that never drains
+    by itself)."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.done = True
+
+
+def test_weight_link_stages_pageable_pages_while_the_link_is_full(monkeypatch) -> None:
+    """With WEIGHT_BYTES_IN_FLIGHT of pinned pages queued, the link thread memcpys the next
+    pageable page instead of waiting, so the copy threads work while the link does."""
+    from executor import schedule
+    from executor.trace import Tracer
+    from executor.weights import ExpertStore
+
+    spec, cpu = load_model_spec("tiny-mixtral"), torch.device("cpu")
+    unit = 3 * spec.hidden_size * spec.expert_intermediate_size
+    src = [torch.randn(spec.num_experts * unit)]
+    page = unit // 4
+    pages = -(-src[0].numel() // page)
+    store = ExpertStore(spec, torch.float32, cpu, [0], [torch.empty(0)], src,
+                        [(pages - 3) * page], [torch.zeros_like(src[0])], page)
+    monkeypatch.setattr(schedule, "WEIGHT_BYTES_IN_FLIGHT", 2 * page * 4)
+    monkeypatch.setattr(schedule, "record", lambda stream: _PendingEvent())
+    tracer = Tracer(cpu)
+    link = schedule.WeightLink(store, schedule.Streams(cpu), tracer)
+    try:
+        link.fetch(0, 0, None).result()
+    finally:
+        link.close()
+    assert torch.equal(store.staging[0], src[0])
+    order = [s.track for s in tracer.spans() if s.track in ("h2d", "copy_thread")]
+    # two pinned pages fill the link, then a pageable page is staged (copy_thread, h2d), ...
+    assert order[:4] == ["h2d", "h2d", "copy_thread", "h2d"]
+    assert order.count("copy_thread") == 3 and order.count("h2d") == pages
+
+
 def test_weight_link_streams_pinned_pages_and_ring_pages_of_one_layer() -> None:
     """A layer pinned in part: its pinned pages go straight, the rest through the ring, and the
     staging buffer ends up with the whole layer (on the CPU stand-in, where both are memcpys)."""
