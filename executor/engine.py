@@ -374,8 +374,9 @@ class Engine:
         return worker.submit(self._cpu_attention, layer, m, mb, qkv, done, context_lens, tracer)
 
     def _cpu_attention(self, layer: int, m: int, mb: MicroBatch, qkv: torch.Tensor, ready: Any,
-                       context_lens: list[int], tracer: Tracer) -> tuple[torch.Tensor, Any]:
-        """Worker thread: append k/v to the CPU cache, attend, send the output up."""
+                       context_lens: list[int], tracer: Tracer) -> torch.Tensor:
+        """Worker thread: append k/v to the CPU cache, attend; the output in pinned memory (the
+        launching thread sends it up: `_attention_to_device`)."""
         host_wait(ready)
         spec, n = self.spec, len(mb.seqs)
         q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
@@ -387,27 +388,28 @@ class Engine:
             lens = [c + 1 for c in context_lens]
             out = mb.cache.attend(layer, mb.slots, q, lens).reshape(n, -1)
         if self.device.type != "cuda":
-            return out, None
-        h2d = self.streams.h2d
-        with on(h2d), tracer.span("h2d", "act_h2d", h2d, layer, m):
-            self.out_host[m][:n].copy_(out)
-            self.out_dev[m][:n].copy_(self.out_host[m][:n], non_blocking=True)
-        self.bytes["attn_out_h2d"] += out.numel() * self.out_host[m].element_size()
-        done = record(h2d)
-        # submit the copy now (a query flushes this thread's queued work): in the traces of
-        # 2026-11-30 each output copy ran only when the worker queued the next one, an attention
-        # later, which put every micro-batch's CPU attention and GPU work in series
-        done.query()
-        return self.out_dev[m][:n], done
+            return out
+        return self.out_host[m][:n].copy_(out)
+
+    def _attention_to_device(self, layer: int, m: int, host: torch.Tensor, tracer: Tracer
+                             ) -> torch.Tensor:
+        """A micro-batch's CPU attention output onto the GPU, queued by the launching thread on
+        the compute stream right before the work that reads it. (Queued by the CPU worker on a
+        stream of its own, each copy ran on the GPU only when the worker queued the next one, an
+        attention later, in every trace of 2026-11-30: CPU attention and GPU work in series.)"""
+        if self.device.type != "cuda":
+            return host
+        n = host.shape[0]
+        with tracer.span("h2d", "act_h2d", self.streams.compute, layer, m):
+            self.out_dev[m][:n].copy_(host, non_blocking=True)
+        self.bytes["attn_out_h2d"] += host.numel() * host.element_size()
+        return self.out_dev[m][:n]
 
     def _decode_post(self, layer: int, m: int, mb: MicroBatch, attention: Any,
                      buffer: StagedLayer, tracer: Tracer) -> None:
-        if isinstance(attention, torch.Tensor):
-            attn, ready = attention, None
-        else:
-            attn, ready = attention.result()
+        attn = attention if isinstance(attention, torch.Tensor) else \
+            self._attention_to_device(layer, m, attention.result(), tracer)
         compute = self.streams.compute
-        wait(compute, ready)
         dense = self.w.layers[layer]
         with tracer.span("gpu", "post_attn", compute, layer, m):
             x = L.attention_out(mb.hidden, attn, dense, self.shard.all_reduce)

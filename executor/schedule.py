@@ -6,7 +6,8 @@
   driven by a copy thread (`WeightLink`). Pinned pages are copied straight to the GPU; pageable
   pages first go through a small pinned ring (memcpy on the copy thread, then H2D), the two paths
   of MoE-Lightning's cost model (B_pinned vs. the pageable->pinned->GPU path).
-  Hidden states and q/k/v cross the link in pinned buffers on their own streams (h2d, d2h).
+  q/k/v and parked hidden states cross the link in pinned buffers on their own streams (d2h,
+  h2d); the attention output comes up on the compute stream, queued just before its use.
   On the CPU stand-in nothing is pinned, so every page takes the staging-ring path.
 - CPU: decode attention over the CPU KV cache on a worker thread (`CPUWorker`).
 
