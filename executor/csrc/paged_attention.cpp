@@ -9,10 +9,14 @@
 //
 // Scores, softmax and accumulation are fp32. The work is explicitly vectorized in 16-lane fp32
 // vectors (GCC/Clang vector extensions: one AVX-512 register, two AVX2 ones), so that the kernel
-// is bound by DRAM rather than by scalar arithmetic: a block's K and V rows are widened from
-// bf16 (or copied, where D is not a multiple of the lane count) once into an fp32 scratch padded
-// with zeros to Dp = NV * 16 columns; each K row is read once for all G heads; each head keeps
-// its NV accumulator vectors in registers across a block's V rows; exp is a vector polynomial.
+// is bound by DRAM rather than by scalar arithmetic: rows are read in place (bf16 as 32-bit word
+// pairs, `load_row`), or widened into zero-padded fp32 scratch rows where D is not a whole number
+// of vectors; each K row is loaded once for all G heads; each head keeps its accumulator vectors
+// in registers across a block's V rows; exp is a vector polynomial.
+//
+// Two layouts of the blocks (`BlockList`, `BlockTable`): per-block tensors of the sequences that
+// reach the block (the static KV cache, `paged_decode_attention`), or a pool of blocks addressed
+// through a block table per sequence (the continuous scheduler, `paged_decode_attention_table`).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
