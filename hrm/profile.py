@@ -448,12 +448,11 @@ def decode_attention_call(spec: ModelSpec, batch: int, context: int, dtype: str
                           ) -> tuple[Callable[[], Any], float]:
     """What the executor's CPU worker does per micro-batch and layer (executor/engine.py): append
     one token's K/V per sequence to the block KV cache, then grouped-query attention over the
-    ragged contexts (executor.kernels.cpu_decode_attention_paged). Returns the call and the KV
-    bytes it reads: 2 Hkv D bytes_per_element sum_b len_b."""
+    ragged contexts (KVCache.attend: executor.kernels.cpu_decode_attention_paged). Returns the
+    call and the KV bytes it reads: 2 Hkv D bytes_per_element sum_b len_b."""
     import torch
 
     try:
-        from executor.kernels import cpu_decode_attention_paged
         from executor.kv_cache import KVCache
     except ImportError as exc:
         raise ProfileError(f"cannot import the executor's CPU attention ({exc}); run from the "
@@ -470,8 +469,7 @@ def decode_attention_call(spec: ModelSpec, batch: int, context: int, dtype: str
 
     def call() -> Any:
         cache.append(0, slots, positions, k_new, k_new)
-        k_blocks, v_blocks = cache.blocks(0, slots, lens[0])
-        return cpu_decode_attention_paged(q, k_blocks, v_blocks, lens)
+        return cache.attend(0, slots, q, lens)
 
     kv_bytes = 2.0 * spec.num_kv_heads * spec.head_dim * dtype_bytes(dtype) * sum(lens)
     return call, kv_bytes
