@@ -20,6 +20,7 @@ memcpy. torch is imported inside the functions so that the CLI starts fast.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -29,7 +30,7 @@ import platform
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -482,13 +483,20 @@ def cpu_attention_series(spec: ModelSpec, batches: Iterable[int], contexts: Iter
     KV append + ragged paged kernel, the model's head layout) for each batch x context whose KV
     fits in `max_kv_bytes`, on `threads` torch threads (the executor's worker runs it on the cores
     left after its GPU-driving, link and copy threads: executor.schedule.compute_threads)."""
+    with torch_threads(threads):
+        return _attention_measurements(spec, batches, contexts, dtype, max_kv_bytes, reps,
+                                       threads)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` for the enclosed benchmark."""
     import torch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _attention_measurements(spec, batches, contexts, dtype, max_kv_bytes, reps,
-                                       threads)
+        yield
     finally:
         torch.set_num_threads(previous)
 
@@ -752,8 +760,13 @@ def benchmark_plan(config: ProfileConfig, env: Environment, spec: ModelSpec,
         plan.append((f"CPU attention {dtype}", lambda d=dtype: cpu_attention_series(
             spec, config.attn_batches, config.attn_contexts, d, config.attn_max_kv_bytes, reps,
             executor_attention_threads(env.threads))))
-    plan.append(("overlap interference", lambda: interference(
-        interference_stages(config, spec, dev), config.interference_window_s)))
+    def overlap() -> list[Measurement]:
+        # CPU attention on the executor's threads, as its solo curve above is measured
+        with torch_threads(executor_attention_threads(env.threads)):
+            return interference(interference_stages(config, spec, dev),
+                                config.interference_window_s)
+
+    plan.append(("overlap interference", overlap))
     if pin_probe_bytes:
         plan.append(("pinned-memory probe", lambda: [probe_pinned_max(pin_probe_bytes)]))
     return plan

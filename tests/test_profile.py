@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from hrm.cli import app, main
 from hrm.hardware import SaturatingCurve, load_profile, save_profile
+from hrm.model import load_model_spec
 from hrm.profile import (
     FULL,
     MAX_CURVE_FIT_ERROR,
@@ -305,3 +306,20 @@ def test_attention_curve_leaves_out_calls_with_too_few_work_items():
     fit = profile.measurements["fits"]["cpu_attention"]
     assert fit["points"] == 6 and fit["used"] is True        # batches 8, 64, 512 x 2 contexts
     assert profile.curves["cpu_attention"].peak == pytest.approx(ATTN_CURVE.peak, rel=0.05)
+
+
+def test_interference_runs_cpu_attention_on_the_executors_threads(monkeypatch):
+    """The interference ratio scales the CPU attention curve, which is measured on the threads
+    the executor's worker gets; so is the interference benchmark."""
+    import hrm.profile as prof
+
+    seen = []
+    monkeypatch.setattr(prof, "interference",
+                        lambda stages, window_s: seen.append(torch.get_num_threads()) or [])
+    env = _env("cpu")
+    plan = dict(prof.benchmark_plan(prof.QUICK.for_standin(), env,
+                                    load_model_spec("tiny-mixtral"), 0))
+    before = torch.get_num_threads()
+    plan["overlap interference"]()
+    assert seen == [executor_attention_threads(env.threads)]
+    assert torch.get_num_threads() == before
