@@ -54,6 +54,7 @@ from hrm.cost import (
     gpu_op_time_s,
     layer_stage_sums,
     micro_batch_chain_s,
+    schedule_layer_s,
     without_weight_stream,
 )
 from hrm.errors import InfeasibleError, PolicyError
@@ -224,7 +225,7 @@ class PassModel:
             decode, prefill = self._layer_ops(shape, kind)
             stages = layer_stage_sums(self.hw, decode + prefill, page, per_layer_o[kind])
             t = {s: terms.factors[s] * a(r_w, 0.0, o) for s, a in stages.items()}
-            total_s += count * (max(t.values()) if terms.overlapped else sum(t.values()))
+            total_s += count * schedule_layer_s(t, terms.overlapped)
             unfed_s += count * max(without_weight_stream(t).values(), default=0.0)
             for s, seconds in t.items():
                 stage_s[s] = stage_s.get(s, 0.0) + count * seconds

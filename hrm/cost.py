@@ -23,7 +23,8 @@ Each stage of one decoder layer (for the whole batch) is a sum over the operator
     o = max(0, (1 - r_w) W_routed + pinned buffers - pinned_max)   bytes that cannot stay pinned
 
 Schedules: cgopipe  layer_s = max_s(f_s t_s)  (f = interference factors);  cgopipe-serial and
-           layerwise  layer_s = sum_s t_s.
+           layerwise  layer_s = sum_{s not h2d, copy} t_s + max(t_h2d, t_copy)  (one stage at a
+           time, but the copy thread stages page p+1 while page p crosses the link).
 Decode:    step_s = lm head + max(sum_layers layer_s, fill + sum_layers max_{s not fed} f_s t_s)
            (cgopipe: a step boundary drains and refills the pipeline by one micro-batch's chain,
            which idles the GPU and CPU but not the weight stream, prefetched across steps; so
@@ -230,8 +231,8 @@ class CostTerms:
 
     def layer_time_s(self, stages: dict[str, Affine], r_w: float, r_c: float) -> float:
         o = self.overflow(r_w)
-        times = [self.factors[s] * term(r_w, r_c, o) for s, term in stages.items()]
-        return max(times) if self.overlapped else sum(times)
+        return schedule_layer_s({s: self.factors[s] * term(r_w, r_c, o)
+                                 for s, term in stages.items()}, self.overlapped)
 
     def decode_step_s(self, r_w: float, r_c: float) -> float:
         """lm head + max(sum layer_s, fill + sum of the layers' non-weight-stream maxima)."""
@@ -321,6 +322,17 @@ def _chain_s(hw: HardwareProfile, ops: list[Operator], num_micro_batches: int,
     and one chain per step is the pipeline's fill and drain."""
     return affine_sum([_op_time(hw, op).scaled(factors[_stage_of(op)])
                        for op in ops if op.name != "weight_h2d"]).scaled(1.0 / num_micro_batches)
+
+
+def schedule_layer_s(times: dict[str, float], overlapped: bool) -> float:
+    """A layer's seconds from its stage times (interference applied): the slowest stage in
+    cgopipe; in serial schedules the stages one after another, but the weight stream's two legs
+    (H2D, copy thread) overlap page by page (the staging ring)."""
+    if overlapped:
+        return max(times.values(), default=0.0)
+    stream = [t for s, t in times.items() if s in WEIGHT_STREAM_STAGES]
+    return sum(t for s, t in times.items() if s not in WEIGHT_STREAM_STAGES) + \
+        max(stream, default=0.0)
 
 
 def without_weight_stream(stages: dict[str, Any]) -> dict[str, Any]:
@@ -758,7 +770,8 @@ def timeline(model: ModelSpec, hw: HardwareProfile, workload: Workload, policy: 
     of the micro-batch two ahead; q/k/v go D2H, the CPU attends, the output comes back H2D, and
     page j of layer i+1's offloaded experts (staged by the copy thread) follows each hidden-state
     H2D. cgopipe with GPU attention (FlexGen S4): each micro-batch's KV comes H2D while the GPU
-    works on the previous one. Serial schedules: one task at a time, layer i's weights first.
+    works on the previous one. Serial schedules: one task at a time, layer i's weights first
+    (their copy-thread and H2D legs side by side).
     Stage times are the cost model's (one GPU's with G > 1), split evenly over the
     micro-batches."""
     terms = cost_terms(model, hw, workload, policy)
@@ -819,18 +832,25 @@ def timeline(model: ModelSpec, hw: HardwareProfile, workload: Workload, policy: 
             free = [f"post_attn L{i - 1} mb{n_ub - 1}"] if i else []
             queues["h2d"].append(task("weights_h2d", i + 1, j, f"stage_weights L{i + 1} mb{j}",
                                       *free))
-    else:
-        chain: list[_Task] = []
+    else:   # one task at a time, but a layer's two weight legs (copy thread, H2D) side by side
+        steps = (["pre_attn", "d2h", "cpu_attn", "act_h2d", "post_attn"] if cpu_attn
+                 else ["act_h2d", "pre_attn", "post_attn", "d2h"])
+        last: list[str] = []        # what the next task waits for
         for i, j in order:
             if j == 0:
-                chain += [t for p in range(n_ub) for t in
-                          (task("stage_weights", i, p), task("weights_h2d", i, p))]
-            steps = (["pre_attn", "d2h", "cpu_attn", "act_h2d", "post_attn"] if cpu_attn
-                     else ["act_h2d", "pre_attn", "post_attn", "d2h"])
-            chain += [task(name, i, j) for name in steps]
-        for prev, tk in zip([None, *chain], chain, strict=False):
-            tk.deps = [prev.name] if prev else []
-            queues[tk.tid].append(tk)
+                ends: list[str] = []
+                for name in ("stage_weights", "weights_h2d"):
+                    deps = last
+                    for p in range(n_ub):
+                        tk = task(name, i, p, *deps)
+                        queues[tk.tid].append(tk)
+                        deps = [tk.name]
+                    ends += deps
+                last = ends
+            for name in steps:
+                tk = task(name, i, j, *last)
+                queues[tk.tid].append(tk)
+                last = [tk.name]
     return [{"name": tk.name.split()[0], "ph": "X", "ts": tk.start_s * 1e6,
              "dur": tk.dur_s * 1e6, "pid": "hrm-predicted", "tid": tk.tid,
              "args": {"layer": tk.layer, "micro_batch": tk.micro_batch}}

@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 import pulp
 
 from hrm.cost import (
+    WEIGHT_STREAM_STAGES,
     Affine,
     CostTerms,
     Prediction,
@@ -260,8 +261,15 @@ def _add_mode(prob: pulp.LpProblem, m: int, terms: CostTerms, w_m: pulp.LpVariab
         terms.cpu_capacity_bytes / GiB * w_m
 
     def layer_time(stages: dict[str, Affine], name: str) -> pulp.LpAffineExpression:
-        if not terms.overlapped:
-            return pulp.lpSum(lin(a) for a in stages.values())
+        if not terms.overlapped:   # in series, the weight stream's two legs overlapping
+            rest = pulp.lpSum(lin(a) for s, a in stages.items() if s not in WEIGHT_STREAM_STAGES)
+            legs = [a for s, a in stages.items() if s in WEIGHT_STREAM_STAGES and a != Affine()]
+            if len(legs) < 2:
+                return rest + pulp.lpSum(lin(a) for a in legs)
+            stream = prob.add_variable(name, 0)     # epigraph of max over the two legs
+            for a in legs:
+                prob.addConstraint(stream >= lin(a))
+            return rest + stream
         t_var = prob.add_variable(name, 0)     # epigraph of max over the stages
         for s, a in stages.items():
             if a != Affine():                # a stage with nothing to do binds nothing

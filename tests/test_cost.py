@@ -230,3 +230,35 @@ def test_timeline_events(policy):
                                    if k != "chain") * 1.001
     else:
         assert end_us == pytest.approx(2 * pred.decode_layer.layer_s * 1e6)
+
+
+@pytest.mark.parametrize("schedule", ["layerwise", "cgopipe-serial"])
+def test_serial_schedules_overlap_the_weight_streams_two_legs(schedule):
+    """Serial schedules run one stage at a time, except the copy thread's staging and the H2D
+    of the weights, which the staging ring overlaps page by page: layer_s = the other stages +
+    max(t_h2d, t_copy). With little pinnable memory both legs are busy."""
+    hw = replace(H100, link=replace(H100.link, pinned_max_bytes=8 * GiB))
+    attn = "gpu" if schedule == "layerwise" else "cpu"
+    policy = Policy(batch_size=512, micro_batch_size=128, schedule=schedule,
+                    attn_decode_device=attn)
+    layer = predict(MIXTRAL, hw, WORK, policy).decode_layer
+    assert layer.copy_thread_s > 0 and layer.h2d_s > 0
+    others = layer.gpu_s + layer.cpu_attn_s + layer.d2h_s
+    assert layer.layer_s == pytest.approx(others + max(layer.h2d_s, layer.copy_thread_s))
+
+
+@pytest.mark.parametrize("schedule", ["layerwise", "cgopipe-serial"])
+def test_serial_timeline_runs_the_weight_legs_side_by_side(schedule):
+    """The predicted timeline of a serial schedule with both weight legs busy lasts the model's
+    2 layer_s, up to the activation copies (a few us), which the timeline places after the
+    weights while the model counts them in the H2D leg."""
+    hw = replace(H100, link=replace(H100.link, pinned_max_bytes=8 * GiB))
+    policy = Policy(batch_size=512, micro_batch_size=128, schedule=schedule,
+                    attn_decode_device="gpu" if schedule == "layerwise" else "cpu")
+    events = timeline(MIXTRAL, hw, WORK, policy, n_layers=2)
+    end_s = max(e["ts"] + e["dur"] for e in events) / 1e6
+    assert end_s == pytest.approx(2 * predict(MIXTRAL, hw, WORK, policy).decode_layer.layer_s,
+                                  rel=1e-3)
+    starts = {name: min(e["ts"] for e in events if e["name"] == name and e["args"]["layer"] == 1)
+              for name in ("stage_weights", "weights_h2d")}
+    assert starts["stage_weights"] == pytest.approx(starts["weights_h2d"])   # side by side
