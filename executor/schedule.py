@@ -135,9 +135,8 @@ class WeightLink:
         layer staged. Pinned pages go straight to the GPU, at most WEIGHT_BYTES_IN_FLIGHT queued
         at a time; pageable ones through the ring (memcpy on the copy threads, then H2D). The
         two are interleaved: whenever the link holds its fill of pinned pages, the copy threads
-        stage the next pageable page instead of waiting, so a layer with p pinned and o pageable
-        bytes takes about max((p + o) / B_h2d, o / B_copy), the weight stream of hrm.cost,
-        instead of p / B_h2d + o / B_copy."""
+        stage the next pageable page instead of waiting, aiming at max((p + o) / B_h2d,
+        o / B_copy) for p pinned and o pageable bytes, the weight stream of hrm.cost."""
         src = self.store.cpu[layer]
         if src.numel() == 0:
             return None
