@@ -16,12 +16,12 @@ sys.path.insert(0, str(ROOT))
 
 import pandas as pd  # noqa: E402
 
+from executor.weights import read_model  # noqa: E402
 from hrm.hardware import load_profile  # noqa: E402
 from hrm.io import write_json_atomic  # noqa: E402
 from hrm.policy import Policy  # noqa: E402
 from hrm.validate import GRIDS, Config, pct_error, predicted  # noqa: E402
 from hrm.workload import Workload  # noqa: E402
-from executor.weights import read_model  # noqa: E402
 
 RUN = HERE.parent / "call4_host_list" / "validate"
 summary = json.loads((RUN / "validation_summary.json").read_text())
