@@ -24,7 +24,7 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -146,25 +146,32 @@ class WeightLink:
         pinned = deque(page for page in self.store.pages(layer) if page[1] <= pinned_end)
         staged = deque(page for page in self.store.pages(layer) if page[1] > pinned_end)
         queued: deque[tuple[Any, int]] = deque()   # (event, bytes) of the copies on the link
-        in_flight, slot = 0, 0
-        while pinned or staged:
-            while queued and (queued[0][0] is None or queued[0][0].query()):
-                in_flight -= queued.popleft()[1]
-            if pinned and in_flight < WEIGHT_BYTES_IN_FLIGHT:
-                start, end = pinned.popleft()
-                with on(stream), self.tracer.span("h2d", "weights_h2d", stream, layer):
+        in_flight, slot, in_run = 0, 0, False
+        with ExitStack() as pinned_run:   # one h2d span per run of consecutive pinned pages
+            while pinned or staged:
+                while queued and (queued[0][0] is None or queued[0][0].query()):
+                    in_flight -= queued.popleft()[1]
+                if pinned and in_flight < WEIGHT_BYTES_IN_FLIGHT:
+                    if not in_run:
+                        pinned_run.enter_context(on(stream))
+                        pinned_run.enter_context(
+                            self.tracer.span("h2d", "weights_h2d", stream, layer))
+                        in_run = True
+                    start, end = pinned.popleft()
                     dst[start:end].copy_(src[start:end], non_blocking=True)
-                self.bytes_pinned_path += (end - start) * src.element_size()
-            elif staged:
-                start, end = staged.popleft()
-                self._stage_page(layer, src[start:end], dst[start:end], stream, slot)
-                slot = (slot + 1) % len(self.ring)
-                self.bytes_staged_path += (end - start) * src.element_size()
-            else:   # only pinned pages left and the link is full
-                host_wait(queued[0][0])
-                continue
-            queued.append((record(stream), (end - start) * src.element_size()))
-            in_flight += queued[-1][1]
+                    self.bytes_pinned_path += (end - start) * src.element_size()
+                elif staged:
+                    pinned_run.close()
+                    in_run = False
+                    start, end = staged.popleft()
+                    self._stage_page(layer, src[start:end], dst[start:end], stream, slot)
+                    slot = (slot + 1) % len(self.ring)
+                    self.bytes_staged_path += (end - start) * src.element_size()
+                else:   # only pinned pages left and the link is full
+                    host_wait(queued[0][0])
+                    continue
+                queued.append((record(stream), (end - start) * src.element_size()))
+                in_flight += queued[-1][1]
         return record(stream)
 
     def _stage_page(self, layer: int, page: torch.Tensor, dst: torch.Tensor, stream: Any,
