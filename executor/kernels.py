@@ -28,6 +28,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,11 +36,11 @@ log = logging.getLogger(__name__)
 
 #: environment variable choosing the paged kernel: "auto" (C++ if it builds), "cpp", "torch"
 KERNEL_ENV = "MOE_LIGHTNING_CPU_KERNEL"
-#: compiler flags: vectorize the fp32 reductions (reassociation) without assuming finite math
-#: (the running max starts at -inf)
 #: the largest head dimension the C++ kernel takes (16 vectors of 16 fp32 lanes); larger ones use
 #: the torch ops
 CPP_MAX_HEAD_DIM = 256
+#: compiler flags: vectorize the fp32 reductions (reassociation) without assuming finite math
+#: (the running max starts at -inf)
 CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-math",
              "-fno-signed-zeros", "-fno-trapping-math"]
 
@@ -117,12 +118,19 @@ def paged_attention_cpp(extension: object, q: torch.Tensor, k_blocks: Sequence[t
                         v_blocks: Sequence[torch.Tensor], context_lens: list[int],
                         scale: float | None = None) -> torch.Tensor:
     """`paged_attention_torch`'s contract, by the compiled kernel (fp32 q and output inside)."""
+    return _run_cpp(extension.paged_decode_attention,  # type: ignore[attr-defined]
+                    q, [b.contiguous() for b in k_blocks], [b.contiguous() for b in v_blocks],
+                    context_lens=context_lens, scale=scale)
+
+
+def _run_cpp(entry: Any, q: torch.Tensor, *blocks: Any, context_lens: list[int],
+             scale: float | None) -> torch.Tensor:
+    """A compiled entry point on fp32 q (output in q's dtype); lengths checked, scale 1/sqrt(D)
+    by default."""
     _check_non_increasing(context_lens)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out = extension.paged_decode_attention(  # type: ignore[attr-defined]
-        q.float().contiguous(), [b.contiguous() for b in k_blocks],
-        [b.contiguous() for b in v_blocks], torch.tensor(context_lens, dtype=torch.int64),
-        scale)
+    out = entry(q.float().contiguous(), *blocks, torch.tensor(context_lens, dtype=torch.int64),
+                scale)
     return out.to(q.dtype)
 
 
@@ -135,19 +143,16 @@ def cpu_decode_attention_table(q: torch.Tensor, k_pool: torch.Tensor, v_pool: to
     (`paged_attention_torch`) need them gathered into per-block tensors first, a copy of the
     whole context."""
     _check_non_increasing(context_lens)
-    block_tokens = k_pool.shape[2]
-    needed = [-(-n // block_tokens) for n in context_lens]
     extension = paged_attention_extension()
     if extension is None or q.shape[-1] > CPP_MAX_HEAD_DIM:
         k_blocks, v_blocks = gather_blocks(k_pool, v_pool, tables, context_lens)
         return paged_attention_torch(q, k_blocks, v_blocks, context_lens, scale)
+    needed = [-(-n // k_pool.shape[2]) for n in context_lens]
     table = torch.tensor([list(t[:k]) + [0] * (needed[0] - k)
                           for t, k in zip(tables, needed, strict=True)], dtype=torch.int64)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out = extension.paged_decode_attention_table(  # type: ignore[attr-defined]
-        q.float().contiguous(), k_pool.contiguous(), v_pool.contiguous(), table,
-        torch.tensor(context_lens, dtype=torch.int64), scale)
-    return out.to(q.dtype)
+    return _run_cpp(extension.paged_decode_attention_table,  # type: ignore[attr-defined]
+                    q, k_pool.contiguous(), v_pool.contiguous(), table,
+                    context_lens=context_lens, scale=scale)
 
 
 def gather_blocks(k_pool: torch.Tensor, v_pool: torch.Tensor, tables: Sequence[Sequence[int]],

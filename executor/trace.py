@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-TRACKS = ("gpu", "cpu_attention", "h2d", "d2h", "copy_thread", "weights_wait")
 #: spans of this track lie inside GPU spans: the compute stream stalled on a layer's weights
 WAIT_TRACK = "weights_wait"
+TRACKS = ("gpu", "cpu_attention", "h2d", "d2h", "copy_thread", WAIT_TRACK)
 
 
 @dataclass(frozen=True)

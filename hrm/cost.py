@@ -80,7 +80,8 @@ MEMORY_CHECK_TOLERANCE = 1e-6
 #: KV cache block (tokens): each sequence's KV is allocated in whole blocks (the executor's
 #: block KV cache, executor/kv_cache.py, and the continuous scheduler use the same)
 KV_BLOCK_TOKENS = 64
-#: stages fed by the weight prefetch, which runs ahead across decode steps (no fill or drain)
+#: the weight stream's two legs: fed by the prefetch, which runs ahead across decode steps (no
+#: fill or drain in cgopipe), and overlapping each other page by page (serial schedules)
 WEIGHT_STREAM_STAGES = ("h2d", "copy_thread")
 #: pages in the pinned staging ring that the copy thread fills when weights cannot all be pinned
 STAGING_RING_PAGES = 4
@@ -331,8 +332,7 @@ def schedule_layer_s(times: dict[str, float], overlapped: bool) -> float:
     if overlapped:
         return max(times.values(), default=0.0)
     stream = [t for s, t in times.items() if s in WEIGHT_STREAM_STAGES]
-    return sum(t for s, t in times.items() if s not in WEIGHT_STREAM_STAGES) + \
-        max(stream, default=0.0)
+    return sum(without_weight_stream(times).values()) + max(stream, default=0.0)
 
 
 def without_weight_stream(stages: dict[str, Any]) -> dict[str, Any]:

@@ -262,7 +262,7 @@ def _add_mode(prob: pulp.LpProblem, m: int, terms: CostTerms, w_m: pulp.LpVariab
 
     def layer_time(stages: dict[str, Affine], name: str) -> pulp.LpAffineExpression:
         if not terms.overlapped:   # in series, the weight stream's two legs overlapping
-            rest = pulp.lpSum(lin(a) for s, a in stages.items() if s not in WEIGHT_STREAM_STAGES)
+            rest = pulp.lpSum(lin(a) for a in without_weight_stream(stages).values())
             legs = [a for s, a in stages.items() if s in WEIGHT_STREAM_STAGES and a != Affine()]
             if len(legs) < 2:
                 return rest + pulp.lpSum(lin(a) for a in legs)
