@@ -47,6 +47,7 @@ from executor.schedule import (
     LayerWeightsInFlight,
     StagedLayer,
     Streams,
+    device_alias,
     host_wait,
     index_tensor,
     on,
@@ -196,6 +197,8 @@ class Engine:
                          for _ in range(n_ub)] if cuda else []
         self.out_dev = [torch.empty(mu, q_out, dtype=weights.lm_head.dtype, device=device)
                         for _ in range(n_ub)] if cuda else []
+        #: the same pinned buffers as device tensors (`device_alias`), read by a kernel
+        self.out_alias = [device_alias(h, device) for h in self.out_host]
         self.generator = torch.Generator(device=device).manual_seed(sampling.seed)
         self.bytes = {"weights_h2d_pinned": 0, "weights_h2d_staged": 0, "qkv_d2h": 0,
                       "attn_out_h2d": 0, "kv_d2h": 0, "kv_h2d": 0, "hidden_d2h": 0,
@@ -394,14 +397,17 @@ class Engine:
     def _attention_to_device(self, layer: int, m: int, host: torch.Tensor, tracer: Tracer
                              ) -> torch.Tensor:
         """A micro-batch's CPU attention output onto the GPU, queued by the launching thread on
-        the compute stream right before the work that reads it. (Queued by the CPU worker on a
-        stream of its own, each copy ran on the GPU only when the worker queued the next one, an
-        attention later, in every trace of 2026-11-30: CPU attention and GPU work in series.)"""
+        the compute stream right before the work that reads it: a kernel reads the pinned buffer
+        through its device alias (an exact copy, x * 1), so the copy does not queue behind the
+        weight pages on the copy engine (a DMA copy where no alias exists)."""
         if self.device.type != "cuda":
             return host
-        n = host.shape[0]
+        n, alias = host.shape[0], self.out_alias[m]
         with tracer.span("h2d", "act_h2d", self.streams.compute, layer, m):
-            self.out_dev[m][:n].copy_(host, non_blocking=True)
+            if alias is None:
+                self.out_dev[m][:n].copy_(host, non_blocking=True)
+            else:
+                torch.mul(alias[:n], 1, out=self.out_dev[m][:n])
         self.bytes["attn_out_h2d"] += host.numel() * host.element_size()
         return self.out_dev[m][:n]
 

@@ -7,7 +7,8 @@
   pages first go through a small pinned ring (memcpy on the copy thread, then H2D), the two paths
   of MoE-Lightning's cost model (B_pinned vs. the pageable->pinned->GPU path).
   q/k/v and parked hidden states cross the link in pinned buffers on their own streams (d2h,
-  h2d); the attention output comes up on the compute stream, queued just before its use.
+  h2d); the attention output comes up on the compute stream, queued just before its use, read
+  by a kernel through the pinned buffer's device alias (`device_alias`), not the copy engine.
   On the CPU stand-in nothing is pinned, so every page takes the staging-ring path.
 - CPU: decode attention over the CPU KV cache on a worker thread (`CPUWorker`).
 
@@ -87,6 +88,38 @@ def index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+class _DeviceArray:
+    """`__cuda_array_interface__` (version 2) of a pinned host tensor's memory, read as integers
+    of its element size (the interface has no bf16); it keeps the tensor alive."""
+
+    TYPESTR = {1: "|u1", 2: "<i2", 4: "<i4", 8: "<i8"}
+
+    def __init__(self, host: torch.Tensor) -> None:
+        self.host = host
+        self.__cuda_array_interface__ = {
+            "shape": tuple(host.shape), "typestr": self.TYPESTR[host.element_size()],
+            "data": (host.data_ptr(), False), "strides": None, "version": 2}
+
+
+def device_alias(host: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """A CUDA tensor on the same memory as the pinned, contiguous `host` tensor, or None where
+    that is not possible (not CUDA, not pinned). Under unified virtual addressing a pinned page
+    has one address for the host and the device, so a kernel reading the alias pulls the bytes
+    over PCIe itself, without the copy engine. The copy engine serves H2D copies of all streams
+    in order, so a small copy queued behind the weight stream waits for the weight pages ahead
+    of it (measured on an H200, 2026-12-01: a 512 KiB attention output took 2.1 ms, median,
+    behind 64 MiB of weights in flight)."""
+    if device.type != "cuda" or not host.is_pinned() or not host.is_contiguous():
+        return None
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    raw = host.view(as_int[host.element_size()])
+    try:
+        alias = torch.as_tensor(_DeviceArray(raw), device=device).view(host.dtype)
+    except (RuntimeError, TypeError):  # no unified addressing
+        return None
+    return alias if alias.data_ptr() == host.data_ptr() else None  # a copy is no alias
 
 
 def host_wait(event: Any) -> None:
