@@ -279,3 +279,24 @@ def test_the_engine_traces_its_waits_for_streamed_weights() -> None:
     waits = [s for s in gen.spans if s.track == WAIT_TRACK]
     visits = engine.spec.num_layers * 3   # prefill + 2 decode steps
     assert len(waits) == visits and all(s.end_s >= s.start_s for s in waits)
+
+
+def test_device_alias_needs_a_pinned_cuda_buffer() -> None:
+    """The attention output's device alias (executor.schedule.device_alias) exists only for a
+    pinned buffer on CUDA; elsewhere the engine copies (the CPU stand-in passes the host tensor
+    itself). On CUDA the alias is the same memory, read exactly."""
+    from executor.schedule import device_alias
+
+    host = torch.arange(12, dtype=torch.bfloat16).reshape(3, 4)
+    assert device_alias(host, torch.device("cpu")) is None
+    if not torch.cuda.is_available():
+        assert device_alias(host, torch.device("cuda")) is None   # not pinned
+        return
+    pinned = host.pin_memory()
+    alias = device_alias(pinned, torch.device("cuda"))
+    assert alias is not None and alias.data_ptr() == pinned.data_ptr()
+    out = torch.mul(alias, 1)
+    assert torch.equal(out.cpu(), host)
+    pinned.add_(1)
+    torch.cuda.synchronize()
+    assert torch.equal(torch.mul(alias, 1).cpu(), host + 1)
