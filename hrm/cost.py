@@ -14,17 +14,25 @@ Each stage of one decoder layer (for the whole batch) is a sum over the operator
     CPU attn    t = max(F / P_c, t_kv(KV bytes)), t_kv from curve 'cpu_attention', else B / BW_c
                 (+ 2 o_l / BW_c: the copy thread's DRAM read+write shares the bus, MoE-Lens Eq. 5)
     H2D         t = (1 - r_w) W_e / B_pinned + activations; B_pinned the bulk pinned rate (pages
-                are queued back to back), bw(x) of activations from curve 'h2d' at their size
+                are queued back to back), bw(x) of activations from curve 'h2d' at their size;
+                + o_l (1 / BW_pageable->pinned - 1 / B_pinned): a staged page crosses at the
+                copy's pace, so the stream takes p_l / B_pinned + o_l / BW_pageable->pinned
+                (the staging memcpy and the pinned pages' DMA share the memory bus: on the
+                H200 host, 2026-12-01, a 16 MiB page's memcpy took 1.1-1.4 ms while pinned
+                pages crossed and 0.7 ms alone, and a layer took about the sum)
     D2H         t = q/k/v per micro-batch (+ (1 - r_c) KV offload)
     copy thread t = o_l / BW_pageable->pinned, o_l = pinned overflow of one layer
     all-reduce  t = calls * t_lat + 2 (G - 1) / G * S / BW_bus   (ring, G > 1 GPUs; on the GPU
                 stream, so added to the GPU stage; S = tokens * h1 * 2 bytes, 2 calls per layer)
 
-    o = max(0, (1 - r_w) W_routed + pinned buffers - pinned_max)   bytes that cannot stay pinned
+    o = max(0, (1 - r_w) W_routed - pinned_max)   bytes that cannot stay pinned; pinned_max is
+        the weights' budget (the executor's --pin-mem): the activation buffers and the staging
+        ring are pinned beside it, as the executor does
 
 Schedules: cgopipe  layer_s = max_s(f_s t_s)  (f = interference factors);  cgopipe-serial and
            layerwise  layer_s = sum_{s not h2d, copy} t_s + max(t_h2d, t_copy)  (one stage at a
-           time, but the copy thread stages page p+1 while page p crosses the link).
+           time, but the copy thread stages page p+1 while page p crosses the link, so the
+           copy's time is inside t_h2d).
 Decode:    step_s = lm head + max(sum_layers layer_s, fill + sum_layers max_{s not fed} f_s t_s)
            (cgopipe: a step boundary drains and refills the pipeline by one micro-batch's chain,
            which idles the GPU and CPU but not the weight stream, prefetched across steps; so
@@ -81,7 +89,8 @@ MEMORY_CHECK_TOLERANCE = 1e-6
 #: block KV cache, executor/kv_cache.py, and the continuous scheduler use the same)
 KV_BLOCK_TOKENS = 64
 #: the weight stream's two legs: fed by the prefetch, which runs ahead across decode steps (no
-#: fill or drain in cgopipe), and overlapping each other page by page (serial schedules)
+#: fill or drain in cgopipe); the copy thread's memcpy of page p+1 overlaps page p's H2D, and
+#: the link's time (t_h2d) already holds the staged pages at the copy's pace
 WEIGHT_STREAM_STAGES = ("h2d", "copy_thread")
 #: pages in the pinned staging ring that the copy thread fills when weights cannot all be pinned
 STAGING_RING_PAGES = 4
@@ -286,6 +295,13 @@ def _stage_sums(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
         p2p_bps = hw.link.pageable_to_pinned_bps
         if p2p_bps > 0:
             stages["copy_thread"] += Affine(overflow=overflow_per_layer / p2p_bps)
+            if num_gpus == 1:
+                # the link carries a staged page at the copy's pace: the staging and the pinned
+                # pages' DMA share the memory bus, so a layer's stream takes p / B_pinned +
+                # o / B_copy, not their max (measured with one GPU; with several, unmeasured,
+                # the two legs are taken to overlap)
+                stall = 1.0 / p2p_bps - 1.0 / hw.link.h2d_pinned_bps
+                stages["h2d"] += Affine(overflow=overflow_per_layer * max(stall, 0.0))
             if any(op.device == "cpu" for op in ops):
                 stages["cpu_attn"] += Affine(
                     overflow=2.0 * overflow_per_layer / hw.cpu.dram_bandwidth_bps)
@@ -492,8 +508,9 @@ def _memory_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
     finite_pin = math.isfinite(hw.link.pinned_max_bytes)
     ring = (g * STAGING_RING_PAGES * policy.weight_page_bytes if finite_pin and routed_bytes
             else 0.0)
-    overflow = (Affine(const=routed_bytes + buffers + ring - hw.link.pinned_max_bytes,
-                       r_w=-routed_bytes) if finite_pin and routed_bytes else None)
+    # the weights alone count against the pinned budget (executor.weights.pin_plan)
+    overflow = (Affine(const=routed_bytes - hw.link.pinned_max_bytes, r_w=-routed_bytes)
+                if finite_pin and routed_bytes else None)
     cpu = {"offloaded experts": one_minus(routed_bytes, "r_w"),
            "KV cache": one_minus(kv_bytes, "r_c"),
            "activation buffers": Affine(const=buffers)}

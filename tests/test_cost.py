@@ -112,16 +112,21 @@ def test_pinned_overflow_goes_through_the_copy_thread():
     policy = Policy(batch_size=256, micro_batch_size=128)
     pred = predict(MIXTRAL, H100, WORK, policy)
     buffers = pred.memory.cpu_breakdown["activation buffers"]
-    overflow = 32 * W_LAYER + buffers + STAGING_RING_PAGES * policy.weight_page_bytes - 60e9
+    ring = STAGING_RING_PAGES * policy.weight_page_bytes
+    # the budget is the weights' (executor.weights.pin_plan); buffers and ring are pinned beside
+    overflow = 32 * W_LAYER - 60e9
     assert pred.pinned_overflow_bytes == pytest.approx(overflow)
     per_layer = overflow / 32
     assert pred.decode_layer.copy_thread_s == pytest.approx(per_layer / 42e9)
     no_pin_limit = replace(H100, link=replace(H100.link, pinned_max_bytes=float("inf")))
     free = predict(MIXTRAL, no_pin_limit, WORK, policy).decode_layer
+    # the link carries the staged bytes at the copy's pace: p / B_pinned + o / B_copy per layer
+    assert pred.decode_layer.h2d_s - free.h2d_s == pytest.approx(
+        per_layer * (1 / 42e9 - 1 / H100.link.h2d_pinned_bps))
     # the copy's DRAM read + write slows CPU attention (MoE-Lens Eq. 5)
     assert pred.decode_layer.cpu_attn_s - free.cpu_attn_s == pytest.approx(
         2 * per_layer / H100.cpu.dram_bandwidth_bps)
-    assert pred.memory.pinned_bytes == pytest.approx(60e9)
+    assert pred.memory.pinned_bytes == pytest.approx(60e9 + buffers + ring)
     # keep half the experts on the GPU: the rest fits in pinned memory
     half = predict(MIXTRAL, H100, WORK, replace(policy, weights_gpu_fraction=0.5))
     assert half.pinned_overflow_bytes == 0 and half.decode_layer.copy_thread_s == 0
