@@ -357,25 +357,28 @@ STAGING_PAGE_BYTES = 16 * MiB
 
 def staging_copy(nbytes: int, reps: int) -> Measurement:
     """Pageable -> pinned host memcpy as the executor's copy thread does it: page by page, each
-    page split over COPY_THREADS memmove threads (executor.schedule.host_copy). The staging copy
-    feeds the H2D transfers of weights that cannot all be pinned. Bytes copied per second.
-    (Until 2026-11-30 this timed torch's copy_ on all threads: 41.9 GB/s on the H200 host, while
-    the executor's copy thread moved about 20 GB/s.)"""
+    page split over COPY_THREADS memmove threads (executor.schedule.host_copy), into a ring of
+    RING_SLOTS pinned pages (executor.schedule.WeightLink), which stays in the last-level cache.
+    The staging copy feeds the H2D transfers of weights that cannot all be pinned. Bytes copied
+    per second. (Until 2026-11-30 this timed torch's copy_ on all threads: 41.9 GB/s on the H200
+    host, while the executor's copy thread moved about 20 GB/s; until 2026-12-01 it copied into
+    one pinned buffer as large as the source: 11.4 GB/s on the H200 host, while the executor's
+    copy thread moved 18.4 GB/s.)"""
     from concurrent.futures import ThreadPoolExecutor
 
-    from executor.schedule import COPY_THREADS, host_copy
+    from executor.schedule import COPY_THREADS, RING_SLOTS, host_copy
 
-    src, dst = _host_buffer(nbytes, False), _host_buffer(nbytes, True)
     page = min(STAGING_PAGE_BYTES, nbytes)
+    src, ring = _host_buffer(nbytes, False), _host_buffer(RING_SLOTS * page, True)
     with ThreadPoolExecutor(COPY_THREADS) as pool:
         def copy() -> None:
-            for start in range(0, nbytes, page):
-                end = min(start + page, nbytes)
-                host_copy(dst[start:end], src[start:end], pool, COPY_THREADS)
+            for i, start in enumerate(range(0, nbytes, page)):
+                end, slot = min(start + page, nbytes), (i % RING_SLOTS) * page
+                host_copy(ring[slot:slot + end - start], src[start:end], pool, COPY_THREADS)
 
         times = time_calls(copy, reps, "cpu")
     return Measurement("pageable_to_pinned", {"bytes": nbytes, "page_bytes": page,
-                                              "threads": COPY_THREADS,
+                                              "threads": COPY_THREADS, "ring_pages": RING_SLOTS,
                                               "copy": "executor.schedule.host_copy"},
                        x=nbytes, work=nbytes, unit="B/s", times_s=times)
 
