@@ -1,0 +1,126 @@
+"""The model at HEAD on this session's measurements (nothing measured again): every executor,
+static and continuous benchmark run of calls 3 and 4, and call 3's validation grid, predicted
+with the limits each run had, under two profiles:
+
+  measured  call 1's profile, the one the runs were predicted with (staging copy 11.4 GB/s,
+            timed into one pinned buffer as large as the source)
+  refit     the same samples with the staging copy timed again as the executor does it, into a
+            ring of pinned pages (call 6: 20.0 GB/s); `hardware_profiles/h200-machine.toml`
+
+A continuous run is re-predicted over its own passes, which the scheduler's dry run
+(executor.scheduler.simulate) reproduces: the run recorded the pass count it made, checked here.
+Writes repredict.json next to this file.
+
+    python benchmarks/results/h200_2026-12-01/repredict/repredict.py
+"""
+
+import json
+import shlex
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RUNS = HERE.parent
+ROOT = HERE.parents[3]
+sys.path.insert(0, str(ROOT))
+
+import pandas as pd  # noqa: E402
+
+from executor.scheduler import simulate  # noqa: E402
+from executor.weights import read_model  # noqa: E402
+from hrm.continuous import pass_model, predict_passes  # noqa: E402
+from hrm.cost import predict  # noqa: E402
+from hrm.hardware import load_profile  # noqa: E402
+from hrm.io import write_json_atomic  # noqa: E402
+from hrm.policy import Policy  # noqa: E402
+from hrm.units import GiB  # noqa: E402
+from hrm.validate import GRIDS, Config, pct_error, predicted  # noqa: E402
+from hrm.workload import Workload, synthetic_workload  # noqa: E402
+
+PROFILES = {"measured": RUNS / "call1_profile_validate" / "h200-machine.toml",
+            "refit": RUNS / "call6_staging_copy" / "h200-machine.toml"}
+BENCHES = [RUNS / "call3_alias_validate_executor" / "executor" / "executor_bench_2layers.json",
+           RUNS / "call4_continuous_executor" / "executor" / "executor_bench_2layers.json",
+           RUNS / "call4_continuous_executor" / "continuous" / "continuous_bench_1layers.json"]
+GRID = RUNS / "call3_alias_validate_executor" / "validate"
+KV_BLOCK_TOKENS = 64  # hrm.cost.KV_BLOCK_TOKENS, the engine's block size in these runs
+
+
+def options(command: str) -> dict[str, str]:
+    """--flag value pairs of a recorded `hrm run` command."""
+    words = shlex.split(command)
+    return {w[2:]: v for w, v in zip(words, words[1:] + [""], strict=True) if w.startswith("--")}
+
+
+def run_prediction(run: dict, profile: Path) -> float:
+    """Tokens/s the model predicts for one recorded `hrm run`, with its limits."""
+    opt = options(run["command"])
+    spec = replace(read_model("mixtral-8x7b")[0], num_layers=run["num_layers"],
+                   name=run["model"])
+    hw = load_profile(profile).with_memory(gpu_memory_bytes=float(opt["gpu-mem"]) * GiB,
+                                           cpu_memory_bytes=float(opt["cpu-mem"]) * GiB)
+    hw = replace(hw, link=replace(hw.link, pinned_max_bytes=float(opt["pin-mem"]) * GiB))
+    synthetic = synthetic_workload(opt["synthetic"], int(opt["num-seqs"]), int(opt["gen-len"]))
+    policy = Policy.from_dict(run["policy"])
+    if run["scheduler"] == "static":
+        workload = Workload.from_lens(list(synthetic.prompt_lens), int(opt["gen-len"]))
+        return predict(spec, hw, workload, policy).throughput_tok_s
+    gens = list(synthetic.gen_lens or [synthetic.gen_len] * synthetic.num_seqs)
+    workload = Workload.from_lens(list(synthetic.prompt_lens), gens)
+    passes, _ = simulate(list(synthetic.prompt_lens), gens,
+                         num_blocks=run["continuous"]["kv_blocks"],
+                         block_tokens=KV_BLOCK_TOKENS, token_budget=policy.batch_size)
+    if len(passes) != run["continuous"]["passes"]:
+        raise SystemExit(f"{run['name']}: the dry run makes {len(passes)} passes, the run "
+                         f"made {run['continuous']['passes']}")
+    realized = replace(policy, weights_gpu_fraction=run["realized"]["weights_gpu_fraction"])
+    return predict_passes(pass_model(spec, hw, workload, realized),
+                          [p.shape() for p in passes]).throughput_tok_s
+
+
+bench_rows = []
+for bench in BENCHES:
+    for run in json.loads(bench.read_text())["runs"]:
+        if "command" not in run:  # the accelerate baseline has no prediction
+            continue
+        row = {"source": str(bench.relative_to(RUNS)), "run": run["name"],
+               "measured_tok_s": run["throughput_tok_s"],
+               "predicted_tok_s_then": run["predicted_throughput_tok_s"]}
+        for name, profile in PROFILES.items():
+            tok_s = run_prediction(run, profile)
+            row[f"predicted_tok_s_{name}"] = tok_s
+            row[f"error_pct_{name}"] = pct_error(tok_s, run["throughput_tok_s"])
+        row["error_pct_then"] = pct_error(row["predicted_tok_s_then"], row["measured_tok_s"])
+        bench_rows.append(row)
+        print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}))
+
+summary = json.loads((GRID / "validation_summary.json").read_text())
+spec, _ = read_model(str(GRID / "validation.config.json"))
+grid = {c.name: c for c in GRIDS["full"].configs()}
+grid_rows = []
+for r in pd.read_csv(GRID / "validation_configs.csv").to_dict("records"):
+    config = grid.get(r["config"]) or Config(r["config"], Policy(
+        batch_size=int(r["batch_size"]), micro_batch_size=int(r["micro_batch_size"]),
+        attn_decode_device=r["attn_decode_device"],
+        weights_gpu_fraction=float(r["weights_gpu_fraction"]), schedule=r["schedule"]),
+        Workload(num_seqs=int(r["batch_size"]), prompt_len=int(r["prompt_len"]),
+                 gen_len=int(r["gen_len"])))
+    row = {"config": r["config"], "role": r["role"], "measured_tok_s": r["measured_tok_s"],
+           "predicted_tok_s_then": r["predicted_tok_s"]}
+    for name, profile in PROFILES.items():
+        hw = load_profile(profile).with_memory(gpu_memory_bytes=summary["gpu_mem_limit_bytes"],
+                                               cpu_memory_bytes=summary["cpu_mem_limit_bytes"])
+        row[f"error_pct_{name}"] = pct_error(predicted(spec, hw, config)["predicted_tok_s"],
+                                             r["measured_tok_s"])
+    grid_rows.append(row)
+errors = {name: [abs(x[f"error_pct_{name}"]) for x in grid_rows if x["role"] == "grid"]
+          for name in PROFILES}
+out = {"profiles": {k: str(v.relative_to(ROOT)) for k, v in PROFILES.items()},
+       "benchmark_runs": bench_rows,
+       "validation_grid": {"source": str(GRID.relative_to(ROOT)),
+                           **{f"throughput_mape_{k}": sum(v) / len(v) for k, v in errors.items()},
+                           **{f"worst_abs_pct_error_{k}": max(v) for k, v in errors.items()},
+                           "rows": grid_rows}}
+write_json_atomic(HERE / "repredict.json", out)
+print(json.dumps({k: v for k, v in out["validation_grid"].items() if k != "rows"}, indent=1))
