@@ -13,6 +13,9 @@
 #   attention   benchmarks/bench_executor.py --attention (CPU decode attention kernels)
 #   continuous  benchmarks/bench_continuous.py --layers 1 on $PROFILE ($CONT_ARGS)
 #   executor    benchmarks/bench_executor.py --layers $LAYERS on $PROFILE ($BENCH_ARGS)
+# Measured 2026-12-01: a validation right after the profile's 72 GiB pinned-memory probe, in the
+# same call, ran CPU attention 3x slower throughout; validate in a later call, with PROFILE= the
+# profile just measured.
 set -u
 W=${W:-/tmp/w}
 NAME=${NAME:-h200-machine}
