@@ -81,6 +81,22 @@ class Config:
     workload: Workload
 
 
+def config_of_row(row: dict[str, Any], grid: str = "full") -> Config:
+    """The configuration a row of validation_configs.csv was run with: the grid's point of that
+    name, else (the optimizer's policy) the policy and workload the row records."""
+    named = {c.name: c for c in GRIDS[grid].configs()}
+    if row["config"] in named:
+        return named[row["config"]]
+    policy = Policy(batch_size=int(row["batch_size"]),
+                    micro_batch_size=int(row["micro_batch_size"]),
+                    attn_decode_device=row["attn_decode_device"],
+                    weights_gpu_fraction=float(row["weights_gpu_fraction"]),
+                    schedule=row["schedule"])
+    return Config(row["config"], policy, Workload(num_seqs=int(row["batch_size"]),
+                                                  prompt_len=int(row["prompt_len"]),
+                                                  gen_len=int(row["gen_len"])))
+
+
 @dataclass(frozen=True)
 class Grid:
     """A base point and variations of it, one axis at a time plus a few crossings. Every

@@ -260,3 +260,17 @@ def test_only_selects_configurations_in_grid_order() -> None:
     assert select_configs(configs, None) == configs
     chosen = select_configs(configs, ["N=32", "base"])
     assert [c.name for c in chosen] == ["base", "N=32"]
+
+
+def test_config_of_row_reads_back_grid_points_and_the_optimizers_policy() -> None:
+    from hrm.validate import GRIDS, config_of_row
+
+    base = GRIDS["full"].configs()[0]
+    assert config_of_row({"config": base.name}) == base
+    row = {"config": "optimizer", "batch_size": "1024", "micro_batch_size": "64",
+           "attn_decode_device": "cpu", "weights_gpu_fraction": "0.067", "schedule": "cgopipe",
+           "prompt_len": "128", "gen_len": "16"}
+    config = config_of_row(row)
+    assert (config.policy.batch_size, config.policy.num_micro_batches) == (1024, 16)
+    assert config.policy.weights_gpu_fraction == pytest.approx(0.067)
+    assert (config.workload.num_seqs, config.workload.prompt_len) == (1024, 128)

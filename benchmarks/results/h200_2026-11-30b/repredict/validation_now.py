@@ -19,9 +19,7 @@ import pandas as pd  # noqa: E402
 from executor.weights import read_model  # noqa: E402
 from hrm.hardware import load_profile  # noqa: E402
 from hrm.io import write_json_atomic  # noqa: E402
-from hrm.policy import Policy  # noqa: E402
-from hrm.validate import GRIDS, Config, pct_error, predicted  # noqa: E402
-from hrm.workload import Workload  # noqa: E402
+from hrm.validate import config_of_row, pct_error, predicted  # noqa: E402
 
 RUN = HERE.parent / "call4_host_list" / "validate"
 summary = json.loads((RUN / "validation_summary.json").read_text())
@@ -29,17 +27,11 @@ spec, _ = read_model(str(RUN / "validation.config.json"))
 hw = load_profile(ROOT / "hardware_profiles" / "h200-machine.toml").with_memory(
     gpu_memory_bytes=summary["gpu_mem_limit_bytes"],
     cpu_memory_bytes=summary["cpu_mem_limit_bytes"])
-grid = {c.name: c for c in GRIDS["full"].configs()}
 rows = []
 for r in pd.read_csv(RUN / "validation_configs.csv").to_dict("records"):
     if not r["ran"]:
         continue
-    config = grid.get(r["config"]) or Config(r["config"], Policy(
-        batch_size=int(r["batch_size"]), micro_batch_size=int(r["micro_batch_size"]),
-        attn_decode_device=r["attn_decode_device"],
-        weights_gpu_fraction=float(r["weights_gpu_fraction"]), schedule=r["schedule"]),
-        Workload(num_seqs=int(r["batch_size"]), prompt_len=int(r["prompt_len"]),
-                 gen_len=int(r["gen_len"])))
+    config = config_of_row(r)
     p = predicted(spec, hw, config)
     rows.append({"config": r["config"], "role": r["role"], "measured_tok_s": r["measured_tok_s"],
                  "predicted_tok_s_then": r["predicted_tok_s"],

@@ -35,7 +35,7 @@ from hrm.hardware import load_profile  # noqa: E402
 from hrm.io import write_json_atomic  # noqa: E402
 from hrm.policy import Policy  # noqa: E402
 from hrm.units import GiB  # noqa: E402
-from hrm.validate import GRIDS, Config, pct_error, predicted  # noqa: E402
+from hrm.validate import config_of_row, pct_error, predicted  # noqa: E402
 from hrm.workload import Workload, synthetic_workload  # noqa: E402
 
 PROFILES = {"measured": RUNS / "call1_profile_validate" / "h200-machine.toml",
@@ -97,15 +97,9 @@ for bench in BENCHES:
 
 summary = json.loads((GRID / "validation_summary.json").read_text())
 spec, _ = read_model(str(GRID / "validation.config.json"))
-grid = {c.name: c for c in GRIDS["full"].configs()}
 grid_rows = []
 for r in pd.read_csv(GRID / "validation_configs.csv").to_dict("records"):
-    config = grid.get(r["config"]) or Config(r["config"], Policy(
-        batch_size=int(r["batch_size"]), micro_batch_size=int(r["micro_batch_size"]),
-        attn_decode_device=r["attn_decode_device"],
-        weights_gpu_fraction=float(r["weights_gpu_fraction"]), schedule=r["schedule"]),
-        Workload(num_seqs=int(r["batch_size"]), prompt_len=int(r["prompt_len"]),
-                 gen_len=int(r["gen_len"])))
+    config = config_of_row(r)
     row = {"config": r["config"], "role": r["role"], "measured_tok_s": r["measured_tok_s"],
            "predicted_tok_s_then": r["predicted_tok_s"]}
     for name, profile in PROFILES.items():
