@@ -90,16 +90,20 @@ def index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+#: integer dtype and `__cuda_array_interface__` typestr of each element size (the interface
+#: has no bf16, so a buffer is aliased as integers of its width and viewed back)
+_AS_INT = {1: (torch.uint8, "|u1"), 2: (torch.int16, "<i2"), 4: (torch.int32, "<i4"),
+           8: (torch.int64, "<i8")}
+
+
 class _DeviceArray:
-    """`__cuda_array_interface__` (version 2) of a pinned host tensor's memory, read as integers
-    of its element size (the interface has no bf16); it keeps the tensor alive."""
+    """`__cuda_array_interface__` (version 2) of a pinned host tensor of an integer dtype from
+    `_AS_INT`; it keeps the tensor alive."""
 
-    TYPESTR = {1: "|u1", 2: "<i2", 4: "<i4", 8: "<i8"}
-
-    def __init__(self, host: torch.Tensor) -> None:
+    def __init__(self, host: torch.Tensor, typestr: str) -> None:
         self.host = host
         self.__cuda_array_interface__ = {
-            "shape": tuple(host.shape), "typestr": self.TYPESTR[host.element_size()],
+            "shape": tuple(host.shape), "typestr": typestr,
             "data": (host.data_ptr(), False), "strides": None, "version": 2}
 
 
@@ -107,16 +111,16 @@ def device_alias(host: torch.Tensor, device: torch.device) -> torch.Tensor | Non
     """A CUDA tensor on the same memory as the pinned, contiguous `host` tensor, or None where
     that is not possible (not CUDA, not pinned). Under unified virtual addressing a pinned page
     has one address for the host and the device, so a kernel reading the alias pulls the bytes
-    over PCIe itself, without the copy engine. The copy engine serves H2D copies of all streams
-    in order, so a small copy queued behind the weight stream waits for the weight pages ahead
-    of it (measured on an H200, 2026-12-01: a 512 KiB attention output took 2.1 ms, median,
-    behind 64 MiB of weights in flight)."""
+    over PCIe itself, without the copy engine. In the pipeline a small DMA copy waits behind the
+    weight pages on the copy engine (measured on an H200, 2026-12-01: a 512 KiB attention output
+    took 2.1 ms, median, with the weight stream running; a single 64 MiB copy in flight did not
+    reproduce the wait, so the engine's exact queueing rule is not known)."""
     if device.type != "cuda" or not host.is_pinned() or not host.is_contiguous():
         return None
-    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    raw = host.view(as_int[host.element_size()])
+    as_int, typestr = _AS_INT[host.element_size()]
     try:
-        alias = torch.as_tensor(_DeviceArray(raw), device=device).view(host.dtype)
+        alias = torch.as_tensor(_DeviceArray(host.view(as_int), typestr),
+                                device=device).view(host.dtype)
     except (RuntimeError, TypeError):  # no unified addressing
         return None
     return alias if alias.data_ptr() == host.data_ptr() else None  # a copy is no alias

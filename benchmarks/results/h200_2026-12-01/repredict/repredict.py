@@ -30,7 +30,7 @@ import pandas as pd  # noqa: E402
 from executor.scheduler import simulate  # noqa: E402
 from executor.weights import read_model  # noqa: E402
 from hrm.continuous import pass_model, predict_passes  # noqa: E402
-from hrm.cost import predict  # noqa: E402
+from hrm.cost import KV_BLOCK_TOKENS, predict  # noqa: E402
 from hrm.hardware import load_profile  # noqa: E402
 from hrm.io import write_json_atomic  # noqa: E402
 from hrm.policy import Policy  # noqa: E402
@@ -44,7 +44,6 @@ BENCHES = [RUNS / "call3_alias_validate_executor" / "executor" / "executor_bench
            RUNS / "call4_continuous_executor" / "executor" / "executor_bench_2layers.json",
            RUNS / "call4_continuous_executor" / "continuous" / "continuous_bench_1layers.json"]
 GRID = RUNS / "call3_alias_validate_executor" / "validate"
-KV_BLOCK_TOKENS = 64  # hrm.cost.KV_BLOCK_TOKENS, the engine's block size in these runs
 
 
 def options(command: str) -> dict[str, str]:
