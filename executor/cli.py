@@ -275,7 +275,7 @@ def run_command(
     total_s = gen.prefill_s + gen.decode_s
     decode_busy = decode_busy_s(gen.spans, gen.decode_windows)
     prediction = continuous.pop("prediction") if continuous else \
-        _predict(spec, hw, workload, policy)
+        _predict(spec, hw, workload, policy.in_whole_experts(spec.num_layers, spec.num_experts))
     result = {
         "schedule": policy.schedule,
         "scheduler": scheduler,
@@ -365,7 +365,8 @@ def _truncated_config(model: str, num_layers: int, output: Path) -> str:
 
 
 def _predict(spec: Any, hw: Any, workload: Workload, policy: Any) -> dict[str, Any] | None:
-    """The HRM prediction for this run, or None without a hardware profile."""
+    """The HRM prediction for this run (`policy` as the executor realized it: whole experts),
+    or None without a hardware profile."""
     if hw is None:
         return None
     from hrm.cost import predict

@@ -4,7 +4,7 @@ page size, dtypes and the schedule). Saved as JSON."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,12 @@ SCHEDULES = ("cgopipe", "cgopipe-serial", "layerwise")
 #: ep: attention heads sharded as in tp, whole experts dealt out round-robin (all-reduce of the
 #: partial MoE sums)
 PARALLELISMS = ("tp", "ep")
+
+
+def resident_experts(weights_gpu_fraction: float, num_layers: int, num_experts: int) -> int:
+    """R = round(r_w l n_e): the routed experts the executor keeps on the GPU, whole experts
+    spread over the layers (executor/weights.py)."""
+    return round(weights_gpu_fraction * num_layers * num_experts)
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,12 @@ class Policy:
     def num_micro_batches(self) -> int:
         """n_ub = N / mu."""
         return self.batch_size // self.micro_batch_size
+
+    def in_whole_experts(self, num_layers: int, num_experts: int) -> Policy:
+        """The policy as the executor runs it: r_w = R / (l n_e) (`resident_experts`), within
+        1 / (2 l n_e) of the requested r_w (a 1-layer Mixtral at r_w = 0.05 keeps no expert)."""
+        resident = resident_experts(self.weights_gpu_fraction, num_layers, num_experts)
+        return replace(self, weights_gpu_fraction=resident / (num_layers * num_experts))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -381,12 +381,14 @@ def measure(shared: SharedModel, config: Config, gpu_limit_bytes: float,
 
 
 def predicted(spec: ModelSpec, hw: HardwareProfile, config: Config) -> dict[str, Any]:
-    """The cost model's numbers for a configuration, stage times with interference applied."""
+    """The cost model's numbers for a configuration as the executor runs it (r_w in whole
+    experts), stage times with interference applied."""
     from hrm.cost import check_fits, cost_terms, predict
 
     check_fits(spec, hw, config.workload, config.policy)
-    pred = predict(spec, hw, config.workload, config.policy)
-    factors = cost_terms(spec, hw, config.workload, config.policy).factors
+    policy = config.policy.in_whole_experts(spec.num_layers, spec.num_experts)
+    pred = predict(spec, hw, config.workload, policy)
+    factors = cost_terms(spec, hw, config.workload, policy).factors
     layer = pred.decode_layer
     stages = {s: factors[s] * getattr(layer, f"{s}_s") for s in STAGE_TRACKS}
     return {"predicted_tok_s": pred.throughput_tok_s, "predicted_prefill_s": pred.prefill_s,
