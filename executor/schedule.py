@@ -4,9 +4,8 @@
   thread.
 - Link: weight pages of the next layer stream into a GPU staging buffer on a dedicated stream,
   driven by a copy thread (`WeightLink`). Pinned pages are copied straight to the GPU; pageable
-  pages first go through a small pinned ring (memcpy on a stager thread, then H2D, queued by the
-  copy thread between pinned pages), the two paths of MoE-Lightning's cost model (B_pinned vs.
-  the pageable->pinned->GPU path).
+  pages first go through a small pinned ring (memcpy on the copy thread, then H2D), the two paths
+  of MoE-Lightning's cost model (B_pinned vs. the pageable->pinned->GPU path).
   q/k/v and parked hidden states cross the link in pinned buffers on their own streams (d2h,
   h2d); the attention output comes up on the compute stream, queued just before its use, read
   by a kernel through the pinned buffer's device alias (`device_alias`), not the copy engine.
@@ -36,7 +35,7 @@ from executor.weights import ExpertStore
 
 #: pinned staging-ring slots (pages) for weights that could not be pinned
 RING_SLOTS = 4
-#: threads of the stager thread's host memcpy (each moves about 10 GB/s)
+#: threads of the copy thread's host memcpy (each moves about 10 GB/s)
 COPY_THREADS = 4
 #: weight bytes queued on the weights stream at once. The GPU's copy engine serves the queued
 #: copies of every stream in order, so a whole layer queued at once (about 2.8 GB, 50 ms for
@@ -153,7 +152,6 @@ class WeightLink:
     def __init__(self, store: ExpertStore, streams: Streams, tracer: Tracer) -> None:
         self.store, self.streams, self.tracer = store, streams, tracer
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="weight-link")
-        self.stager = ThreadPoolExecutor(1, thread_name_prefix="weight-stager")
         self.memcpy = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="weight-memcpy")
         cuda = store.device.type == "cuda"
         needs_ring = not all(store.fully_pinned(i) for i in range(len(store.cpu)))
@@ -172,11 +170,10 @@ class WeightLink:
     def _copy(self, layer: int, buffer: int, after: Any) -> Any:
         """The layer's pages into staging buffer `buffer`; returns the event marking the whole
         layer staged. Pinned pages go straight to the GPU, at most WEIGHT_BYTES_IN_FLIGHT queued
-        at a time. Pageable ones go through the ring: the stager thread memcpys page j into slot
-        j mod RING_SLOTS (once page j - RING_SLOTS has left it), and this thread queues its H2D
-        as soon as it is in the ring, between pinned pages. The memcpy never blocks this
-        thread, so the two legs overlap: max((p + o) / B_h2d, o / B_copy) for p pinned and o
-        pageable bytes, the weight stream of hrm.cost."""
+        at a time; pageable ones through the ring (memcpy on the copy threads, then H2D). The
+        two are interleaved: whenever the link holds its fill of pinned pages, the copy threads
+        stage the next pageable page instead of waiting, aiming at max((p + o) / B_h2d,
+        o / B_copy) for p pinned and o pageable bytes, the weight stream of hrm.cost."""
         src = self.store.cpu[layer]
         if src.numel() == 0:
             return None
@@ -184,26 +181,14 @@ class WeightLink:
         wait(stream, after)
         pinned_end = self.store.pinned_elements[layer]
         pinned = deque(page for page in self.store.pages(layer) if page[1] <= pinned_end)
-        staged = [page for page in self.store.pages(layer) if page[1] > pinned_end]
-        fills = [self._fill(layer, src, staged, j) for j in range(min(len(self.ring),
-                                                                      len(staged)))]
+        staged = deque(page for page in self.store.pages(layer) if page[1] > pinned_end)
         queued: deque[tuple[Any, int]] = deque()   # (event, bytes) of the copies on the link
-        in_flight, next_staged, in_run = 0, 0, False
+        in_flight, slot, in_run = 0, 0, False
         with ExitStack() as pinned_run:   # one h2d span per run of consecutive pinned pages
-            while pinned or next_staged < len(staged):
+            while pinned or staged:
                 while queued and (queued[0][0] is None or queued[0][0].query()):
                     in_flight -= queued.popleft()[1]
-                if next_staged < len(staged) and (fills[next_staged].done() or not pinned):
-                    pinned_run.close()
-                    in_run = False
-                    slot = fills[next_staged].result()
-                    start, end = staged[next_staged]
-                    self._ring_to_gpu(layer, slot, dst[start:end], stream)
-                    self.bytes_staged_path += (end - start) * src.element_size()
-                    if next_staged + len(self.ring) < len(staged):
-                        fills.append(self._fill(layer, src, staged, next_staged + len(self.ring)))
-                    next_staged += 1
-                elif pinned and in_flight < WEIGHT_BYTES_IN_FLIGHT:
+                if pinned and in_flight < WEIGHT_BYTES_IN_FLIGHT:
                     if not in_run:
                         pinned_run.enter_context(on(stream))
                         pinned_run.enter_context(
@@ -212,32 +197,27 @@ class WeightLink:
                     start, end = pinned.popleft()
                     dst[start:end].copy_(src[start:end], non_blocking=True)
                     self.bytes_pinned_path += (end - start) * src.element_size()
-                else:   # pinned pages left, the link is full and the next staged page not in
+                elif staged:
+                    pinned_run.close()
+                    in_run = False
+                    start, end = staged.popleft()
+                    self._stage_page(layer, src[start:end], dst[start:end], stream, slot)
+                    slot = (slot + 1) % len(self.ring)
+                    self.bytes_staged_path += (end - start) * src.element_size()
+                else:   # only pinned pages left and the link is full
                     host_wait(queued[0][0])
                     continue
                 queued.append((record(stream), (end - start) * src.element_size()))
                 in_flight += queued[-1][1]
         return record(stream)
 
-    def _fill(self, layer: int, src: torch.Tensor, staged: list[tuple[int, int]], j: int
-              ) -> Future:
-        """Queue the memcpy of staged page j into its ring slot on the stager thread; the
-        future yields the slot."""
-        slot = j % len(self.ring)
-        start, end = staged[j]
-        return self.stager.submit(self._memcpy_to_ring, layer, src[start:end], slot)
-
-    def _memcpy_to_ring(self, layer: int, page: torch.Tensor, slot: int) -> int:
-        """Stager thread: once the slot's previous H2D has read it, memcpy `page` into it (on the
-        copy threads)."""
-        host_wait(self.ring_events[slot])
+    def _stage_page(self, layer: int, page: torch.Tensor, dst: torch.Tensor, stream: Any,
+                    slot: int) -> None:
+        """One pageable page: memcpy into ring slot `slot` on the copy threads, then H2D."""
+        host_wait(self.ring_events[slot])  # the slot's previous H2D has finished reading it
+        staged = self.ring[slot][:page.numel()]
         with self.tracer.span("copy_thread", "stage_weights", None, layer):
-            host_copy(self.ring[slot][:page.numel()], page, self.memcpy, COPY_THREADS)
-        return slot
-
-    def _ring_to_gpu(self, layer: int, slot: int, dst: torch.Tensor, stream: Any) -> None:
-        """The H2D of a staged page from its ring slot; the slot's event marks it read."""
-        staged = self.ring[slot][:dst.numel()]
+            host_copy(staged, page, self.memcpy, COPY_THREADS)
         with on(stream), self.tracer.span("h2d", "weights_h2d", stream, layer):
             if stream is None:  # CPU stand-in: the link is a host memcpy
                 host_copy(dst, staged, self.memcpy, COPY_THREADS)
@@ -247,7 +227,6 @@ class WeightLink:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
-        self.stager.shutdown(wait=True)
         self.memcpy.shutdown(wait=True)
 
 

@@ -14,11 +14,14 @@ Each stage of one decoder layer (for the whole batch) is a sum over the operator
     CPU attn    t = max(F / P_c, t_kv(KV bytes)), t_kv from curve 'cpu_attention', else B / BW_c
                 (+ 2 o_l / BW_c: the copy thread's DRAM read+write shares the bus, MoE-Lens Eq. 5)
     H2D         t = (1 - r_w) W_e / B_pinned + activations; B_pinned the bulk pinned rate (pages
-                are queued back to back), bw(x) of activations from curve 'h2d' at their size
+                are queued back to back), bw(x) of activations from curve 'h2d' at their size;
+                + o_l (1 / BW_pageable->pinned - 1 / B_pinned): a staged page crosses at the
+                copy's pace, so the stream takes p_l / B_pinned + o_l / BW_pageable->pinned
+                (the staging memcpy and the pinned pages' DMA share the memory bus: on the
+                H200 host, 2026-12-01, a 16 MiB page's memcpy took 1.1-1.4 ms while pinned
+                pages crossed and 0.7 ms alone, and a layer took about the sum)
     D2H         t = q/k/v per micro-batch (+ (1 - r_c) KV offload)
-    copy thread t = o_l / BW_pageable->pinned, o_l = pinned overflow of one layer; its memcpy
-                into the staging ring runs beside the link's DMA (the executor's stager thread),
-                so a layer's weight stream takes max(t_h2d, t_copy)
+    copy thread t = o_l / BW_pageable->pinned, o_l = pinned overflow of one layer
     all-reduce  t = calls * t_lat + 2 (G - 1) / G * S / BW_bus   (ring, G > 1 GPUs; on the GPU
                 stream, so added to the GPU stage; S = tokens * h1 * 2 bytes, 2 calls per layer)
 
@@ -292,6 +295,13 @@ def _stage_sums(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
         p2p_bps = hw.link.pageable_to_pinned_bps
         if p2p_bps > 0:
             stages["copy_thread"] += Affine(overflow=overflow_per_layer / p2p_bps)
+            if num_gpus == 1:
+                # the link carries a staged page at the copy's pace: the staging and the pinned
+                # pages' DMA share the memory bus, so a layer's stream takes p / B_pinned +
+                # o / B_copy, not their max (measured with one GPU; with several, unmeasured,
+                # the two legs are taken to overlap)
+                stall = 1.0 / p2p_bps - 1.0 / hw.link.h2d_pinned_bps
+                stages["h2d"] += Affine(overflow=overflow_per_layer * max(stall, 0.0))
             if any(op.device == "cpu" for op in ops):
                 stages["cpu_attn"] += Affine(
                     overflow=2.0 * overflow_per_layer / hw.cpu.dram_bandwidth_bps)
