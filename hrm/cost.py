@@ -55,13 +55,15 @@ coefficients, `predict` evaluates them, and `hrm.optimize` builds its MILP from 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from hrm.errors import HardwareProfileError, PolicyError
 from hrm.hardware import HardwareProfile
 from hrm.model import ModelSpec
-from hrm.policy import Policy
+from hrm.policy import Policy, resident_experts
 from hrm.roofline import (
     ACT_DTYPE,
     COMPUTE_DTYPE,
@@ -94,6 +96,8 @@ KV_BLOCK_TOKENS = 64
 WEIGHT_STREAM_STAGES = ("h2d", "copy_thread")
 #: pages in the pinned staging ring that the copy thread fills when weights cannot all be pinned
 STAGING_RING_PAGES = 4
+#: the GPU memory term of the two expert staging buffers
+STAGING_TERM = "expert staging (2 layers)"
 
 #: resources of a layer; cgopipe adds "chain", one micro-batch's dependent path through a layer
 STAGES = ("h2d", "d2h", "cpu_attn", "gpu", "copy_thread")
@@ -234,6 +238,9 @@ class CostTerms:
     comm_s: dict[str, dict[str, float]] = field(default_factory=dict)
     #: cgopipe: one decode micro-batch's chain, the fill and drain at each step boundary
     decode_fill_s: Affine = field(default_factory=Affine)
+    #: the staging buffers' exact bytes at r_w (`expert_staging_bytes`, a step function of r_w),
+    #: for the footprint; gpu_memory holds its affine upper bound, which plans and the MILP use
+    staging_bytes_at: Callable[[float], float] | None = None
 
     def overflow(self, r_w: float) -> float:
         """o = max(0, overflow_bytes(r_w)): bytes of offloaded weights that cannot be pinned."""
@@ -432,7 +439,9 @@ def cost_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
         gpu_memory={"prefill": memory["gpu_prefill"], "decode": memory["gpu_decode"]},
         cpu_memory=memory["cpu"], pinned_memory=memory["pinned"],
         gpu_capacity_bytes=GPU_USABLE_FRACTION * hw.gpu.memory_bytes,
-        cpu_capacity_bytes=CPU_USABLE_FRACTION * hw.cpu.memory_bytes, comm_s=comm)
+        cpu_capacity_bytes=CPU_USABLE_FRACTION * hw.cpu.memory_bytes, comm_s=comm,
+        staging_bytes_at=(partial(expert_staging_bytes, model, policy)
+                          if expert_staging_bytes(model, policy, 0.0) is not None else None))
 
 
 def _check_gpus(model: ModelSpec, hw: HardwareProfile, num_gpus: int) -> None:
@@ -483,7 +492,7 @@ def _memory_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
         # so a layer may stream one expert (share) more than (1 - r_w) of its bytes
         expert_rounding = model.expert_bytes(policy.weight_dtype) * (
             1.0 if policy.parallelism == "ep" and g > 1 else expert_share)
-        weights["expert staging (2 layers)"] = (
+        weights[STAGING_TERM] = (
             one_minus(2.0 * layer_bytes * expert_share, "r_w")
             + Affine(const=2.0 * expert_rounding))
     kv_gpu = ({"KV cache": Affine(r_c=kv_bytes * kv_share)}
@@ -576,10 +585,26 @@ class MemoryFootprint:
     cpu_capacity_bytes: float = 0.0
 
 
+def expert_staging_bytes(model: ModelSpec, policy: Policy, r_w: float) -> float | None:
+    """The two GPU staging buffers as the executor sizes them (executor/weights.py): each holds
+    the largest streamed layer, n_e - floor(R / l) experts with R = round(r_w l n_e) resident
+    (`hrm.policy.resident_experts`). None with several GPUs (each rank's shard; the affine bound
+    of `_memory_terms` stands)."""
+    if policy.num_gpus > 1 or not model.num_moe_layers:
+        return None
+    resident = resident_experts(r_w, model.num_layers, model.num_experts)
+    streamed = model.num_experts - resident // model.num_layers
+    return 2.0 * streamed * model.expert_bytes(policy.weight_dtype)
+
+
 def _footprint(terms: CostTerms, r_w: float, r_c: float) -> MemoryFootprint:
+    """Bytes at (r_w, r_c): the memory terms, with the staging buffers at their exact size."""
     o = terms.overflow(r_w)
     phases = {phase: {name: term(r_w, r_c, o) for name, term in comps.items()}
               for phase, comps in terms.gpu_memory.items()}
+    if terms.staging_bytes_at is not None:
+        for comps in phases.values():
+            comps[STAGING_TERM] = terms.staging_bytes_at(r_w)
     peak_phase = max(phases, key=lambda p: sum(phases[p].values()))
     cpu = {name: term(r_w, r_c, o) for name, term in terms.cpu_memory.items()}
     pinned = sum(term(r_w, r_c, o) for term in terms.pinned_memory.values())

@@ -159,13 +159,15 @@ GRIDS = {g.name: g for g in (QUICK, FULL)}
 
 
 # ---- errors and summary (pure) -----------------------------------------------------------------
-def select_configs(configs: list[Config], names: list[str] | None) -> list[Config]:
-    """The configurations named in `names`, in grid order (all of them without names)."""
+def select_configs(configs: list[Config], names: list[str] | None, option: str = "--only"
+                   ) -> list[Config]:
+    """The configurations named in `names` (given to `option`), in grid order (all of them
+    without names)."""
     if not names:
         return configs
     unknown = [n for n in names if n not in {c.name for c in configs}]
     if unknown:
-        raise ValidationError(f"--only {', '.join(unknown)}: not in the grid, whose "
+        raise ValidationError(f"{option} {', '.join(unknown)}: not in the grid, whose "
                               f"configurations are {', '.join(c.name for c in configs)}")
     return [c for c in configs if c.name in names]
 
@@ -337,7 +339,7 @@ def measure(shared: SharedModel, config: Config, gpu_limit_bytes: float,
     import torch
 
     from executor.cli import random_prompts
-    from executor.engine import Engine, plan_memory
+    from executor.engine import Engine, pinned_host_bytes, plan_memory
     from executor.trace import decode_busy_s
     from executor.weights import resident_experts_per_layer
 
@@ -348,6 +350,8 @@ def measure(shared: SharedModel, config: Config, gpu_limit_bytes: float,
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = reset_peak_rss()
+    if cuda:   # pinned buffers are outside the resident set (executor.engine.pinned_host_bytes)
+        torch.cuda.reset_peak_host_memory_stats()
     resident = resident_experts_per_layer(spec, policy.weights_gpu_fraction)
     prompts = random_prompts([wl.prompt_len] * wl.num_seqs, spec.vocab_size, seed)
     plan = plan_memory(spec, policy, resident, [len(p) for p in prompts], wl.gen_len)
@@ -360,9 +364,10 @@ def measure(shared: SharedModel, config: Config, gpu_limit_bytes: float,
         raise InfeasibleError(f"out of GPU memory: {str(exc).splitlines()[0]}") from None
     streamed = sum(t.numel() * t.element_size() for t in weights.experts.cpu)
     peak_rss = _proc_status_bytes("VmHWM") if rss_before is not None else None
+    pinned = pinned_host_bytes("active_bytes.peak")
     if cuda:
         peak_gpu = torch.cuda.max_memory_allocated(device)
-        peak_cpu = math.nan if peak_rss is None else peak_rss - rss_before + streamed
+        peak_cpu = math.nan if peak_rss is None else peak_rss - rss_before + streamed + pinned
     else:   # one heap holds both tiers: the resident set cannot tell them apart
         peak_gpu = sum(weights.gpu_bytes.values()) + engine.gpu_cache.nbytes
         peak_cpu = math.nan
@@ -374,6 +379,7 @@ def measure(shared: SharedModel, config: Config, gpu_limit_bytes: float,
               "measured_layer_s": gen.decode_s / steps_layers, "busy_per_layer_s": busy,
               "measured_gpu_mem_bytes": float(peak_gpu),
               "measured_cpu_mem_bytes": float(peak_cpu),
+              "measured_cpu_pinned_bytes": float(pinned),
               "realized_weights_gpu_fraction": weights.experts.realized_gpu_fraction(),
               "spans": gen.spans, "decode_windows": gen.decode_windows}
     del engine, weights, gen
@@ -462,12 +468,13 @@ def optimizer_config(setup: Setup, grid: list[Config]) -> Config:
 
 
 def run_grid(setup: Setup, configs: list[Config], with_optimizer: bool, progress: Any = None,
-             partial_csv: Path | None = None, space: list[Config] | None = None
-             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+             partial_csv: Path | None = None, space: list[Config] | None = None,
+             traced: set[str] = frozenset({"base"})
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """Predict and measure every configuration (and the optimizer's policy, searched over the
     space of `space`, by default of `configs`): tidy rows, stage rows, and the measured spans of
-    the base configuration (for the trace). The rows so far are rewritten to `partial_csv` after
-    each configuration (what an interrupted run leaves)."""
+    the grid configurations named in `traced` (config -> spans, for the traces). The rows so far
+    are rewritten to `partial_csv` after each configuration (what an interrupted run leaves)."""
     import pandas as pd
 
     shared = SharedModel(setup.model, setup.device, setup.pin_budget_bytes, setup.seed)
@@ -477,13 +484,14 @@ def run_grid(setup: Setup, configs: list[Config], with_optimizer: bool, progress
     # warm-up (kernels, allocator, threads): a short run of the base policy, not recorded
     warm = Config("warmup", configs[0].policy, replace(configs[0].workload, gen_len=2))
     _try_measure(shared, setup, warm)
-    rows, stage_rows, trace = [], [], {}
+    rows, stage_rows, traces = [], [], {}
     for config, role in _progress(todo, progress):
         row, stages, meas = _run_one(shared, setup, config, role)
         rows.append(row)
         stage_rows += stages
-        if meas is not None and config.name == "base" and role == "grid":
-            trace = {"spans": meas["spans"], "decode_windows": meas["decode_windows"]}
+        if meas is not None and config.name in traced and role == "grid":
+            traces[config.name] = {"spans": meas["spans"],
+                                   "decode_windows": meas["decode_windows"]}
         if progress is not None:
             progress.console.print(
                 f"{config.name}: predicted {row.get('predicted_tok_s', math.nan):.1f}, measured "
@@ -491,7 +499,7 @@ def run_grid(setup: Setup, configs: list[Config], with_optimizer: bool, progress
                 if row["ran"] else f"{config.name}: not run: {row['error']}")
         if partial_csv is not None:
             write_text_atomic(partial_csv, pd.DataFrame(rows).to_csv(index=False))
-    return rows, stage_rows, trace
+    return rows, stage_rows, traces
 
 
 def _run_one(shared: SharedModel, setup: Setup, config: Config, role: str
@@ -529,11 +537,19 @@ def _progress(items: list[Any], progress: Any) -> Iterator[Any]:
         progress.advance(task)
 
 
+def trace_file_name(config: str) -> str:
+    """validation_trace.json for base, validation_trace_<config>.json (file-safe) for others."""
+    if config == "base":
+        return "validation_trace.json"
+    return f"validation_trace_{re.sub(r'[^A-Za-z0-9_.=-]+', '_', config)}.json"
+
+
 def write_results(out_dir: Path, rows: list[dict[str, Any]], stage_rows: list[dict[str, Any]],
-                  summary: dict[str, Any], trace: dict[str, Any]) -> dict[str, Path]:
+                  summary: dict[str, Any], traces: dict[str, dict[str, Any]]
+                  ) -> dict[str, Path]:
     """validation_configs.csv (one row per configuration), validation_stages.csv (one row per
-    configuration and stage), validation_summary.json, validation_trace.json (measured timeline of
-    the base configuration, Chrome/Perfetto) and validation_predicted_vs_measured.png."""
+    configuration and stage), validation_summary.json, the measured timelines of the traced
+    configurations (Chrome/Perfetto, `trace_file_name`) and validation_predicted_vs_measured.png."""
     import pandas as pd
 
     from executor.trace import chrome_trace
@@ -542,18 +558,17 @@ def write_results(out_dir: Path, rows: list[dict[str, Any]], stage_rows: list[di
     paths = {"configs": out_dir / "validation_configs.csv",
              "stages": out_dir / "validation_stages.csv",
              "summary": out_dir / "validation_summary.json",
-             "trace": out_dir / "validation_trace.json",
              "plot": out_dir / "validation_predicted_vs_measured.png"}
     configs = pd.DataFrame(rows)
     write_text_atomic(paths["configs"], configs.to_csv(index=False))
     write_text_atomic(paths["stages"], pd.DataFrame(stage_rows).to_csv(index=False))
     write_json_atomic(paths["summary"], _json_safe(summary))
-    if trace:
-        write_json_atomic(paths["trace"], {"traceEvents": chrome_trace(trace["spans"]),
-                                           "displayTimeUnit": "ms",
-                                           "decode_windows_s": trace["decode_windows"]})
-    else:
-        del paths["trace"]
+    for config, trace in traces.items():
+        key = "trace" if config == "base" else f"trace {config}"
+        paths[key] = out_dir / trace_file_name(config)
+        write_json_atomic(paths[key], {"traceEvents": chrome_trace(trace["spans"]),
+                                       "displayTimeUnit": "ms",
+                                       "decode_windows_s": trace["decode_windows"]})
     plot_predicted_vs_measured(configs, paths["plot"], title=f"{summary['model']} on "
                                f"{summary['machine'].get('gpu') or summary['machine']['cpu']}")
     return paths
@@ -591,6 +606,9 @@ def validate_command(
     only: list[str] | None = typer.Option(
         None, "--only", help="run only this configuration of the grid (repeatable), e.g. "
         "--only base --only n_ub=16; the optimizer still searches the whole grid's space"),
+    trace_config: list[str] | None = typer.Option(
+        None, "--trace-config", help="also keep the measured timeline of this configuration "
+        "(repeatable; base's is always kept), as validation_trace_<config>.json"),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
@@ -630,6 +648,9 @@ def validate_command(
     hw = load_profile(hardware)
     grid_configs = GRIDS[grid].configs()
     configs = select_configs(grid_configs, only)
+    traced = {"base", *(c.name for c in select_configs(grid_configs, trace_config,
+                                                        option="--trace-config"))
+              } if trace_config else {"base"}
 
     gpu_total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
                  else hw.gpu.memory_bytes)
@@ -648,8 +669,9 @@ def validate_command(
     setup = Setup(model_arg, spec, hw, device, gpu_limit, cpu_limit, pin, seed)
 
     with Progress(console=console, transient=True, disable=as_json) as progress:
-        rows, stage_rows, trace = run_grid(setup, configs, optimizer_check, progress,
-                                           output / "validation_partial.csv", grid_configs)
+        rows, stage_rows, traces = run_grid(setup, configs, optimizer_check, progress,
+                                            output / "validation_partial.csv", grid_configs,
+                                            traced)
     optimizer = next(({k: r.get(k) for k in ("ran", "error", "batch_size", "micro_batch_size",
                                              "attn_decode_device", "weights_gpu_fraction",
                                              "prompt_len", "gen_len", "predicted_tok_s",
@@ -667,7 +689,7 @@ def validate_command(
                                  "validation grid is end-to-end executor runs",
             "grid_definition": dataclasses.asdict(GRIDS[grid])}
     summary = summarize(rows, stage_rows, optimizer, meta)
-    paths = write_results(output, rows, stage_rows, summary, trace)
+    paths = write_results(output, rows, stage_rows, summary, traces)
     (output / "validation_partial.csv").unlink(missing_ok=True)
     if as_json:
         emit_json(_json_safe(summary))

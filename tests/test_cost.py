@@ -36,15 +36,28 @@ def test_memory_accounting_by_hand():
     gpu = {k.split(" (")[0]: v for k, v in mem.gpu_breakdown.items()}
     assert gpu["dense weights"] == pytest.approx(3.2113e9, rel=1e-4)
     assert gpu["resident experts"] == pytest.approx(0.25 * 32 * W_LAYER)
-    # two buffers of (1 - r_w) of a layer, plus one whole expert each (the executor keeps
-    # whole experts resident, so a layer may stream one more)
-    assert gpu["expert staging"] == pytest.approx(2 * 0.75 * W_LAYER + 2 * W_LAYER / 8)
+    # two buffers of the largest streamed layer: R = 0.25 * 32 * 8 = 64 resident experts, 2 per
+    # layer, so 6 of 8 experts stream
+    assert gpu["expert staging"] == pytest.approx(2 * 0.75 * W_LAYER)
     assert mem.cpu_breakdown["offloaded experts"] == pytest.approx(0.75 * 32 * W_LAYER)
     # 100 + 128 tokens per sequence, allocated in blocks of 64: 256
     assert mem.cpu_breakdown["KV cache"] == 64 * 256 * 128 * KiB
     assert mem.gpu_bytes == pytest.approx(sum(mem.gpu_breakdown.values()))
     assert mem.cpu_bytes == pytest.approx(sum(mem.cpu_breakdown.values()))
     assert mem.cpu_capacity_bytes == CPU_USABLE_FRACTION * T4.cpu.memory_bytes
+
+
+@pytest.mark.parametrize(("r_w", "streamed_experts"), [(0.0, 8), (0.05, 8), (0.124, 7), (0.25, 6)])
+def test_staging_buffers_hold_the_largest_streamed_layer(r_w, streamed_experts):
+    """The footprint sizes the staging buffers as the executor does (R = round(r_w l n_e)
+    resident experts, R // l in the layers that keep fewest); the MILP's affine term is an upper
+    bound of it at every r_w."""
+    policy = Policy(batch_size=64, micro_batch_size=32, weights_gpu_fraction=r_w)
+    mem = memory_footprint(MIXTRAL, T4, WORK, policy)
+    staging = next(v for k, v in mem.gpu_breakdown.items() if k.startswith("expert staging"))
+    assert staging == pytest.approx(2 * streamed_experts * W_LAYER / 8)
+    bound = cost_terms(MIXTRAL, T4, WORK, policy).gpu_memory["decode"]["expert staging (2 layers)"]
+    assert bound(r_w, 0.0) >= staging
 
 
 def test_gpu_kv_fraction_moves_kv_to_the_gpu():

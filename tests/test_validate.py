@@ -188,7 +188,8 @@ def quick_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("validate")
     result = CliRunner().invoke(app, ["validate", "--model", "tiny-mixtral", "--hardware", "t4",
-                                      "--grid", "quick", "--device", "cpu", "-o", str(out)])
+                                      "--grid", "quick", "--device", "cpu",
+                                      "--trace-config", "attn=gpu", "-o", str(out)])
     assert result.exit_code == 0, result.output
     return out
 
@@ -224,6 +225,10 @@ def test_quick_run_writes_consistent_results(quick_run) -> None:
     trace = json.loads((quick_run / "validation_trace.json").read_text())
     tracks = {e["tid"] for e in trace["traceEvents"] if e["ph"] == "X"}
     assert {"gpu", "cpu_attention"} <= tracks
+    # --trace-config keeps another configuration's timeline: GPU attention, no CPU attention
+    gpu_attn = json.loads((quick_run / "validation_trace_attn=gpu.json").read_text())
+    names = {e["name"] for e in gpu_attn["traceEvents"] if e["ph"] == "X"}
+    assert "cpu_attn" not in names and "cpu_attn" in {e["name"] for e in trace["traceEvents"]}
     assert (quick_run / "validation_predicted_vs_measured.png").stat().st_size > 10_000
 
 
@@ -233,6 +238,7 @@ def test_quick_run_writes_consistent_results(quick_run) -> None:
     (["--gpu-mem", "-1"], "--gpu-mem must be > 0"),
     (["--num-layers", "9"], "--num-layers must be in [1, 4]"),
     (["--only", "base", "--only", "N=3"], "--only N=3: not in the grid"),
+    (["--trace-config", "N=3"], "--trace-config N=3: not in the grid"),
 ])
 def test_bad_arguments_exit_2(args: list[str], message: str, tmp_path, capsys) -> None:
     pytest.importorskip("torch")
