@@ -580,21 +580,10 @@ class Engine:
             torch.cuda.synchronize(self.device)
 
 
-def pinned_host_bytes(stat: str = "allocated_bytes.peak") -> int:
-    """A statistic (bytes) of torch's pinned host allocator (torch.cuda.host_memory_stats), 0
-    without CUDA. Its pages (cudaHostAlloc) are not in the resident set the kernel reports: on
-    the H200 host, 2026-12-01, every validation run's VmHWM lacked exactly the pinned activation
-    buffers and staging ring of the model."""
-    if not torch.cuda.is_available():
-        return 0
-    return int(torch.cuda.host_memory_stats().get(stat, 0))
-
-
 def peak_cpu_mem_bytes() -> int:
-    """Peak CPU memory of this process (bytes): the peak resident set (Linux reports ru_maxrss
-    in KiB) plus the pinned host allocator's peak, which the resident set misses (the two
-    peaks may fall at different times: an upper bound)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + pinned_host_bytes()
+    """Peak resident set size of this process (bytes; Linux reports ru_maxrss in KiB). It does
+    not hold torch's pinned host buffers (cudaHostAlloc; hrm.validate's docstring)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def load_weights(model: str, policy: Policy, *, device: torch.device, resident: list[int],
