@@ -10,8 +10,9 @@ Microbenchmarks (each a small function returning `Measurement`s):
              staging_copy       pageable -> pinned memcpy by the CPU; probe_pinned_max
   CPU tier   gemm_series (CPU), dram_read (torch sum), cpu_attention_series (the executor's
              kernel, the model's head layout, fp32 and bf16 KV, batch x context)
-  overlap    interference       link, GPU GEMM and CPU attention each alone, then all three at
-                                once from three threads; slowdown = solo rate / together rate
+  overlap    interference       link, GPU stage (Python-launched small kernels + an expert GEMM)
+                                and CPU attention each alone, then all three at once from three
+                                threads; slowdown = solo rate / together rate
 `build_profile` maps the measurements onto the profile's fields, fits the curves (hrm.fit) and
 records how each value was measured. Without CUDA (or with --device cpu) the CPU stands in for
 the GPU, as in the executor's --device cpu: "GPU" tensors are CPU tensors and the link is a CPU
@@ -579,9 +580,19 @@ def interference(stages: list[Stage], window_s: float) -> list[Measurement]:
     return out
 
 
+#: small kernels the interference benchmark's GPU stage queues from Python per expert GEMM. The
+#: executor's GPU stage is driven by a Python thread that launches many small kernels per
+#: micro-batch (hrm.roofline OPS_*); a GEMM alone leaves that thread idle and so measures neither
+#: its slowdown beside the CPU-attention worker and the link thread nor theirs beside it
+#: (2026-12-01, H200 host: the GEMM-only factors were gpu 1.08 and cpu_attention 1.11 while the
+#: pipeline's GPU and CPU-attention stages took 1.6x and 1.45x the solo-fitted model)
+INTERFERENCE_GPU_LAUNCHES = 64
+
+
 def interference_stages(config: ProfileConfig, spec: ModelSpec, device: str) -> list[Stage]:
     """The three overlapped stages of CGOPipe: weight H2D streaming (pinned copies), the GPU
-    expert GEMM (the model's up projection, bf16) and CPU decode attention (bf16 KV)."""
+    stage (INTERFERENCE_GPU_LAUNCHES small kernels launched from Python, then the model's expert
+    up projection, bf16) and CPU decode attention (bf16 KV)."""
     import torch
 
     def on_stream(fn: Callable[[], Any]) -> Callable[[], None]:
@@ -605,11 +616,17 @@ def interference_stages(config: ProfileConfig, spec: ModelSpec, device: str) -> 
     k, n = expert_shape(spec, "up")
     rows = config.interference_gemm_rows
     x, weight = random_tensor((rows, k), "bf16", device), random_tensor((k, n), "bf16", device)
+    tiny = torch.zeros(1, device=device)
+
+    def gpu_stage() -> None:
+        for _ in range(INTERFERENCE_GPU_LAUNCHES):
+            tiny.add_(1.0)
+        torch.matmul(x, weight)
     attention, kv_bytes = decode_attention_call(spec, *config.interference_attention, "bf16")
     _sync(device)  # the inputs are written on the default stream; the stages use their own
     return [
         Stage("link", on_stream(lambda: dev.copy_(host, non_blocking=True)), nbytes, "B/s"),
-        Stage("gpu", on_stream(lambda: torch.matmul(x, weight)), 2.0 * rows * k * n, "FLOP/s"),
+        Stage("gpu", on_stream(gpu_stage), 2.0 * rows * k * n, "FLOP/s"),
         Stage("cpu_attention", attention, kv_bytes, "B/s"),
     ]
 
