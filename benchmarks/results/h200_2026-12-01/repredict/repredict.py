@@ -61,19 +61,20 @@ def run_prediction(run: dict, profile: Path) -> float:
                                            cpu_memory_bytes=float(opt["cpu-mem"]) * GiB)
     hw = replace(hw, link=replace(hw.link, pinned_max_bytes=float(opt["pin-mem"]) * GiB))
     synthetic = synthetic_workload(opt["synthetic"], int(opt["num-seqs"]), int(opt["gen-len"]))
-    policy = Policy.from_dict(run["policy"])
+    # the policy as the run realized it (whole experts per layer), as `hrm run` predicts today
+    realized = replace(Policy.from_dict(run["policy"]),
+                       weights_gpu_fraction=run["realized"]["weights_gpu_fraction"])
     if run["scheduler"] == "static":
         workload = Workload.from_lens(list(synthetic.prompt_lens), int(opt["gen-len"]))
-        return predict(spec, hw, workload, policy).throughput_tok_s
+        return predict(spec, hw, workload, realized).throughput_tok_s
     gens = list(synthetic.gen_lens or [synthetic.gen_len] * synthetic.num_seqs)
     workload = Workload.from_lens(list(synthetic.prompt_lens), gens)
     passes, _ = simulate(list(synthetic.prompt_lens), gens,
                          num_blocks=run["continuous"]["kv_blocks"],
-                         block_tokens=KV_BLOCK_TOKENS, token_budget=policy.batch_size)
+                         block_tokens=KV_BLOCK_TOKENS, token_budget=realized.batch_size)
     if len(passes) != run["continuous"]["passes"]:
         raise SystemExit(f"{run['name']}: the dry run makes {len(passes)} passes, the run "
                          f"made {run['continuous']['passes']}")
-    realized = replace(policy, weights_gpu_fraction=run["realized"]["weights_gpu_fraction"])
     return predict_passes(pass_model(spec, hw, workload, realized),
                           [p.shape() for p in passes]).throughput_tok_s
 
