@@ -76,7 +76,7 @@ class LayerBench:
         `hrm run --hardware` (so the prediction it writes uses the same limits)."""
         hw = self.hw.with_memory(gpu_memory_bytes=gpu_cap_bytes,
                                  cpu_memory_bytes=self.limits["cpu_mem_bytes"])
-        hw = replace(hw, link=replace(hw.link, pinned_max_bytes=self.limits["pin_bytes"]))
+        hw = hw.with_memory(pinned_max_bytes=self.limits["pin_bytes"])
         path = self.workdir / f"{self.hw.name}-{name}.toml"
         save_profile(hw, path)
         return path

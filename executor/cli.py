@@ -216,7 +216,7 @@ def run_command(
     else:
         pin_budget = 0.45 * host_memory_bytes()
     if hw is not None:  # the optimizer and the prediction see the pinned budget the run uses
-        hw = replace(hw, link=replace(hw.link, pinned_max_bytes=pin_budget))
+        hw = hw.with_memory(pinned_max_bytes=pin_budget)
     if optimize_policy:
         from hrm.optimize import optimize
 

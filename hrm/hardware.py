@@ -156,9 +156,17 @@ class HardwareProfile:
     measurements: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def with_memory(self, gpu_memory_bytes: float | None = None,
-                    cpu_memory_bytes: float | None = None) -> HardwareProfile:
-        """The same machine with the GPU and/or CPU memory capped (e.g. emulate a 16 GiB GPU)."""
-        gpu, cpu, sources = self.gpu, self.cpu, dict(self.sources)
+                    cpu_memory_bytes: float | None = None,
+                    pinned_max_bytes: float | None = None) -> HardwareProfile:
+        """The same machine with the GPU and/or CPU memory capped (e.g. emulate a 16 GiB GPU),
+        and/or the weights' pinned budget set (the executor's --pin-mem; inf: no limit)."""
+        gpu, cpu, link, sources = self.gpu, self.cpu, self.link, dict(self.sources)
+        if pinned_max_bytes is not None:
+            if not pinned_max_bytes >= 0:
+                raise HardwareProfileError(f"pinned memory budget must be >= 0 bytes, got "
+                                           f"{pinned_max_bytes}")
+            link = dataclasses.replace(link, pinned_max_bytes=float(pinned_max_bytes))
+            sources["link.pinned_max_bytes"] = "user cap"
         if gpu_memory_bytes is not None:
             _check_positive("gpu memory", gpu_memory_bytes)
             gpu = dataclasses.replace(gpu, memory_bytes=float(gpu_memory_bytes))
@@ -167,7 +175,7 @@ class HardwareProfile:
             _check_positive("cpu memory", cpu_memory_bytes)
             cpu = dataclasses.replace(cpu, memory_bytes=float(cpu_memory_bytes))
             sources["cpu.memory_bytes"] = "user cap"
-        return dataclasses.replace(self, gpu=gpu, cpu=cpu, sources=sources)
+        return dataclasses.replace(self, gpu=gpu, cpu=cpu, link=link, sources=sources)
 
     def check_gpus(self, num_gpus: int) -> None:
         """Raise HardwareProfileError unless `num_gpus` GPUs can be modeled on this machine."""

@@ -131,7 +131,7 @@ def test_pinned_overflow_goes_through_the_copy_thread():
     assert pred.pinned_overflow_bytes == pytest.approx(overflow)
     per_layer = overflow / 32
     assert pred.decode_layer.copy_thread_s == pytest.approx(per_layer / 42e9)
-    no_pin_limit = replace(H100, link=replace(H100.link, pinned_max_bytes=float("inf")))
+    no_pin_limit = H100.with_memory(pinned_max_bytes=float("inf"))
     free = predict(MIXTRAL, no_pin_limit, WORK, policy).decode_layer
     # the link carries the staged bytes at the copy's pace: p / B_pinned + o / B_copy per layer
     assert pred.decode_layer.h2d_s - free.h2d_s == pytest.approx(
@@ -255,7 +255,7 @@ def test_serial_schedules_overlap_the_weight_streams_two_legs(schedule):
     """Serial schedules run one stage at a time, except the copy thread's staging and the H2D
     of the weights, which the staging ring overlaps page by page: layer_s = the other stages +
     max(t_h2d, t_copy). With little pinnable memory both legs are busy."""
-    hw = replace(H100, link=replace(H100.link, pinned_max_bytes=8 * GiB))
+    hw = H100.with_memory(pinned_max_bytes=8 * GiB)
     attn = "gpu" if schedule == "layerwise" else "cpu"
     policy = Policy(batch_size=512, micro_batch_size=128, schedule=schedule,
                     attn_decode_device=attn)
@@ -270,7 +270,7 @@ def test_serial_timeline_runs_the_weight_legs_side_by_side(schedule):
     """The predicted timeline of a serial schedule with both weight legs busy lasts the model's
     2 layer_s, up to the activation copies (a few us), which the timeline places after the
     weights while the model counts them in the H2D leg."""
-    hw = replace(H100, link=replace(H100.link, pinned_max_bytes=8 * GiB))
+    hw = H100.with_memory(pinned_max_bytes=8 * GiB)
     policy = Policy(batch_size=512, micro_batch_size=128, schedule=schedule,
                     attn_decode_device="gpu" if schedule == "layerwise" else "cpu")
     events = timeline(MIXTRAL, hw, WORK, policy, n_layers=2)

@@ -77,6 +77,11 @@ def test_unknown_profile_and_memory_caps():
     assert hw.sources["gpu.memory_bytes"] == "user cap"
     with pytest.raises(HardwareProfileError, match="positive"):
         load_profile("h100").with_memory(gpu_memory_bytes=-1)
+    pinned = hw.with_memory(pinned_max_bytes=8 * GiB)
+    assert pinned.link.pinned_max_bytes == 8 * GiB and pinned.gpu == hw.gpu
+    assert pinned.sources["link.pinned_max_bytes"] == "user cap"
+    with pytest.raises(HardwareProfileError, match="pinned memory budget"):
+        hw.with_memory(pinned_max_bytes=float("nan"))
 
 
 def test_saturating_curve():

@@ -90,7 +90,7 @@ def test_shared_link_carries_g_shards_per_gpu_link_one():
     own = predict(MIXTRAL, _machine(shared=False), WORK, policy).decode_layer
     shared = predict(MIXTRAL, _machine(shared=True), WORK, policy).decode_layer
     # (one GPU's link also waits for staged pages, `_stage_sums`: compared without a pin limit)
-    unpinned = replace(H100, link=replace(H100.link, pinned_max_bytes=math.inf))
+    unpinned = H100.with_memory(pinned_max_bytes=math.inf)
     one = predict(MIXTRAL, unpinned, WORK, _policy(1)).decode_layer
     assert shared.h2d_s == pytest.approx(4 * own.h2d_s)
     # the shared link moves every shard: as much as one GPU moving the whole layer, plus the
@@ -102,7 +102,7 @@ def test_cpu_attention_is_shared_not_split():
     """All G processes attend at once on one CPU: no faster than one process (without pinned
     overflow, whose copy threads would add DRAM traffic)."""
     hw = _machine()
-    hw = replace(hw, link=replace(hw.link, pinned_max_bytes=math.inf))
+    hw = hw.with_memory(pinned_max_bytes=math.inf)
     one = predict(MIXTRAL, hw, WORK, _policy(1)).decode_layer
     four = predict(MIXTRAL, hw, WORK, _policy(4)).decode_layer
     assert four.cpu_attn_s == pytest.approx(one.cpu_attn_s)
@@ -131,7 +131,7 @@ def test_doubling_gpus_never_lowers_throughput_with_a_free_interconnect(g, paral
     shared CPU stages do not grow, so a fixed policy shape can only speed up. (The pinned
     overflow of a finite pinnable limit grows with G staging rings, so it is left unlimited.)"""
     hw = _machine(bus_bps=math.inf, latency_s=0.0)
-    hw = replace(hw, link=replace(hw.link, pinned_max_bytes=math.inf))
+    hw = hw.with_memory(pinned_max_bytes=math.inf)
     shape = {"batch_size": mu * n_ub, "micro_batch_size": mu, "attn_decode_device": attn,
              "weights_gpu_fraction": r_w}
     few = predict(MIXTRAL, hw, WORK, _policy(g, parallelism, **shape))

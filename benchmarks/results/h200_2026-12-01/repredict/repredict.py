@@ -58,8 +58,8 @@ def run_prediction(run: dict, profile: Path) -> float:
     spec = replace(read_model("mixtral-8x7b")[0], num_layers=run["num_layers"],
                    name=run["model"])
     hw = load_profile(profile).with_memory(gpu_memory_bytes=float(opt["gpu-mem"]) * GiB,
-                                           cpu_memory_bytes=float(opt["cpu-mem"]) * GiB)
-    hw = replace(hw, link=replace(hw.link, pinned_max_bytes=float(opt["pin-mem"]) * GiB))
+                                           cpu_memory_bytes=float(opt["cpu-mem"]) * GiB,
+                                           pinned_max_bytes=float(opt["pin-mem"]) * GiB)
     synthetic = synthetic_workload(opt["synthetic"], int(opt["num-seqs"]), int(opt["gen-len"]))
     # the policy as the run realized it (whole experts per layer), as `hrm run` predicts today
     realized = replace(Policy.from_dict(run["policy"]),
