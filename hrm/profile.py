@@ -631,6 +631,54 @@ def interference_stages(config: ProfileConfig, spec: ModelSpec, device: str) -> 
     ]
 
 
+# ---- spot check of a profile against the machine ---------------------------------------------
+#: measured / profile time ratio beyond which `spot_check` calls the profile off for this machine
+SPOT_CHECK_TOLERANCE = 1.2
+#: the CPU attention call of the spot check: sequences x context tokens, bf16 KV
+SPOT_CHECK_ATTENTION = (64, 1024)
+
+
+def spot_check(hw: HardwareProfile, spec: ModelSpec, device: str) -> list[dict[str, Any]]:
+    """A few seconds of the profile's own microbenchmarks at one size each, set against what the
+    profile says they cost: the GPU op launch, DRAM read, the pinned H2D link (CUDA only) and one
+    CPU attention call (SPOT_CHECK_ATTENTION, on the executor's threads). A profile describes the
+    machine, and the lease, it was measured on: on 2026-12-01 the shipped H200 profile met
+    another lease of the same kind whose CPU-side pipeline stages ran up to 2.2x slower.
+    Per row: the seconds the profile predicts, the seconds measured now (median), their ratio
+    (> 1: the machine is slower than its profile) and whether it is within SPOT_CHECK_TOLERANCE;
+    a quantity the profile lacks has no row."""
+    from hrm.cost import link_bps
+
+    rows = []
+
+    def row(name: str, profile_s: float, m: Measurement) -> None:
+        if profile_s <= 0:   # not in the profile (a datasheet profile has no op cost)
+            return
+        ratio = m.median_s / profile_s
+        rows.append({"benchmark": name, "profile_s": profile_s, "measured_s": m.median_s,
+                     "ratio": ratio, "ok": 1 / SPOT_CHECK_TOLERANCE <= ratio
+                     <= SPOT_CHECK_TOLERANCE})
+
+    launch = op_overhead(device, reps=5)
+    row(f"GPU op launch ({OPS_PER_BURST} queued)", OPS_PER_BURST * hw.gpu.op_overhead_s, launch)
+    dram = dram_read(256 * MiB, "fp32", reps=5)
+    row("DRAM read (256 MiB)", dram.work / hw.cpu.dram_bandwidth_bps, dram)
+    if device == "cuda":
+        (h2d,) = copy_series("h2d", True, [256 * MiB], device, 256 * MiB * 5)
+        row("pinned H2D (256 MiB)", h2d.work / link_bps(hw, "h2d", h2d.work), h2d)
+    batch, context = SPOT_CHECK_ATTENTION
+    with torch_threads(executor_attention_threads(len(os.sched_getaffinity(0)))):
+        call, kv_bytes = decode_attention_call(spec, batch, context, "bf16")
+        attention = Measurement("cpu_attention", {"batch": batch, "context": context},
+                                x=kv_bytes, work=kv_bytes, unit="B/s",
+                                times_s=time_calls(call, 5, "cpu"))
+    curve = hw.curves.get("cpu_attention")
+    row(f"CPU attention ({batch} x {context}, bf16)",
+        curve.time_s(kv_bytes) if curve is not None else kv_bytes / hw.cpu.dram_bandwidth_bps,
+        attention)
+    return rows
+
+
 # ---- orchestration -------------------------------------------------------------------------------
 # ---- interconnect: all-reduce between GPUs ----------------------------------------------------
 #: sizes of the all-reduce benchmark (bytes): latency-bound to bandwidth-bound

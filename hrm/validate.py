@@ -544,6 +544,24 @@ def _progress(items: list[Any], progress: Any) -> Iterator[Any]:
         progress.advance(task)
 
 
+def check_profile(hw: HardwareProfile, spec: ModelSpec, device: str, console: Any,
+                  quiet: bool = False) -> list[dict[str, Any]]:
+    """`hrm.profile.spot_check` of the profile on this machine; prints a warning (unless
+    `quiet`) naming what is off by more than the tolerance. Returns the rows for the summary."""
+    from hrm.profile import SPOT_CHECK_TOLERANCE, spot_check
+
+    rows = spot_check(hw, spec, device)
+    off = [r for r in rows if not r["ok"]]
+    if off and not quiet:
+        console.print(f"[yellow]warning:[/] this machine is more than "
+                      f"{(SPOT_CHECK_TOLERANCE - 1) * 100:.0f}% off the profile {hw.name} in "
+                      + "; ".join(f"{r['benchmark']} ({r['ratio']:.2f}x the profile's time)"
+                                  for r in off)
+                      + ". The profile describes the machine it was measured on: run "
+                        "`hrm profile` here first for a validation of the model.")
+    return rows
+
+
 def trace_file_name(config: str) -> str:
     """validation_trace.json for base, validation_trace_<config>.json (file-safe) for others."""
     if config == "base":
@@ -613,6 +631,10 @@ def validate_command(
     only: list[str] | None = typer.Option(
         None, "--only", help="run only this configuration of the grid (repeatable), e.g. "
         "--only base --only n_ub=16; the optimizer still searches the whole grid's space"),
+    spot_check: bool = typer.Option(
+        True, "--spot-check/--no-spot-check", help="first time a few of the profile's "
+        "microbenchmarks again (seconds) and warn where this machine is more than 20% off its "
+        "profile"),
     trace_config: list[str] | None = typer.Option(
         None, "--trace-config", help="also keep the measured timeline of this configuration "
         "(repeatable; base's is always kept), as validation_trace_<config>.json"),
@@ -674,6 +696,7 @@ def validate_command(
     pin = hw.link.pinned_max_bytes if math.isfinite(hw.link.pinned_max_bytes) \
         else 0.45 * host_memory_bytes()
     setup = Setup(model_arg, spec, hw, device, gpu_limit, cpu_limit, pin, seed)
+    checked = check_profile(hw, spec, device_name, console, quiet=as_json) if spot_check else None
 
     with Progress(console=console, transient=True, disable=as_json) as progress:
         rows, stage_rows, traces = run_grid(setup, configs, optimizer_check, progress,
@@ -694,6 +717,7 @@ def validate_command(
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "fit_vs_validation": "the profile is fitted to microbenchmarks (hrm profile); the "
                                  "validation grid is end-to-end executor runs",
+            "profile_spot_check": checked,
             "grid_definition": dataclasses.asdict(GRIDS[grid])}
     summary = summarize(rows, stage_rows, optimizer, meta)
     paths = write_results(output, rows, stage_rows, summary, traces)

@@ -194,10 +194,38 @@ def quick_run(tmp_path_factory):
     return out
 
 
+def test_spot_check_flags_a_profile_this_machine_does_not_match() -> None:
+    """A profile whose DRAM is 1000x faster than any host's is called off for this machine, in
+    the rows and in the warning; every row compares a measured time with the profile's."""
+    pytest.importorskip("torch")
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from hrm.hardware import load_profile
+    from hrm.model import load_model_spec
+    from hrm.validate import check_profile
+
+    t4 = load_profile("t4")
+    fast = replace(t4, cpu=replace(t4.cpu, dram_bandwidth_bps=1e15))
+    console = Console(record=True, width=400)
+    rows = check_profile(fast, load_model_spec("tiny-mixtral"), "cpu", console)
+    by_name = {r["benchmark"].split(" (")[0]: r for r in rows}
+    # no link on the CPU stand-in, and the datasheet profile has no op cost to check
+    assert {"DRAM read", "CPU attention"} <= set(by_name) <= {"GPU op launch", "DRAM read",
+                                                           "CPU attention"}
+    assert by_name["DRAM read"]["ratio"] > 100 and not by_name["DRAM read"]["ok"]
+    assert all(r["measured_s"] > 0 and r["profile_s"] > 0 for r in rows)
+    warning = console.export_text()
+    assert "DRAM read" in warning and "hrm profile" in warning
+
+
 def test_quick_run_writes_consistent_results(quick_run) -> None:
     import pandas as pd
 
     summary = json.loads((quick_run / "validation_summary.json").read_text())
+    assert {r["benchmark"].split(" (")[0] for r in summary["profile_spot_check"]} >= {
+        "DRAM read", "CPU attention"}
     for key in ("n_configs", "throughput_mape", "worst_abs_pct_error", "optimizer_gap_pct",
                 "mem_max_abs_pct_error", "machine", "date", "stage_errors", "worst_config"):
         assert key in summary
