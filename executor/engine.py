@@ -81,6 +81,9 @@ class MemoryPlan:
     kv_gpu_micro_batches: int
     capacities: list[int]
     kv_block_tokens: int
+    #: most prompt tokens a prefill micro-batch holds: sizes each slot of the parking pool
+    #: (0: prefill parks nothing)
+    prefill_tokens: int = 0
 
     def check(self, gpu_limit_bytes: float, cpu_limit_bytes: float) -> None:
         for where, parts, limit in (("GPU", self.gpu, gpu_limit_bytes),
@@ -129,7 +132,11 @@ def plan_memory(spec: ModelSpec, policy: Policy, resident: list[int], prompt_len
                                                            capacities[0], w_elem)}
     cpu = {"streamed experts": sum(streamed),
            "KV cache": kv_cache_bytes(spec, capacities[gpu_slots:], kv_dtype, kv_block_tokens)}
-    return MemoryPlan(gpu, cpu, n_gpu_mb, capacities, kv_block_tokens)
+    parked = prefill_tokens if policy.num_micro_batches > 1 else 0
+    if parked:   # a slot per micro-batch for its hidden states between prefill layers
+        cpu["prefill parking (pinned)"] = (policy.num_micro_batches * parked * spec.hidden_size
+                                           * w_elem)
+    return MemoryPlan(gpu, cpu, n_gpu_mb, capacities, kv_block_tokens, parked)
 
 
 @dataclass
@@ -199,6 +206,14 @@ class Engine:
                         for _ in range(n_ub)] if cuda else []
         #: the same pinned buffers as device tensors (`device_alias`), read by a kernel
         self.out_alias = [device_alias(h, device) for h in self.out_host]
+        #: a host slot per micro-batch for its prefill hidden states between layers (`_park`),
+        #: pinned once here, outside the timed phases: pinning costs about 0.6 s/GB. Pinned on
+        #: first use inside prefill, they were the likely reason why, on 2026-12-01, 8- and
+        #: 16-micro-batch prefills early in a validation grid took twice their prediction while
+        #: a later configuration of the same prefill shape matched it
+        self.park_host = [torch.empty(plan.prefill_tokens * self.spec.hidden_size,
+                                      dtype=weights.embed.dtype, pin_memory=cuda)
+                          for _ in range(n_ub)] if plan.prefill_tokens else []
         self.generator = torch.Generator(device=device).manual_seed(sampling.seed)
         self.bytes = {"weights_h2d_pinned": 0, "weights_h2d_staged": 0, "qkv_d2h": 0,
                       "attn_out_h2d": 0, "kv_d2h": 0, "kv_h2d": 0, "hidden_d2h": 0,
@@ -320,17 +335,24 @@ class Engine:
                                                  k_host, v_host, ready, tracer)
         return kc, vc
 
-    def _to_host(self, *tensors: torch.Tensor) -> tuple[Any, ...]:
+    def _to_host(self, *tensors: torch.Tensor, into: tuple[torch.Tensor, ...] | None = None
+                 ) -> tuple[Any, ...]:
         """Pinned host copies of GPU tensors queued on the d2h stream after the compute that
-        made them, and the event marking them done (the tensors themselves on the CPU)."""
+        made them, into `into` (host tensors of their shapes) or new pinned tensors, and the
+        event marking them done. On the CPU: the tensors themselves, or copies into `into`."""
         if self.device.type != "cuda":
-            return (*tensors, None)
+            if into is None:
+                return (*tensors, None)
+            for host, t in zip(into, tensors, strict=True):
+                host.copy_(t)
+            return (*into, None)
         d2h = self.streams.d2h
         wait(d2h, record(self.streams.compute))
         hosts = []
         with on(d2h):
-            for t in tensors:
-                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            for i, t in enumerate(tensors):
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True) if into is None \
+                    else into[i]
                 host.copy_(t, non_blocking=True)
                 t.record_stream(d2h)
                 hosts.append(host)
@@ -447,18 +469,21 @@ class Engine:
                     mb.hidden = self._unpark(*parked[m])
                 self._prefill_item(layer, mb, buffer, tracer, worker)
                 if park and layer < self.spec.num_layers - 1:
-                    parked[m] = self._park(mb.hidden)
+                    parked[m] = self._park(m, mb.hidden)
                     mb.hidden = None  # the GPU copy is freed once it has crossed
             weights.release(visit, self.streams.compute)
             visit += 1
         return visit
 
-    def _park(self, hidden: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """A prefill micro-batch's hidden states wait in pinned CPU memory while the other
-        micro-batches run the layer (d2h stream; the GPU copy is freed once it has crossed), so
-        the GPU holds one micro-batch's activations, as the cost model assumes."""
+    def _park(self, m: int, hidden: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Micro-batch m's prefill hidden states wait in its pinned slot of the parking pool
+        while the other micro-batches run the layer (d2h stream; the GPU copy is freed once it
+        has crossed), so the GPU holds one micro-batch's activations, as the cost model assumes.
+        The slot is rewritten only after the compute that read its previous contents, which
+        waited for their H2D (`_unpark`)."""
         self.bytes["hidden_d2h"] += hidden.numel() * hidden.element_size()
-        return self._to_host(hidden)
+        slot = self.park_host[m][:hidden.numel()].view(hidden.shape)
+        return self._to_host(hidden, into=(slot,))
 
     def _unpark(self, host: torch.Tensor, parked: Any) -> torch.Tensor:
         """The hidden states back on the GPU (h2d stream), ordered before the compute using

@@ -509,11 +509,11 @@ def _memory_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
                                          workload.max_seq_len, act)
     gpu_prefill = {**weights, **kv_gpu, "activations": Affine(const=prefill_ws)}
 
-    # pinned CPU buffers: per-micro-batch q/k/v and attention outputs (decode) or the batch's
-    # hidden states between micro-batches (prefill), whichever is larger
+    # pinned CPU buffers, all allocated up front: per-micro-batch q/k/v and attention outputs
+    # (decode) and a slot per micro-batch for its hidden states between prefill layers
     decode_buffers = n * (qkv + out) * act if policy.attn_decode_device == "cpu" else 0.0
     prefill_swap = g * n * workload.max_prompt_len * h1 * act if n_ub > 1 else 0.0
-    buffers = max(decode_buffers, prefill_swap)
+    buffers = decode_buffers + prefill_swap
     finite_pin = math.isfinite(hw.link.pinned_max_bytes)
     ring = (g * STAGING_RING_PAGES * policy.weight_page_bytes if finite_pin and routed_bytes
             else 0.0)

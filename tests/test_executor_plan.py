@@ -218,13 +218,25 @@ def test_prefill_holds_one_micro_batchs_hidden_states_at_a_time() -> None:
         holding.append((layer, sum(o.hidden is not None for o in mbs if o is not mb)))
         original_item(layer, mb, *args)
 
-    engine._prefill, engine._prefill_item = prefill_spy, spy
+    parked_into, original_park = [], engine._park
+
+    def park_spy(m, hidden):
+        host, event = original_park(m, hidden)
+        parked_into.append((m, host.data_ptr()))
+        return host, event
+
+    engine._prefill, engine._prefill_item, engine._park = prefill_spy, spy, park_spy
     gen = engine.generate(prompts, 2)
     last = engine.spec.num_layers - 1
     # layers 0..l-2: the others are parked or not embedded yet (at the last layer the finished
     # ones hold their next token's embedding, the decode input)
     assert [n for layer, n in holding if layer < last] == [0] * 3 * last
     assert gen.bytes_moved["hidden_d2h"] == gen.bytes_moved["hidden_h2d"] > 0
+    # every park lands in its micro-batch's slot of the pool allocated with the engine (sized
+    # by the plan: 2 prompts of 4 tokens per micro-batch), none in a new allocation
+    assert len(engine.park_host) == 3
+    assert all(t.numel() == 8 * engine.spec.hidden_size for t in engine.park_host)
+    assert parked_into and all(ptr == engine.park_host[m].data_ptr() for m, ptr in parked_into)
 
 
 def test_experts_run_in_bounded_chunks_with_the_same_output(monkeypatch) -> None:
