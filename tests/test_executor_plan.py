@@ -25,6 +25,10 @@ def test_resident_experts_realize_r_w_in_whole_experts(r_w: float) -> None:
     total = MIXTRAL.num_layers * MIXTRAL.num_experts
     assert abs(sum(resident) / total - r_w) <= 0.5 / total + 1e-12
     assert max(resident) - min(resident) <= 1  # spread evenly over the layers
+    # the policy the cost model predicts executor runs with is the one realized here
+    realized = Policy(batch_size=8, micro_batch_size=8, weights_gpu_fraction=r_w
+                      ).in_whole_experts(MIXTRAL.num_layers, MIXTRAL.num_experts)
+    assert realized.weights_gpu_fraction == sum(resident) / total
 
 
 @settings(max_examples=30, deadline=None)
