@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -337,8 +337,7 @@ def run_continuous(model: str, policy: Policy, *, device: torch.device, prompts:
     if hw is not None:
         workload = Workload.from_lens([len(p) for p in prompts], gen_lens)
         # the r_w the run realized (whole experts per layer), as the prediction's
-        realized = replace(policy,
-                           weights_gpu_fraction=engine.w.experts.realized_gpu_fraction())
+        realized = policy.in_whole_experts(engine.spec.num_layers, engine.spec.num_experts)
         try:
             traced = predict_passes(pass_model(engine.spec, hw, workload, realized),
                                     stats.shapes)
