@@ -238,9 +238,10 @@ class CostTerms:
     comm_s: dict[str, dict[str, float]] = field(default_factory=dict)
     #: cgopipe: one decode micro-batch's chain, the fill and drain at each step boundary
     decode_fill_s: Affine = field(default_factory=Affine)
-    #: the staging buffers' exact bytes at r_w (`expert_staging_bytes`, a step function of r_w),
-    #: for the footprint; gpu_memory holds its affine upper bound, which plans and the MILP use
-    staging_bytes_at: Callable[[float], float] | None = None
+    #: the staging buffers' exact bytes at r_w (`expert_staging_bytes`, a step function of r_w;
+    #: None where only the bound is known), for the footprint; gpu_memory holds its affine upper
+    #: bound, which plans and the MILP use
+    staging_bytes_at: Callable[[float], float | None] | None = None
 
     def overflow(self, r_w: float) -> float:
         """o = max(0, overflow_bytes(r_w)): bytes of offloaded weights that cannot be pinned."""
@@ -440,8 +441,7 @@ def cost_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
         cpu_memory=memory["cpu"], pinned_memory=memory["pinned"],
         gpu_capacity_bytes=GPU_USABLE_FRACTION * hw.gpu.memory_bytes,
         cpu_capacity_bytes=CPU_USABLE_FRACTION * hw.cpu.memory_bytes, comm_s=comm,
-        staging_bytes_at=(partial(expert_staging_bytes, model, policy)
-                          if expert_staging_bytes(model, policy, 0.0) is not None else None))
+        staging_bytes_at=partial(expert_staging_bytes, model, policy))
 
 
 def _check_gpus(model: ModelSpec, hw: HardwareProfile, num_gpus: int) -> None:
@@ -602,9 +602,10 @@ def _footprint(terms: CostTerms, r_w: float, r_c: float) -> MemoryFootprint:
     o = terms.overflow(r_w)
     phases = {phase: {name: term(r_w, r_c, o) for name, term in comps.items()}
               for phase, comps in terms.gpu_memory.items()}
-    if terms.staging_bytes_at is not None:
+    exact = terms.staging_bytes_at(r_w) if terms.staging_bytes_at is not None else None
+    if exact is not None:
         for comps in phases.values():
-            comps[STAGING_TERM] = terms.staging_bytes_at(r_w)
+            comps[STAGING_TERM] = exact
     peak_phase = max(phases, key=lambda p: sum(phases[p].values()))
     cpu = {name: term(r_w, r_c, o) for name, term in terms.cpu_memory.items()}
     pinned = sum(term(r_w, r_c, o) for term in terms.pinned_memory.values())

@@ -667,12 +667,9 @@ def spot_check(hw: HardwareProfile, spec: ModelSpec, device: str) -> list[dict[s
         (h2d,) = copy_series("h2d", True, [256 * MiB], device, 256 * MiB * 5)
         row("pinned H2D (256 MiB)", h2d.work / link_bps(hw, "h2d", h2d.work), h2d)
     batch, context = SPOT_CHECK_ATTENTION
-    with torch_threads(executor_attention_threads(len(os.sched_getaffinity(0)))):
-        call, kv_bytes = decode_attention_call(spec, batch, context, "bf16")
-        attention = Measurement("cpu_attention", {"batch": batch, "context": context},
-                                x=kv_bytes, work=kv_bytes, unit="B/s",
-                                times_s=time_calls(call, 5, "cpu"))
-    curve = hw.curves.get("cpu_attention")
+    (attention,) = cpu_attention_series(spec, [batch], [context], "bf16", math.inf, 5,
+                                        executor_attention_threads(len(os.sched_getaffinity(0))))
+    curve, kv_bytes = hw.curves.get("cpu_attention"), attention.work
     row(f"CPU attention ({batch} x {context}, bf16)",
         curve.time_s(kv_bytes) if curve is not None else kv_bytes / hw.cpu.dram_bandwidth_bps,
         attention)

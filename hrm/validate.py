@@ -677,9 +677,8 @@ def validate_command(
     hw = load_profile(hardware)
     grid_configs = GRIDS[grid].configs()
     configs = select_configs(grid_configs, only)
-    traced = {"base", *(c.name for c in select_configs(grid_configs, trace_config,
-                                                        option="--trace-config"))
-              } if trace_config else {"base"}
+    select_configs(grid_configs, trace_config, option="--trace-config")  # names in the grid
+    traced = {"base", *(trace_config or [])}
 
     gpu_total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
                  else hw.gpu.memory_bytes)
