@@ -62,6 +62,21 @@ def continuous_gpu_cap(spec, policy, gpu_bytes: float, layers: int) -> float:
     return gpu_bytes - (FULL_LAYERS - layers) * (dense_layer + resident_layer)
 
 
+def check_layer_plan(layer_config: Path, policy, prompt_lens: list[int], gen_len: int,
+                     cpu_cap_bytes: float) -> None:
+    """Exit with the reason where the L-layer model's executor memory plan exceeds the CPU
+    limit the run gets (what `hrm run` would refuse after the benchmark had started)."""
+    from executor.engine import plan_memory
+    from executor.weights import read_model, resident_experts_per_layer
+
+    spec_l, _ = read_model(str(layer_config))
+    plan = plan_memory(spec_l, policy, resident_experts_per_layer(
+        spec_l, policy.weights_gpu_fraction), prompt_lens, gen_len)
+    if sum(plan.cpu.values()) > cpu_cap_bytes:
+        sys.exit(f"the {spec_l.num_layers}-layer plan needs {sum(plan.cpu.values()) / GiB:.2f} "
+                 f"GiB of CPU memory, the run gets {cpu_cap_bytes / GiB:.2f} GiB: {plan.cpu}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=1)
@@ -109,13 +124,14 @@ def main() -> None:
                 gpu_cap = args.gpu_mem * GiB - (FULL_LAYERS - args.layers) * \
                     layer_gpu_bytes(spec, plan)
             else:
-                policy = opt.policy
+                policy, plan = opt.policy, None   # the continuous engine parks nothing
                 gpu_cap = continuous_gpu_cap(spec, policy, args.gpu_mem * GiB, args.layers)
+            cpu_cap = bench.cpu_limit_bytes(plan)
             policy_path = bench.workdir / f"policy_{scheduler}_{kind}.json"
             policy.save(policy_path)
-            profile_path = bench.layer_profile(gpu_cap, f"{scheduler}-{kind}")
+            profile_path = bench.layer_profile(gpu_cap, cpu_cap, f"{scheduler}-{kind}")
             cli_args = ["--model", str(bench.layer_config), "--dummy-weights", "--device", "cuda",
-                        "--cpu-mem", f"{limits['cpu_mem_bytes'] / GiB:.4f}",
+                        "--cpu-mem", f"{cpu_cap / GiB:.4f}",
                         "--pin-mem", f"{limits['pin_bytes'] / GiB:.4f}", "--ignore-eos",
                         "--gpu-mem", f"{gpu_cap / GiB:.4f}", "--scheduler", scheduler,
                         "--policy", str(policy_path), "--hardware", str(profile_path),
@@ -125,6 +141,8 @@ def main() -> None:
                 cli_args += ["--trace", str(args.out / f"trace_continuous_{kind}.json")]
             if args.dry_run:
                 print(f"[{scheduler} {kind}] {policy.to_dict()}\n  hrm run {' '.join(cli_args)}")
+                if scheduler == "static":   # the check `hrm run` makes before loading
+                    check_layer_plan(bench.layer_config, policy, lens, gen_cap, cpu_cap)
                 continue
             res = run_cli(cli_args, bench.workdir, f"{scheduler}_{kind}", args.run_timeout_s)
             res["workload_kind"] = kind

@@ -30,6 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -45,6 +46,10 @@ from hrm.workload import synthetic_workload  # noqa: E402
 FULL_LAYERS = 32
 #: sequences offered to the optimizer: the batch it picks is then run once
 OPTIMIZER_NUM_SEQS = 4096
+
+
+#: entries of the executor's CPU memory plan that do not grow with the number of layers
+LAYER_INDEPENDENT_CPU = ("prefill parking (pinned)",)
 
 
 def scaled_limits(layers: int, host_bytes: float, pinned_bytes: float) -> dict[str, float]:
@@ -71,11 +76,17 @@ class LayerBench:
                                               "hardware_profile": self.hw.name,
                                               "runs": self.results})
 
-    def layer_profile(self, gpu_cap_bytes: float, name: str) -> Path:
-        """The profile with the L-layer run's GPU cap, CPU share and pinned share, saved for
+    def cpu_limit_bytes(self, plan: Any = None) -> float:
+        """The L-layer run's CPU limit: L/32 of what the full model's layers may use, plus the
+        buffers of `plan` (the executor's memory plan) that every model holds once whatever its
+        depth (LAYER_INDEPENDENT_CPU): (host - fixed) L / 32 + fixed."""
+        fixed = sum(plan.cpu.get(k, 0.0) for k in LAYER_INDEPENDENT_CPU) if plan else 0.0
+        return self.limits["cpu_mem_bytes"] + fixed * (1 - self.layers / FULL_LAYERS)
+
+    def layer_profile(self, gpu_cap_bytes: float, cpu_bytes: float, name: str) -> Path:
+        """The profile with the L-layer run's GPU cap, CPU limit and pinned share, saved for
         `hrm run --hardware` (so the prediction it writes uses the same limits)."""
-        hw = self.hw.with_memory(gpu_memory_bytes=gpu_cap_bytes,
-                                 cpu_memory_bytes=self.limits["cpu_mem_bytes"])
+        hw = self.hw.with_memory(gpu_memory_bytes=gpu_cap_bytes, cpu_memory_bytes=cpu_bytes)
         hw = hw.with_memory(pinned_max_bytes=self.limits["pin_bytes"])
         path = self.workdir / f"{self.hw.name}-{name}.toml"
         save_profile(hw, path)
@@ -366,7 +377,6 @@ def main() -> None:
     hw_full = hw.with_memory(gpu_memory_bytes=args.gpu_mem * GiB,
                              cpu_memory_bytes=min(host_bytes, hw.cpu.memory_bytes))
     common = ["--model", str(bench.layer_config), "--dummy-weights", "--device", "cuda",
-              "--cpu-mem", f"{limits['cpu_mem_bytes'] / GiB:.4f}",
               "--pin-mem", f"{limits['pin_bytes'] / GiB:.4f}", "--ignore-eos",
               "--synthetic", "mtbench"]
 
@@ -386,8 +396,9 @@ def main() -> None:
             policy.save(policy_path)
             gpu_cap_l = args.gpu_mem * GiB - (FULL_LAYERS - args.layers) * \
                 layer_gpu_bytes(spec, plan)
-            caps = ["--gpu-mem", f"{gpu_cap_l / GiB:.4f}"]
-            profile_path = bench.layer_profile(gpu_cap_l, f"{schedule}-g{gen_len}")
+            cpu_cap_l = bench.cpu_limit_bytes(plan)
+            caps = ["--gpu-mem", f"{gpu_cap_l / GiB:.4f}", "--cpu-mem", f"{cpu_cap_l / GiB:.4f}"]
+            profile_path = bench.layer_profile(gpu_cap_l, cpu_cap_l, f"{schedule}-g{gen_len}")
             extra = ["--trace", str(args.out / "executor_trace_cgopipe.json")] \
                 if args.trace and schedule == "cgopipe" and gen_len == args.gen_lens[0] else []
             res = run_cli([*common, *caps, "--policy", str(policy_path), "--hardware",

@@ -10,7 +10,14 @@ Scenarios (each a loop of the call for --window-s seconds, KV bytes/s from the m
   +link        worker, while a link thread streams pinned 64 MiB H2D copies and waits for each
                with Event.synchronize (as executor.schedule.WeightLink does)
   +both        both loads
-each at the executor's thread count (executor.schedule.compute_threads) and at other counts.
+each at the executor's thread count (executor.schedule.compute_threads) and at other counts;
+then, at the executor's thread count, where the KV is read from (2026-12-01, third session: the
+validation grid's cpu_attn spans ran 1.4-1.9x the profile's curve, in serial schedules too):
+  worker cold          calls rotate over KV caches of --cold-gib together (DRAM, not the LLC:
+                       the profile's attn_cold_bytes)
+  worker gap           the same KV each call, --gap-ms asleep between calls (the worker waits
+                       for the next micro-batch's q/k/v: idle OpenMP threads)
+  worker cold+gap      both
 
     python3 benchmarks/diag_cpu_attention_threads.py --out DIR
 """
@@ -22,6 +29,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -39,10 +47,12 @@ from hrm.model import load_model_spec  # noqa: E402
 from hrm.profile import decode_attention_call  # noqa: E402
 
 
-def timed_loop(call, window_s: float) -> list[float]:
+def timed_loop(call, window_s: float, gap_s: float = 0.0) -> list[float]:
     call()
     times, end = [], time.perf_counter() + window_s
     while time.perf_counter() < end:
+        if gap_s:
+            time.sleep(gap_s)
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
@@ -71,7 +81,8 @@ def link_load(stop: threading.Event) -> None:
         event.synchronize()
 
 
-def scenario(call, kv_bytes: float, loads: list, on_worker: bool, window_s: float) -> dict:
+def scenario(call, kv_bytes: float, loads: list, on_worker: bool, window_s: float,
+             gap_s: float = 0.0) -> dict:
     stop = threading.Event()
     threads = [threading.Thread(target=load, args=(stop,), daemon=True) for load in loads]
     for t in threads:
@@ -80,9 +91,9 @@ def scenario(call, kv_bytes: float, loads: list, on_worker: bool, window_s: floa
     try:
         if on_worker:
             with ThreadPoolExecutor(1) as pool:
-                times = pool.submit(timed_loop, call, window_s).result()
+                times = pool.submit(timed_loop, call, window_s, gap_s).result()
         else:
-            times = timed_loop(call, window_s)
+            times = timed_loop(call, window_s, gap_s)
     finally:
         stop.set()
         for t in threads:
@@ -97,6 +108,8 @@ def main() -> None:
     ap.add_argument("--window-s", type=float, default=1.0)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--context", type=int, default=136)
+    ap.add_argument("--cold-gib", type=float, default=1.0)
+    ap.add_argument("--gap-ms", type=float, default=1.0)
     args = ap.parse_args()
     spec = load_model_spec("mixtral-8x7b")
     cuda = torch.cuda.is_available()
@@ -114,10 +127,22 @@ def main() -> None:
                    **scenario(call, kv_bytes, loads, on_worker, args.window_s)}
             print(json.dumps(row), flush=True)
             results.append(row)
+    torch.set_num_threads(default_threads)
+    warm = decode_attention_call(spec, args.batch, args.context, "bf16")
+    cold = decode_attention_call(spec, args.batch, args.context, "bf16", args.cold_gib * 2**30)
+    for name, (call, kv_bytes), gap_s in (("worker cold", cold, 0.0),
+                                          ("worker gap", warm, args.gap_ms / 1e3),
+                                          ("worker cold+gap", cold, args.gap_ms / 1e3)):
+        row = {"threads": default_threads, "scenario": name,
+               **scenario(call, kv_bytes, [], True, args.window_s, gap_s)}
+        print(json.dumps(row), flush=True)
+        results.append(row)
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": "diag_cpu_attention_threads", "batch": args.batch,
            "context": args.context, "kv_dtype": "bf16", "executor_threads": default_threads,
-           "results": results,
+           "results": results, "cold_gib": args.cold_gib, "gap_ms": args.gap_ms,
+           "lscpu_caches": subprocess.run(["lscpu", "-C"], capture_output=True,
+                                          text=True).stdout,
            "machine": {"cpu": platform.processor() or platform.machine(),
                        "cores": len(os.sched_getaffinity(0)),
                        "gpu": torch.cuda.get_device_name() if cuda else None,

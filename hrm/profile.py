@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import os
@@ -142,6 +143,10 @@ class ProfileConfig:
     attn_batches: tuple[int, ...]
     attn_contexts: tuple[int, ...]
     attn_max_kv_bytes: int
+    #: each attention call reads the next of several KV caches holding together at least this
+    #: many bytes, so that calls read DRAM as in the executor (whose calls cycle over the
+    #: micro-batches and layers), not a last-level cache that one small call's KV fits in
+    attn_cold_bytes: int
     interference_window_s: float
     #: the interference workloads: copy bytes, GEMM rows, attention (batch, context)
     interference_copy_bytes: int
@@ -172,8 +177,8 @@ QUICK = ProfileConfig(
     paged_total_bytes=16 * MiB, page_sizes_bytes=_powers(64 * KiB, 16 * MiB, 4),
     cpu_gemm_rows=(1, 16, 128, 512), cpu_gemm_dim=1024, dram_bytes=128 * MiB,
     attn_batches=(4, 32), attn_contexts=(128, 512), attn_max_kv_bytes=64 * MiB,
-    interference_window_s=0.4, interference_copy_bytes=8 * MiB, interference_gemm_rows=64,
-    interference_attention=(8, 256))
+    attn_cold_bytes=64 * MiB, interference_window_s=0.4, interference_copy_bytes=8 * MiB,
+    interference_gemm_rows=64, interference_attention=(8, 256))
 
 FULL = ProfileConfig(
     mode="full", reps=10, gemm_rows=_powers(1, 8192, 2), gemm_models=("mixtral-8x7b", "dbrx"),
@@ -183,7 +188,7 @@ FULL = ProfileConfig(
     paged_total_bytes=256 * MiB, page_sizes_bytes=_powers(64 * KiB, 256 * MiB, 4),
     cpu_gemm_rows=_powers(1, 4096, 4), cpu_gemm_dim=4096, dram_bytes=2 * GiB,
     attn_batches=(1, 8, 32, 128, 512), attn_contexts=(128, 512, 2048, 8192),
-    attn_max_kv_bytes=2 * GiB, interference_window_s=2.0,
+    attn_max_kv_bytes=2 * GiB, attn_cold_bytes=1 * GiB, interference_window_s=2.0,
     interference_copy_bytes=64 * MiB, interference_gemm_rows=1024,
     interference_attention=(64, 1024))
 
@@ -449,12 +454,19 @@ def ragged_context_lens(batch: int, context: int) -> list[int]:
     return [max(1, context - (context // 2) * i // max(1, batch - 1)) for i in range(batch)]
 
 
-def decode_attention_call(spec: ModelSpec, batch: int, context: int, dtype: str
-                          ) -> tuple[Callable[[], Any], float]:
+#: at most this many KV caches rotate under one attention benchmark (tiny calls' cold set)
+MAX_COLD_COPIES = 256
+
+
+def decode_attention_call(spec: ModelSpec, batch: int, context: int, dtype: str,
+                          cold_bytes: float = 0.0) -> tuple[Callable[[], Any], float]:
     """What the executor's CPU worker does per micro-batch and layer (executor/engine.py): append
     one token's K/V per sequence to the block KV cache, then grouped-query attention over the
-    ragged contexts (KVCache.attend: executor.kernels.cpu_decode_attention_paged). Returns the
-    call and the KV bytes it reads: 2 Hkv D bytes_per_element sum_b len_b."""
+    ragged contexts (KVCache.attend: executor.kernels.cpu_decode_attention_paged). Successive
+    calls go to the next of ceil(cold_bytes / KV bytes) caches (at most MAX_COLD_COPIES; one for
+    cold_bytes = 0), so that a call finds its KV in DRAM, as in the executor, where the
+    calls between two on one micro-batch's KV read the other micro-batches' and layers'.
+    Returns the call and the KV bytes it reads: 2 Hkv D bytes_per_element sum_b len_b."""
     import torch
 
     try:
@@ -463,33 +475,39 @@ def decode_attention_call(spec: ModelSpec, batch: int, context: int, dtype: str
         raise ProfileError(f"cannot import the executor's CPU attention ({exc}); run from the "
                            "repository root or install the package") from None
     lens = ragged_context_lens(batch, context)
+    kv_bytes = 2.0 * spec.num_kv_heads * spec.head_dim * dtype_bytes(dtype) * sum(lens)
     one_layer = dataclasses.replace(spec, num_layers=1)
-    cache = KVCache.allocate(one_layer, lens, _torch_dtype(dtype), torch.device("cpu"),
-                             float("inf"), "CPU")
-    for blocks in cache.k[0] + cache.v[0]:
-        blocks.normal_()
+    caches = []
+    for _ in range(min(MAX_COLD_COPIES, max(1, math.ceil(cold_bytes / kv_bytes)))):
+        cache = KVCache.allocate(one_layer, lens, _torch_dtype(dtype), torch.device("cpu"),
+                                 float("inf"), "CPU")
+        for blocks in cache.k[0] + cache.v[0]:
+            blocks.normal_()
+        caches.append(cache)
     q = random_tensor((batch, spec.num_heads, spec.head_dim), dtype, "cpu")
     k_new = random_tensor((batch, spec.num_kv_heads, spec.head_dim), dtype, "cpu")
     slots, positions = slice(0, batch), [n - 1 for n in lens]
+    turn = itertools.cycle(caches)
 
     def call() -> Any:
+        cache = next(turn)
         cache.append(0, slots, positions, k_new, k_new)
         return cache.attend(0, slots, q, lens)
 
-    kv_bytes = 2.0 * spec.num_kv_heads * spec.head_dim * dtype_bytes(dtype) * sum(lens)
     return call, kv_bytes
 
 
 def cpu_attention_series(spec: ModelSpec, batches: Iterable[int], contexts: Iterable[int],
-                         dtype: str, max_kv_bytes: int, reps: int, threads: int
-                         ) -> list[Measurement]:
+                         dtype: str, max_kv_bytes: int, reps: int, threads: int,
+                         cold_bytes: float) -> list[Measurement]:
     """KV bytes/s of the executor's CPU decode attention per call (`decode_attention_call`:
-    KV append + ragged paged kernel, the model's head layout) for each batch x context whose KV
-    fits in `max_kv_bytes`, on `threads` torch threads (the executor's worker runs it on the cores
-    left after its GPU-driving, link and copy threads: executor.schedule.compute_threads)."""
+    KV append + ragged paged kernel, the model's head layout, KV read from DRAM: `cold_bytes`)
+    for each batch x context whose KV fits in `max_kv_bytes`, on `threads` torch threads (the
+    executor's worker runs it on the cores left after its GPU-driving, link and copy threads:
+    executor.schedule.compute_threads)."""
     with torch_threads(threads):
         return _attention_measurements(spec, batches, contexts, dtype, max_kv_bytes, reps,
-                                       threads)
+                                       threads, cold_bytes)
 
 
 @contextlib.contextmanager
@@ -506,8 +524,8 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 
 def _attention_measurements(spec: ModelSpec, batches: Iterable[int], contexts: Iterable[int],
-                            dtype: str, max_kv_bytes: int, reps: int, threads: int
-                            ) -> list[Measurement]:
+                            dtype: str, max_kv_bytes: int, reps: int, threads: int,
+                            cold_bytes: float) -> list[Measurement]:
     from executor.kernels import paged_kernel_name
 
     out = []
@@ -516,14 +534,15 @@ def _attention_measurements(spec: ModelSpec, batches: Iterable[int], contexts: I
             if 2.0 * batch * spec.num_kv_heads * context * spec.head_dim * \
                     dtype_bytes(dtype) > max_kv_bytes:
                 continue
-            call, kv_bytes = decode_attention_call(spec, batch, context, dtype)
+            call, kv_bytes = decode_attention_call(spec, batch, context, dtype, cold_bytes)
             times = time_calls(call, reps, "cpu")
             out.append(Measurement(
                 "cpu_attention", {"batch": batch, "context": context, "dtype": dtype,
                                   "ragged": "lengths context/2..context",
                                   "kernel": f"paged-{paged_kernel_name()}",
                                   "q_heads": spec.num_heads, "kv_heads": spec.num_kv_heads,
-                                  "head_dim": spec.head_dim, "threads": threads},
+                                  "head_dim": spec.head_dim, "threads": threads,
+                                  "cold_bytes": cold_bytes},
                 x=kv_bytes, work=kv_bytes, unit="B/s", times_s=times))
     return out
 
@@ -622,7 +641,8 @@ def interference_stages(config: ProfileConfig, spec: ModelSpec, device: str) -> 
         for _ in range(INTERFERENCE_GPU_LAUNCHES):
             tiny.add_(1.0)
         torch.matmul(x, weight)
-    attention, kv_bytes = decode_attention_call(spec, *config.interference_attention, "bf16")
+    attention, kv_bytes = decode_attention_call(spec, *config.interference_attention, "bf16",
+                                                config.attn_cold_bytes)
     _sync(device)  # the inputs are written on the default stream; the stages use their own
     return [
         Stage("link", on_stream(lambda: dev.copy_(host, non_blocking=True)), nbytes, "B/s"),
@@ -668,7 +688,8 @@ def spot_check(hw: HardwareProfile, spec: ModelSpec, device: str) -> list[dict[s
         row("pinned H2D (256 MiB)", h2d.work / link_bps(hw, "h2d", h2d.work), h2d)
     batch, context = SPOT_CHECK_ATTENTION
     (attention,) = cpu_attention_series(spec, [batch], [context], "bf16", math.inf, 5,
-                                        executor_attention_threads(len(os.sched_getaffinity(0))))
+                                        executor_attention_threads(len(os.sched_getaffinity(0))),
+                                        FULL.attn_cold_bytes)
     curve, kv_bytes = hw.curves.get("cpu_attention"), attention.work
     row(f"CPU attention ({batch} x {context}, bf16)",
         curve.time_s(kv_bytes) if curve is not None else kv_bytes / hw.cpu.dram_bandwidth_bps,
@@ -824,7 +845,7 @@ def benchmark_plan(config: ProfileConfig, env: Environment, spec: ModelSpec,
                                                                       reps)]))
         plan.append((f"CPU attention {dtype}", lambda d=dtype: cpu_attention_series(
             spec, config.attn_batches, config.attn_contexts, d, config.attn_max_kv_bytes, reps,
-            executor_attention_threads(env.threads))))
+            executor_attention_threads(env.threads), config.attn_cold_bytes)))
     def overlap() -> list[Measurement]:
         # CPU attention on the executor's threads, as its solo curve above is measured
         with torch_threads(executor_attention_threads(env.threads)):
@@ -927,11 +948,24 @@ def _parallel_attention(points: list[Measurement]) -> list[Measurement]:
             >= MIN_ATTENTION_ITEMS_PER_THREAD * m.params["threads"]]
 
 
-def fit_series(series: list[Measurement]) -> SaturatingCurve:
-    """Fit rate vs x of a list of measurements (hrm.fit.fit_saturating)."""
-    from hrm.fit import fit_saturating  # scipy: imported on use, so that the CLI starts fast
+def fit_series(series: list[Measurement]) -> tuple[SaturatingCurve, list[Measurement]]:
+    """Fit rate vs x of a list of measurements (hrm.fit.fit_saturating_robust): the curve and
+    the measurements left out as outliers."""
+    from hrm.fit import fit_saturating_robust  # scipy: imported on use, so the CLI starts fast
 
-    return fit_saturating([m.x for m in series], [m.rate for m in series])
+    fit = fit_saturating_robust([m.x for m in series], [m.rate for m in series])
+    return fit.curve, [series[i] for i in fit.outliers]
+
+
+def _outlier_note(outliers: list[Measurement], curve: SaturatingCurve) -> str:
+    """'; left out ...' naming each outlier, its rate and the fitted rate at its size."""
+    if not outliers:
+        return ""
+    from hrm.fit import OUTLIER_FACTOR
+
+    return (f"; left out as more than {OUTLIER_FACTOR:g}x off a robust fit: " + ", ".join(
+        f"x={m.x:.3g} at {_fmt_rate(m.rate, m.unit)} (curve "
+        f"{_fmt_rate(curve(m.x), m.unit)})" for m in outliers))
 
 
 def measurement_tables(measurements: list[Measurement]) -> dict[str, dict[str, Any]]:
@@ -1057,24 +1091,27 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
     }
     curves, fits, notes = {}, {}, []
     for key, (what, points) in series.items():
-        curve = fit_series(points)
+        curve, outliers = fit_series(points)
         used = curve.rel_error <= MAX_CURVE_FIT_ERROR
-        fits[key] = {"what": what, "points": len(points), "peak": curve.peak,
-                     "half": curve.half, "rel_error": curve.rel_error, "used": used}
+        fits[key] = {"what": what + _outlier_note(outliers, curve), "points": len(points),
+                     "outliers": len(outliers), "peak": curve.peak, "half": curve.half,
+                     "rel_error": curve.rel_error, "used": used}
         if not used:   # the cost model falls back to the tier's peak
             notes.append(f"curve {key} not used: fit error {curve.rel_error:.0%} > "
                          f"{MAX_CURVE_FIT_ERROR:.0%} (noisy or non-saturating measurements)")
             continue
         curves[key] = curve
-        src = f"fit {date}: y = peak x / (x + half) to {len(points)} points, {what}"
+        src = (f"fit {date}: y = peak x / (x + half) to {len(points) - len(outliers)} points, "
+               f"{what}{_outlier_note(outliers, curve)}")
         for field_name in ("peak", "half", "rel_error"):
             sources[f"curves.{key}.{field_name}"] = src
     for (model, proj, dtype), points in _group(_select(ms, "gpu_gemm"),
                                                ("model", "proj", "dtype")).items():
-        curve = fit_series(points)
+        curve, outliers = fit_series(points)
         fits[f"gpu_gemm[{model},{proj},{dtype}]"] = {
-            "what": "FLOP/s vs rows", "points": len(points), "peak": curve.peak,
-            "half": curve.half, "rel_error": curve.rel_error}
+            "what": "FLOP/s vs rows" + _outlier_note(outliers, curve), "points": len(points),
+            "outliers": len(outliers), "peak": curve.peak, "half": curve.half,
+            "rel_error": curve.rel_error}
 
     paged = _select(ms, "h2d_paged")
     description = (f"measured by hrm profile ({env.mode}) on {env.date}: {env.gpu_name}, "
@@ -1154,8 +1191,10 @@ def _summary_rows(profile: HardwareProfile) -> list[tuple[str, str]]:
               f"{i.link:.2f} / {i.gpu:.2f} / {i.cpu_attention:.2f}")]
     for key, curve in profile.curves.items():
         unit = "FLOP/s" if "gemm" in key else "B/s"
+        left_out = profile.measurements.get("fits", {}).get(key, {}).get("outliers", 0)
         rows.append((f"curve {key}", f"peak {_fmt_rate(curve.peak, unit)}, half "
-                                     f"{curve.half:.3g}, fit error {curve.rel_error:.1%}"))
+                                     f"{curve.half:.3g}, fit error {curve.rel_error:.1%}"
+                                     + (f", {left_out} outlier(s) left out" if left_out else "")))
     return rows
 
 

@@ -8,7 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hrm.errors import HRMError
-from hrm.fit import MAX_PEAK_OVER_MEASURED, FitError, fit_saturating, relative_rms_error
+from hrm.fit import (
+    MAX_PEAK_OVER_MEASURED,
+    FitError,
+    fit_saturating,
+    fit_saturating_robust,
+    relative_rms_error,
+)
 from hrm.hardware import SaturatingCurve
 
 
@@ -80,3 +86,32 @@ def test_bad_measurements_raise_fit_error(x, y, match):
     with pytest.raises(FitError, match=match) as info:
         fit_saturating(x, y)
     assert isinstance(info.value, HRMError)
+
+
+def test_robust_fit_leaves_out_a_stalled_point():
+    """One call that stalled (a rate 10x low, as a CPU attention shape measured on the H200
+    machine on 2026-12-01) no longer drags the curve: it is named and the rest is recovered."""
+    truth = SaturatingCurve(peak=28e9, half=5e6)
+    x = 3e6 * 4.0 ** np.arange(7)
+    y = _noisy(truth, x, 0.05, seed=3)
+    y[2] /= 10.0
+    plain = fit_saturating(x, y)
+    robust = fit_saturating_robust(x, y)
+    assert robust.outliers == (2,)
+    assert robust.curve.peak == pytest.approx(truth.peak, rel=0.1)
+    assert robust.curve.rel_error < 0.1 < plain.rel_error
+
+
+def test_robust_fit_without_outliers_is_the_plain_fit():
+    truth = SaturatingCurve(peak=54.6e9, half=2.5e5)
+    sizes = 4096 * 4.0 ** np.arange(10)
+    y = _noisy(truth, sizes, 0.1, seed=4)
+    robust = fit_saturating_robust(sizes, y)
+    assert robust.outliers == ()
+    assert robust.curve == fit_saturating(sizes, y)
+
+
+def test_robust_fit_keeps_at_least_three_points():
+    """With three points, one far off, there is no majority to trust: nothing is left out."""
+    robust = fit_saturating_robust([1e6, 1e7, 1e8], [1e9, 1e10, 1e11 / 50])
+    assert robust.outliers == ()

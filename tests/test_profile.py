@@ -19,6 +19,7 @@ from hrm.profile import (
     Environment,
     Measurement,
     build_profile,
+    decode_attention_call,
     executor_attention_threads,
     min_page_bytes,
 )
@@ -110,6 +111,21 @@ def test_a_curve_that_fits_badly_is_left_out_and_said_so():
     fit = profile.measurements["fits"]["cpu_attention"]
     assert fit["rel_error"] > MAX_CURVE_FIT_ERROR and fit["used"] is False
     assert any("curve cpu_attention not used" in s for s in profile.measurements["skipped"])
+
+
+def test_a_stalled_measurement_is_left_out_of_its_curve_and_named():
+    """One attention shape measured 10x slow (as on the H200 machine, 2026-12-01: batch 8,
+    context 512 ran 6 ms for 12.6 MB) is left out; the curve of the rest is kept."""
+    ms = [dataclasses.replace(m, work=m.work / 10)
+          if m.bench == "cpu_attention" and m.params == {"batch": 64, "context": 128,
+                                                          "dtype": "bf16", "threads": 16,
+                                                          "kv_heads": 8} else m
+          for m in synthetic_measurements()]
+    profile = build_profile("stalled", ms, _env(), [])
+    fit = profile.measurements["fits"]["cpu_attention"]
+    assert fit["outliers"] == 1 and fit["used"] is True and "left out" in fit["what"]
+    assert profile.curves["cpu_attention"].peak == pytest.approx(ATTN_CURVE.peak, rel=0.05)
+    assert "left out" in profile.sources["curves.cpu_attention.peak"]
 
 
 def test_full_run_covers_the_sizes_the_issue_asks_for():
@@ -323,3 +339,17 @@ def test_interference_runs_cpu_attention_on_the_executors_threads(monkeypatch):
     plan["overlap interference"]()
     assert seen == [executor_attention_threads(env.threads)]
     assert torch.get_num_threads() == before
+
+
+def test_cold_attention_calls_rotate_over_enough_kv_caches():
+    """With cold_bytes, successive calls read different KV caches (together >= cold_bytes, so
+    that they come from DRAM, not the last-level cache); without, the same one."""
+    import torch
+
+    spec = load_model_spec("tiny-mixtral")
+    warm, kv_bytes = decode_attention_call(spec, 4, 64, "fp32")
+    cold, _ = decode_attention_call(spec, 4, 64, "fp32", cold_bytes=2.5 * kv_bytes)
+    assert torch.equal(warm(), warm())
+    first, second, third, fourth = (cold() for _ in range(4))
+    assert not torch.equal(first, second) and not torch.equal(second, third)
+    assert torch.equal(first, fourth)            # ceil(2.5) = 3 caches in turn
