@@ -110,12 +110,16 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=136)
     ap.add_argument("--cold-gib", type=float, default=1.0)
     ap.add_argument("--gap-ms", type=float, default=1.0)
+    ap.add_argument("--kv-only", action="store_true",
+                    help="only the cold / gap scenarios (where the KV is read from)")
     args = ap.parse_args()
     spec = load_model_spec("mixtral-8x7b")
     cuda = torch.cuda.is_available()
     default_threads = compute_threads()
     results = []
-    for threads in sorted({default_threads, 6, 8, 12, 14, len(os.sched_getaffinity(0))}):
+    counts = () if args.kv_only else (default_threads, 6, 8, 12, 14,
+                                          len(os.sched_getaffinity(0)))
+    for threads in sorted(set(counts)):
         torch.set_num_threads(threads)
         call, kv_bytes = decode_attention_call(spec, args.batch, args.context, "bf16")
         runs = [("main", [], False), ("worker", [], True)]
@@ -130,7 +134,7 @@ def main() -> None:
     torch.set_num_threads(default_threads)
     warm = decode_attention_call(spec, args.batch, args.context, "bf16")
     cold = decode_attention_call(spec, args.batch, args.context, "bf16", args.cold_gib * 2**30)
-    for name, (call, kv_bytes), gap_s in (("worker cold", cold, 0.0),
+    for name, (call, kv_bytes), gap_s in (("worker", warm, 0.0), ("worker cold", cold, 0.0),
                                           ("worker gap", warm, args.gap_ms / 1e3),
                                           ("worker cold+gap", cold, args.gap_ms / 1e3)):
         row = {"threads": default_threads, "scenario": name,
