@@ -147,6 +147,12 @@ class ProfileConfig:
     #: many bytes, so that calls read DRAM as in the executor (whose calls cycle over the
     #: micro-batches and layers), not a last-level cache that one small call's KV fits in
     attn_cold_bytes: int
+    #: seconds asleep before each timed attention call: the executor's worker waits between
+    #: calls for the next micro-batch's q/k/v, and meanwhile the kernel's OpenMP threads go to
+    #: sleep; waking them is part of every call (H200 machine, 2026-12-01, 64 x 136 bf16 calls
+    #: on the executor's 10 threads: 18.8 GB/s back to back on one KV cache, 16.8 GB/s rotating
+    #: over 1 GiB of caches, 14.8 GB/s with 1 ms between calls, cold or not)
+    attn_gap_s: float
     interference_window_s: float
     #: the interference workloads: copy bytes, GEMM rows, attention (batch, context)
     interference_copy_bytes: int
@@ -177,8 +183,8 @@ QUICK = ProfileConfig(
     paged_total_bytes=16 * MiB, page_sizes_bytes=_powers(64 * KiB, 16 * MiB, 4),
     cpu_gemm_rows=(1, 16, 128, 512), cpu_gemm_dim=1024, dram_bytes=128 * MiB,
     attn_batches=(4, 32), attn_contexts=(128, 512), attn_max_kv_bytes=64 * MiB,
-    attn_cold_bytes=64 * MiB, interference_window_s=0.4, interference_copy_bytes=8 * MiB,
-    interference_gemm_rows=64, interference_attention=(8, 256))
+    attn_cold_bytes=64 * MiB, attn_gap_s=1e-3, interference_window_s=0.4,
+    interference_copy_bytes=8 * MiB, interference_gemm_rows=64, interference_attention=(8, 256))
 
 FULL = ProfileConfig(
     mode="full", reps=10, gemm_rows=_powers(1, 8192, 2), gemm_models=("mixtral-8x7b", "dbrx"),
@@ -188,7 +194,8 @@ FULL = ProfileConfig(
     paged_total_bytes=256 * MiB, page_sizes_bytes=_powers(64 * KiB, 256 * MiB, 4),
     cpu_gemm_rows=_powers(1, 4096, 4), cpu_gemm_dim=4096, dram_bytes=2 * GiB,
     attn_batches=(1, 8, 32, 128, 512), attn_contexts=(128, 512, 2048, 8192),
-    attn_max_kv_bytes=2 * GiB, attn_cold_bytes=1 * GiB, interference_window_s=2.0,
+    attn_max_kv_bytes=2 * GiB, attn_cold_bytes=1 * GiB, attn_gap_s=1e-3,
+    interference_window_s=2.0,
     interference_copy_bytes=64 * MiB, interference_gemm_rows=1024,
     interference_attention=(64, 1024))
 
@@ -207,10 +214,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_calls(fn: Callable[[], Any], reps: int, device: str, warmup: int = 1
-               ) -> tuple[float, ...]:
+def time_calls(fn: Callable[[], Any], reps: int, device: str, warmup: int = 1,
+               gap_s: float = 0.0) -> tuple[float, ...]:
     """Seconds per call of `fn()`, `reps` calls after `warmup` untimed ones. Work on the GPU is
-    timed with CUDA events on the current stream, work on the CPU with the host clock."""
+    timed with CUDA events on the current stream, work on the CPU with the host clock, each call
+    after `gap_s` asleep (untimed)."""
     import torch
 
     for _ in range(warmup):
@@ -227,6 +235,8 @@ def time_calls(fn: Callable[[], Any], reps: int, device: str, warmup: int = 1
         return tuple(start.elapsed_time(end) / 1e3 for start, end in events)
     times = []
     for _ in range(reps):
+        if gap_s:
+            time.sleep(gap_s)
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -502,15 +512,15 @@ def decode_attention_call(spec: ModelSpec, batch: int, context: int, dtype: str,
 
 def cpu_attention_series(spec: ModelSpec, batches: Iterable[int], contexts: Iterable[int],
                          dtype: str, max_kv_bytes: int, reps: int, threads: int,
-                         cold_bytes: float) -> list[Measurement]:
+                         cold_bytes: float, gap_s: float) -> list[Measurement]:
     """KV bytes/s of the executor's CPU decode attention per call (`decode_attention_call`:
-    KV append + ragged paged kernel, the model's head layout, KV read from DRAM: `cold_bytes`)
-    for each batch x context whose KV fits in `max_kv_bytes`, on `threads` torch threads (the
-    executor's worker runs it on the cores left after its GPU-driving, link and copy threads:
-    executor.schedule.compute_threads)."""
+    KV append + ragged paged kernel, the model's head layout, KV read from DRAM: `cold_bytes`;
+    `gap_s` idle before each call) for each batch x context whose KV fits in `max_kv_bytes`, on
+    `threads` torch threads (the executor's worker runs it on the cores left after its
+    GPU-driving, link and copy threads: executor.schedule.compute_threads)."""
     with torch_threads(threads):
         return _attention_measurements(spec, batches, contexts, dtype, max_kv_bytes, reps,
-                                       threads, cold_bytes)
+                                       threads, cold_bytes, gap_s)
 
 
 @contextlib.contextmanager
@@ -528,7 +538,7 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 def _attention_measurements(spec: ModelSpec, batches: Iterable[int], contexts: Iterable[int],
                             dtype: str, max_kv_bytes: int, reps: int, threads: int,
-                            cold_bytes: float) -> list[Measurement]:
+                            cold_bytes: float, gap_s: float) -> list[Measurement]:
     from executor.kernels import paged_kernel_name
 
     out = []
@@ -538,14 +548,14 @@ def _attention_measurements(spec: ModelSpec, batches: Iterable[int], contexts: I
                     dtype_bytes(dtype) > max_kv_bytes:
                 continue
             call, kv_bytes = decode_attention_call(spec, batch, context, dtype, cold_bytes)
-            times = time_calls(call, reps, "cpu")
+            times = time_calls(call, reps, "cpu", gap_s=gap_s)
             out.append(Measurement(
                 "cpu_attention", {"batch": batch, "context": context, "dtype": dtype,
                                   "ragged": "lengths context/2..context",
                                   "kernel": f"paged-{paged_kernel_name()}",
                                   "q_heads": spec.num_heads, "kv_heads": spec.num_kv_heads,
                                   "head_dim": spec.head_dim, "threads": threads,
-                                  "cold_bytes": cold_bytes},
+                                  "cold_bytes": cold_bytes, "gap_s": gap_s},
                 x=kv_bytes, work=kv_bytes, unit="B/s", times_s=times))
     return out
 
@@ -692,7 +702,7 @@ def spot_check(hw: HardwareProfile, spec: ModelSpec, device: str) -> list[dict[s
     batch, context = SPOT_CHECK_ATTENTION
     (attention,) = cpu_attention_series(spec, [batch], [context], "bf16", math.inf, 5,
                                         executor_attention_threads(len(os.sched_getaffinity(0))),
-                                        FULL.attn_cold_bytes)
+                                        FULL.attn_cold_bytes, FULL.attn_gap_s)
     curve, kv_bytes = hw.curves.get("cpu_attention"), attention.work
     row(f"CPU attention ({batch} x {context}, bf16)",
         curve.time_s(kv_bytes) if curve is not None else kv_bytes / hw.cpu.dram_bandwidth_bps,
@@ -848,7 +858,8 @@ def benchmark_plan(config: ProfileConfig, env: Environment, spec: ModelSpec,
                                                                       reps)]))
         plan.append((f"CPU attention {dtype}", lambda d=dtype: cpu_attention_series(
             spec, config.attn_batches, config.attn_contexts, d, config.attn_max_kv_bytes, reps,
-            executor_attention_threads(env.threads), config.attn_cold_bytes)))
+            executor_attention_threads(env.threads), config.attn_cold_bytes,
+            config.attn_gap_s)))
     def overlap() -> list[Measurement]:
         # CPU attention on the executor's threads, as its solo curve above is measured
         with torch_threads(executor_attention_threads(env.threads)):
