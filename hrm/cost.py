@@ -9,12 +9,14 @@ Each stage of one decoder layer (for the whole batch) is a sum over the operator
     GPU op      t = max(F / P_g(rows), B_hbm / BW_g) + launches * t_launch
                 P_g(rows) from curve 'gpu_gemm' (achieved FLOP/s vs GEMM rows), else the peak;
                 launches = the host-issued operations of the executor's layer code (roofline
-                OPS_*); with GPU attention over a CPU KV cache, + (1 - r_c) KV / BW_pageable
-                (the host-staged KV copy the compute stream waits for)
+                OPS_*); with GPU attention over a CPU KV cache, + (1 - r_c) KV / BW_pageable->pinned
+                (the launching thread gathers the KV blocks into pinned memory)
     CPU attn    t = max(F / P_c, t_kv(KV bytes)), t_kv from curve 'cpu_attention', else B / BW_c
                 (+ 2 o_l / BW_c: the copy thread's DRAM read+write shares the bus, MoE-Lens Eq. 5)
     H2D         t = (1 - r_w) W_e / B_pinned + activations; B_pinned the bulk pinned rate (pages
                 are queued back to back), bw(x) of activations from curve 'h2d' at their size;
+                + (1 - r_c) KV / B_pinned for GPU attention over a CPU KV cache (the gathered
+                KV crosses the same link, on the same copy engine, as the weight pages);
                 + o_l (1 / BW_pageable->pinned - 1 / B_pinned): a staged page crosses at the
                 copy's pace, so the stream takes p_l / B_pinned + o_l / BW_pageable->pinned
                 (the staging memcpy and the pinned pages' DMA share the memory bus: on the
@@ -195,13 +197,20 @@ def transfer_time(hw: HardwareProfile, op: Operator) -> Affine:
     and the stream moves at the bulk pinned rate B_pinned (measured on the GPU machine: 2.82 GB
     per layer in 16 MiB pages at 54.3 GB/s against 55.4 GB/s for one 1 GiB copy); the page size
     matters only on the staging path (`_stage_sums`). A CPU KV cache read by GPU attention
-    is gathered on the host into pinned memory and copied on the compute stream
-    (executor/kv_cache.py `gather`): a host-staged copy, at the pageable H2D rate, that the GPU
-    waits for (`_stage_of`). Other copies take the rate of their size (curve 'h2d')."""
+    is gathered by the launching thread into pinned memory ('kv_gather', at the pageable ->
+    pinned memcpy rate, on the GPU stage: `_stage_of`), then crosses in one DMA per tensor
+    ('kv_h2d', at the bulk pinned rate, sharing the link with the weight pages; H200 machine,
+    2026-12-01: N=1024 x 136-token contexts ran 6.7 ms per 64-sequence micro-batch, where the
+    pageable H2D rate had put the host's part alone at 5.1 ms; executor/kv_cache.py `gather`).
+    Without a measured memcpy rate the gather takes the pageable H2D rate. Other copies take
+    the rate of their size (curve 'h2d')."""
     if op.name == "weight_h2d":
         return one_minus(op.link_bytes / hw.link.h2d_pinned_bps, "r_w")
+    if op.name == "kv_gather":
+        gather_bps = hw.link.pageable_to_pinned_bps or hw.link.h2d_pageable_bps
+        return one_minus(op.link_bytes / gather_bps, "r_c")
     if op.name == "kv_h2d":
-        return one_minus(op.link_bytes / hw.link.h2d_pageable_bps, "r_c")
+        return one_minus(op.link_bytes / hw.link.h2d_pinned_bps, "r_c")
     seconds = op.link_bytes / link_bps(hw, op.device, op.link_bytes / op.launches)
     if op.name.startswith("kv_"):
         return one_minus(seconds, "r_c")
@@ -292,13 +301,14 @@ class CostTerms:
 
 
 def _stage_sums(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
-                overflow_per_layer: float, num_gpus: int = 1) -> dict[str, Affine]:
+                overflow_per_layer: float, num_gpus: int = 1, overlapped: bool = True
+                ) -> dict[str, Affine]:
     """The five stage times of one layer from its operators. `overflow_per_layer` is the share
     of the total pinned overflow o that one layer streams (1 / l_moe; 0 for dense layers): the
     shared CPU stages it all, each of the `num_gpus` links carries 1/G of it."""
     stages = {s: Affine() for s in STAGES}
     for op in ops:
-        stages[_stage_of(op)] += _op_time(hw, op)
+        stages[_stage_of(op, overlapped)] += _op_time(hw, op)
     if overflow_per_layer:
         p2p_bps = hw.link.pageable_to_pinned_bps
         if p2p_bps > 0:
@@ -365,10 +375,13 @@ def without_weight_stream(stages: dict[str, Any]) -> dict[str, Any]:
     return {s: a for s, a in stages.items() if s not in WEIGHT_STREAM_STAGES}
 
 
-def _stage_of(op: Operator) -> str:
-    """The resource an operator occupies; all-reduces and the host-staged KV copy for GPU
-    attention (`transfer_time`) run on the GPU stream."""
-    if op.name == "kv_h2d":
+def _stage_of(op: Operator, overlapped: bool = True) -> str:
+    """The resource an operator occupies; all-reduces run on the GPU stream, and the host's KV
+    gather for GPU attention (`transfer_time`) on the thread that launches the GPU's work. The
+    gathered KV's DMA shares the link with the weight stream in cgopipe; in the serial
+    schedules it runs between the layer's weights and its compute, which waits for it, so it
+    counts with the GPU's time there."""
+    if op.name == "kv_gather" or (op.name == "kv_h2d" and not overlapped):
         return "gpu"
     return {"cpu": "cpu_attn", "comm": "gpu"}.get(op.device, op.device)
 
@@ -409,14 +422,16 @@ def cost_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
     ops = {(phase, k): _layer_ops(model, workload, policy, phase, k)
            for phase in ("decode", "prefill") for k in counts}
     g = policy.num_gpus
-    decode = {k: _stage_sums(hw, ops["decode", k], page, per_layer[k], g) for k in counts}
-    prefill = {k: _stage_sums(hw, ops["prefill", k], page, per_layer[k], g) for k in counts}
+    overlapped = policy.schedule == "cgopipe"
+    decode = {k: _stage_sums(hw, ops["decode", k], page, per_layer[k], g, overlapped)
+              for k in counts}
+    prefill = {k: _stage_sums(hw, ops["prefill", k], page, per_layer[k], g, overlapped)
+               for k in counts}
     comm = {phase: {k: sum(allreduce_time_s(hw, op) for op in ops[phase, k]
                            if op.device == "comm") for k in counts}
             for phase in ("decode", "prefill")}
     head_s = sum(gpu_op_time_s(hw, op) for op in head_operators(
         model, micro_batch_size=mu, num_micro_batches=n_ub, weight_dtype=policy.weight_dtype))
-    overlapped = policy.schedule == "cgopipe"
     inter = hw.interference
     factors = ({"h2d": inter.link, "d2h": inter.link, "gpu": inter.gpu,
                 "cpu_attn": inter.cpu_attention, "copy_thread": 1.0, "chain": 1.0}

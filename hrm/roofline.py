@@ -257,7 +257,9 @@ def layer_operators(model: ModelSpec, *, micro_batch_size: int, num_micro_batche
         ops.append(_transfer("qkv_d2h", "d2h", tokens * qkv_width * act, n_ub))
         ops.append(_transfer("attn_out_h2d", "h2d", tokens * out_width * act, n_ub))
     elif phase == "decode":
-        # FlexGen S4: the CPU-resident KV comes to the GPU, the new token's entry goes back
+        # FlexGen S4: the CPU-resident KV comes to the GPU (gathered into pinned memory on the
+        # host, then one DMA), the new token's entry goes back
+        ops.append(_transfer("kv_gather", "h2d", kv_read_bytes, n_ub))
         ops.append(_transfer("kv_h2d", "h2d", kv_read_bytes, n_ub))
         ops.append(_transfer("kv_append_d2h", "d2h", tokens * kv_token, n_ub))
     if phase == "prefill":

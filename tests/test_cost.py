@@ -280,3 +280,25 @@ def test_serial_timeline_runs_the_weight_legs_side_by_side(schedule):
     starts = {name: min(e["ts"] for e in events if e["name"] == name and e["args"]["layer"] == 1)
               for name in ("stage_weights", "weights_h2d")}
     assert starts["stage_weights"] == pytest.approx(starts["weights_h2d"])   # side by side
+
+
+@pytest.mark.parametrize("schedule", ["cgopipe", "layerwise"])
+def test_gpu_attention_over_the_cpu_cache_gathers_on_the_host_then_shares_the_link(schedule):
+    """The launching thread gathers the KV blocks into pinned memory (pageable -> pinned memcpy
+    rate, GPU stage); one DMA then crosses at the pinned rate: beside the weight pages on the
+    link in cgopipe, waited for by the compute in the serial schedules."""
+    hw = load_profile("h200-machine")
+    cpu_kv = Policy(batch_size=512, micro_batch_size=128, attn_decode_device="gpu",
+                    schedule=schedule)
+    gpu_kv = replace(cpu_kv, kv_gpu_fraction=1.0)
+    a, b = predict(MIXTRAL, hw, WORK, cpu_kv), predict(MIXTRAL, hw, WORK, gpu_kv)
+    kv = 512 * WORK.mean_decode_context * kv_bytes_per_token_layer(MIXTRAL, "bf16")
+    gather_s, dma_s = kv / hw.link.pageable_to_pinned_bps, kv / hw.link.h2d_pinned_bps
+    gpu_extra = a.decode_layer.gpu_s - b.decode_layer.gpu_s
+    link_extra = a.decode_layer.h2d_s - b.decode_layer.h2d_s
+    if schedule == "cgopipe":
+        assert gpu_extra == pytest.approx(gather_s, rel=1e-6)
+        assert link_extra == pytest.approx(dma_s, rel=1e-6)
+    else:
+        assert gpu_extra == pytest.approx(gather_s + dma_s, rel=1e-6)
+        assert link_extra == pytest.approx(0.0, abs=1e-12)
