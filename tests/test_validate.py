@@ -23,6 +23,7 @@ from hrm.validate import (
     select_configs,
     stage_errors,
     summarize,
+    warm_up_configs,
 )
 
 
@@ -308,3 +309,12 @@ def test_config_of_row_reads_back_grid_points_and_the_optimizers_policy() -> Non
     assert (config.policy.batch_size, config.policy.num_micro_batches) == (1024, 16)
     assert config.policy.weights_gpu_fraction == pytest.approx(0.067)
     assert (config.workload.num_seqs, config.workload.prompt_len) == (1024, 128)
+
+
+def test_every_code_path_is_warmed_up_once_before_the_grid():
+    """The first configuration of each decode attention device x schedule gets a 2-token
+    warm-up (the first GPU decode attention of a process loads its kernels)."""
+    warm = warm_up_configs(FULL.configs())
+    paths = {(c.policy.attn_decode_device, c.policy.schedule) for c in warm}
+    assert paths == {(c.policy.attn_decode_device, c.policy.schedule) for c in FULL.configs()}
+    assert len(warm) == len(paths) == 4 and all(c.workload.gen_len == 2 for c in warm)
