@@ -487,16 +487,15 @@ def decode_attention_call(spec: ModelSpec, batch: int, context: int, dtype: str,
     lens = ragged_context_lens(batch, context)
     kv_bytes = 2.0 * spec.num_kv_heads * spec.head_dim * dtype_bytes(dtype) * sum(lens)
     one_layer = dataclasses.replace(spec, num_layers=1)
-    caches = []
-    for _ in range(min(MAX_COLD_COPIES, max(1, math.ceil(cold_bytes / kv_bytes)))):
-        cache = KVCache.allocate(one_layer, lens, _torch_dtype(dtype), torch.device("cpu"),
-                                 float("inf"), "CPU")
-        for i, blocks in enumerate(cache.k[0] + cache.v[0]):
-            if caches:   # the same values in other memory: a copy is faster than sampling
-                blocks.copy_((caches[0].k[0] + caches[0].v[0])[i])
-            else:
-                blocks.normal_()
-        caches.append(cache)
+    caches = [KVCache.allocate(one_layer, lens, _torch_dtype(dtype), torch.device("cpu"),
+                               float("inf"), "CPU")
+              for _ in range(min(MAX_COLD_COPIES, max(1, math.ceil(cold_bytes / kv_bytes))))]
+    first = caches[0].k[0] + caches[0].v[0]
+    for blocks in first:
+        blocks.normal_()
+    for cache in caches[1:]:   # the same values in other memory: copying beats sampling
+        for blocks, source in zip(cache.k[0] + cache.v[0], first, strict=True):
+            blocks.copy_(source)
     q = random_tensor((batch, spec.num_heads, spec.head_dim), dtype, "cpu")
     k_new = random_tensor((batch, spec.num_kv_heads, spec.head_dim), dtype, "cpu")
     slots, positions = slice(0, batch), [n - 1 for n in lens]
