@@ -6,7 +6,8 @@
 #   STEPS="profile validate attention" bash benchmarks/device_session.sh
 #
 # Steps (in the order given):
-#   profile     hrm profile (full, pinned-memory probe up to 72 GiB) -> $W/<name>.toml
+#   profile     hrm profile (full, pinned-memory probe up to $PIN_PROBE_GIB, default 72 GiB;
+#               0 skips it) -> $W/<name>.toml
 #   validate    hrm validate --grid full, Mixtral-8x7B shapes, first $LAYERS layers, GPU cap scaled
 #               from 16 GiB for the full model, on $PROFILE (default: the one just measured);
 #               $VALIDATE_ARGS, e.g. "--only base --only n_ub=16"
@@ -14,8 +15,9 @@
 #   continuous  benchmarks/bench_continuous.py --layers 1 on $PROFILE ($CONT_ARGS)
 #   executor    benchmarks/bench_executor.py --layers $LAYERS on $PROFILE ($BENCH_ARGS)
 # Measured 2026-12-01: a validation right after the profile's 72 GiB pinned-memory probe, in the
-# same call, ran CPU attention 3x slower throughout; validate in a later call, with PROFILE= the
-# profile just measured.
+# same call, ran CPU attention 3x slower throughout. To validate on the lease just profiled (the
+# user's flow; leases of one kind differ), skip the probe: PIN_PROBE_GIB=0 STEPS="profile
+# validate" (about 85 s + 230 s, third session of 2026-12-01).
 set -u
 W=${W:-/tmp/w}
 NAME=${NAME:-h200-machine}
@@ -29,7 +31,7 @@ for step in ${STEPS:-profile validate attention}; do
   echo "== $step $(date -u +%T)"
   case $step in
     profile) timeout "${T_PROFILE:-220}" python3 -m hrm.cli profile -o "$W/$NAME.toml" \
-               --name "$NAME" --pin-probe-gib 72 --raw-json "$W/profile_raw.json" \
+               --name "$NAME" --pin-probe-gib "${PIN_PROBE_GIB:-72}" --raw-json "$W/profile_raw.json" \
                > "$W/profile.log" 2>&1 ;;
     validate) COLUMNS=140 timeout "${T_VALIDATE:-300}" python3 -m hrm.cli validate \
                --model mixtral-8x7b --num-layers "$LAYERS" --full-model-gpu-mem 16 \
