@@ -35,7 +35,7 @@ from executor.distributed import Shard
 from executor.layers import DenseLayer, ExpertFn
 from hrm.errors import ModelConfigError
 from hrm.model import ModelSpec, from_hf_config, load_model_spec
-from hrm.policy import resident_experts
+from hrm.policy import resident_experts_by_layer
 
 SUPPORTED = ("mixtral", "qwen2_moe")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -85,9 +85,7 @@ def renormalize_topk(spec: ModelSpec, config: dict[str, Any]) -> bool:
 
 def resident_experts_per_layer(spec: ModelSpec, weights_gpu_fraction: float) -> list[int]:
     """GPU-resident experts of each layer realizing r_w in whole experts (module docstring)."""
-    total = resident_experts(weights_gpu_fraction, spec.num_layers, spec.num_experts)
-    base, extra = divmod(total, spec.num_layers)
-    return [base + (1 if i < extra else 0) for i in range(spec.num_layers)]
+    return resident_experts_by_layer(weights_gpu_fraction, spec.num_layers, spec.num_experts)
 
 
 @dataclass

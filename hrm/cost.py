@@ -65,7 +65,7 @@ from typing import Any
 from hrm.errors import HardwareProfileError, PolicyError
 from hrm.hardware import HardwareProfile
 from hrm.model import ModelSpec
-from hrm.policy import Policy, resident_experts
+from hrm.policy import Policy, resident_experts_by_layer
 from hrm.roofline import (
     ACT_DTYPE,
     COMPUTE_DTYPE,
@@ -603,13 +603,12 @@ class MemoryFootprint:
 def expert_staging_bytes(model: ModelSpec, policy: Policy, r_w: float) -> float | None:
     """The two GPU staging buffers as the executor sizes them (executor/weights.py): each holds
     the largest streamed layer, n_e - floor(R / l) experts with R = round(r_w l n_e) resident
-    (`hrm.policy.resident_experts`). None with several GPUs (each rank's shard; the affine bound
-    of `_memory_terms` stands)."""
+    (`hrm.policy.resident_experts_by_layer`). None with several GPUs (each rank's shard; the
+    affine bound of `_memory_terms` stands)."""
     if policy.num_gpus > 1 or not model.num_moe_layers:
         return None
-    resident = resident_experts(r_w, model.num_layers, model.num_experts)
-    streamed = model.num_experts - resident // model.num_layers
-    return 2.0 * streamed * model.expert_bytes(policy.weight_dtype)
+    resident = resident_experts_by_layer(r_w, model.num_layers, model.num_experts)
+    return 2.0 * (model.num_experts - min(resident)) * model.expert_bytes(policy.weight_dtype)
 
 
 def _footprint(terms: CostTerms, r_w: float, r_c: float) -> MemoryFootprint:

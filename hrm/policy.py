@@ -30,6 +30,15 @@ def resident_experts(weights_gpu_fraction: float, num_layers: int, num_experts: 
     return round(weights_gpu_fraction * num_layers * num_experts)
 
 
+def resident_experts_by_layer(weights_gpu_fraction: float, num_layers: int, num_experts: int
+                              ) -> list[int]:
+    """The R = `resident_experts` spread over the layers: floor(R / l) each, one more in the
+    first R mod l layers (executor/weights.py keeps them so)."""
+    base, extra = divmod(resident_experts(weights_gpu_fraction, num_layers, num_experts),
+                         num_layers)
+    return [base + (1 if i < extra else 0) for i in range(num_layers)]
+
+
 @dataclass(frozen=True)
 class Policy:
     """Expert FFNs always run on the GPU; the dense weights (attention, routers, shared experts,
