@@ -34,6 +34,7 @@ from benchmarks.bench_executor import (  # noqa: E402
     FULL_LAYERS,
     add_deadline_options,
     add_host_mem_option,
+    executor_plan,
     fit_to_executor,
     host_memory,
     layer_bench,
@@ -66,12 +67,10 @@ def check_layer_plan(layer_config: Path, policy, prompt_lens: list[int], gen_len
                      cpu_cap_bytes: float) -> None:
     """Exit with the reason where the L-layer model's executor memory plan exceeds the CPU
     limit the run gets (what `hrm run` would refuse after the benchmark had started)."""
-    from executor.engine import plan_memory
-    from executor.weights import read_model, resident_experts_per_layer
+    from executor.weights import read_model
 
     spec_l, _ = read_model(str(layer_config))
-    plan = plan_memory(spec_l, policy, resident_experts_per_layer(
-        spec_l, policy.weights_gpu_fraction), prompt_lens, gen_len)
+    plan = executor_plan(spec_l, policy, prompt_lens, gen_len)
     if sum(plan.cpu.values()) > cpu_cap_bytes:
         sys.exit(f"the {spec_l.num_layers}-layer plan needs {sum(plan.cpu.values()) / GiB:.2f} "
                  f"GiB of CPU memory, the run gets {cpu_cap_bytes / GiB:.2f} GiB: {plan.cpu}")

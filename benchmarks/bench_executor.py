@@ -124,18 +124,23 @@ def layer_bench(config: dict, layers: int, hw: HardwareProfile, host_bytes: floa
                       out / f"{name}_bench_{layers}layers.json")
 
 
+def executor_plan(spec, policy, prompt_lens: list[int], gen_len: int):
+    """The executor's memory plan of `policy` on `spec` (what `hrm run` checks before loading)."""
+    from executor.engine import plan_memory
+    from executor.weights import resident_experts_per_layer
+
+    return plan_memory(spec, policy, resident_experts_per_layer(spec, policy.weights_gpu_fraction),
+                       prompt_lens, gen_len)
+
+
 def fit_to_executor(spec, policy, prompt_lens: list[int], gen_len: int, gpu_bytes: float,
                     cpu_bytes: float):
     """The policy with r_w lowered (one expert of the model at a time) until the executor's own
     memory plan fits the full model's limits (the executor keeps two whole-layer staging buffers
     and counts its activation workspace, which the cost model may size differently)."""
-    from executor.engine import plan_memory
-    from executor.weights import resident_experts_per_layer
-
     step = 1 / (spec.num_layers * spec.num_experts)
     while True:
-        plan = plan_memory(spec, policy, resident_experts_per_layer(
-            spec, policy.weights_gpu_fraction), prompt_lens, gen_len)
+        plan = executor_plan(spec, policy, prompt_lens, gen_len)
         fits = sum(plan.gpu.values()) <= gpu_bytes and sum(plan.cpu.values()) <= cpu_bytes
         if fits or policy.weights_gpu_fraction <= 0:
             return policy, plan
