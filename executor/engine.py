@@ -44,10 +44,10 @@ from executor.kernels import paged_attention_extension
 from executor.kv_cache import BLOCK_TOKENS, KVCache, kv_cache_bytes
 from executor.sampling import Sampling, sample
 from executor.schedule import (
+    AttentionLink,
     LayerWeightsInFlight,
     StagedLayer,
     Streams,
-    device_alias,
     host_wait,
     index_tensor,
     on,
@@ -55,7 +55,7 @@ from executor.schedule import (
     record,
     wait,
 )
-from executor.trace import WAIT_TRACK, Span, Tracer
+from executor.trace import LAUNCH_TRACK, WAIT_TRACK, Span, Tracer
 from executor.weights import (
     ModelWeights,
     load_checkpoint,
@@ -195,17 +195,10 @@ class Engine:
         self.streams = Streams(device)
         cuda = device.type == "cuda"
         qkv = (self.spec.num_heads + 2 * self.spec.num_kv_heads) * self.spec.head_dim
-        q_out = self.spec.num_heads * self.spec.head_dim
-        n_ub = policy.num_micro_batches
-        # pinned link buffers per micro-batch: q/k/v down, attention output up
-        self.qkv_host = [torch.empty(mu, qkv, dtype=kv_dtype, pin_memory=cuda)
-                         for _ in range(n_ub)] if cuda else []
-        self.out_host = [torch.empty(mu, q_out, dtype=weights.lm_head.dtype, pin_memory=cuda)
-                         for _ in range(n_ub)] if cuda else []
-        self.out_dev = [torch.empty(mu, q_out, dtype=weights.lm_head.dtype, device=device)
-                        for _ in range(n_ub)] if cuda else []
-        #: the same pinned buffers as device tensors (`device_alias`), read by a kernel
-        self.out_alias = [device_alias(h, device) for h in self.out_host]
+        #: pinned link buffers per micro-batch: q/k/v down, attention output up
+        self.attn_link = AttentionLink(policy.num_micro_batches, mu, qkv,
+                                       self.spec.num_heads * self.spec.head_dim, kv_dtype,
+                                       weights.lm_head.dtype, self.streams, device)
         #: a host slot per micro-batch for its prefill hidden states between layers (`_park`),
         #: pinned once here, outside the timed phases: pinning costs about 0.6 s/GB. Pinned on
         #: first use inside prefill, they were the likely reason why, on 2026-12-01, 8- and
@@ -213,7 +206,7 @@ class Engine:
         #: a later configuration of the same prefill shape matched it
         self.park_host = [torch.empty(plan.prefill_tokens * self.spec.hidden_size,
                                       dtype=weights.embed.dtype, pin_memory=cuda)
-                          for _ in range(n_ub)] if plan.prefill_tokens else []
+                          for _ in range(policy.num_micro_batches)] if plan.prefill_tokens else []
         self.generator = torch.Generator(device=device).manual_seed(sampling.seed)
         self.bytes = {"weights_h2d_pinned": 0, "weights_h2d_staged": 0, "qkv_d2h": 0,
                       "attn_out_h2d": 0, "kv_d2h": 0, "kv_h2d": 0, "hidden_d2h": 0,
@@ -368,40 +361,37 @@ class Engine:
     def _decode_pre(self, layer: int, m: int, mb: MicroBatch, worker: Any, tracer: Tracer
                     ) -> Any:
         """QKV on the GPU; then attention: started on the CPU worker (returns its future) or
-        done on the GPU (returns the output tensor)."""
+        done on the GPU (returns the output tensor). The launching thread's time is traced
+        (LAUNCH_TRACK): launch_pre, then the hand-off to the worker (handoff_send)."""
         spec, compute = self.spec, self.streams.compute
-        with tracer.span("gpu", "pre_attn", compute, layer, m):
-            q, k, v = L.attention_in(mb.hidden, self.w.layers[layer], spec,
-                                     self.cos[mb.positions], self.sin[mb.positions])
-        context_lens = [n + len(mb.tokens) - 1 for n in mb.prompt_lens]  # before this token
-        if not self.cpu_attention:
-            with tracer.span("gpu", "gpu_attn", compute, layer, m):
-                if mb.cache is self.cpu_cache:
-                    kc, vc = self._gather_with_new_token(layer, m, mb, context_lens, k, v,
-                                                         worker, tracer)
-                else:
-                    mb.cache.append(layer, mb.slots, context_lens, k, v)
-                    kc, vc = mb.cache.gather(layer, mb.slots, context_lens[0] + 1, self.device)
-                lens = index_tensor(context_lens, self.device) + 1
-                return L.gpu_decode_attention(q, kc.to(q.dtype), vc.to(q.dtype), lens)
-        qkv = torch.cat((q.flatten(1), k.flatten(1), v.flatten(1)), dim=1)
-        done = None
-        if self.device.type == "cuda":
-            d2h = self.streams.d2h
-            wait(d2h, record(compute))
-            with on(d2h), tracer.span("d2h", "d2h", d2h, layer, m):
-                host = self.qkv_host[m][:len(mb.seqs)]
-                host.copy_(qkv, non_blocking=True)
-                qkv.record_stream(d2h)
-            done = record(d2h)
-            qkv = host
-            self.bytes["qkv_d2h"] += qkv.numel() * qkv.element_size()
-        return worker.submit(self._cpu_attention, layer, m, mb, qkv, done, context_lens, tracer)
+        with tracer.span(LAUNCH_TRACK, "launch_pre", None, layer, m):
+            with tracer.span("gpu", "pre_attn", compute, layer, m):
+                q, k, v = L.attention_in(mb.hidden, self.w.layers[layer], spec,
+                                         self.cos[mb.positions], self.sin[mb.positions])
+            context_lens = [n + len(mb.tokens) - 1 for n in mb.prompt_lens]  # before this token
+            if not self.cpu_attention:
+                with tracer.span("gpu", "gpu_attn", compute, layer, m):
+                    if mb.cache is self.cpu_cache:
+                        kc, vc = self._gather_with_new_token(layer, m, mb, context_lens, k, v,
+                                                             worker, tracer)
+                    else:
+                        mb.cache.append(layer, mb.slots, context_lens, k, v)
+                        kc, vc = mb.cache.gather(layer, mb.slots, context_lens[0] + 1,
+                                                 self.device)
+                    lens = index_tensor(context_lens, self.device) + 1
+                    return L.gpu_decode_attention(q, kc.to(q.dtype), vc.to(q.dtype), lens)
+        with tracer.span(LAUNCH_TRACK, "handoff_send", None, layer, m):
+            qkv = torch.cat((q.flatten(1), k.flatten(1), v.flatten(1)), dim=1)
+            host, done = self.attn_link.send(m, qkv, tracer, layer)
+            if done is not None:
+                self.bytes["qkv_d2h"] += host.numel() * host.element_size()
+            return worker.submit(self._cpu_attention, layer, m, mb, host, done, context_lens,
+                                 tracer)
 
     def _cpu_attention(self, layer: int, m: int, mb: MicroBatch, qkv: torch.Tensor, ready: Any,
                        context_lens: list[int], tracer: Tracer) -> torch.Tensor:
         """Worker thread: append k/v to the CPU cache, attend; the output in pinned memory (the
-        launching thread sends it up: `_attention_to_device`)."""
+        launching thread brings it up: AttentionLink.receive)."""
         host_wait(ready)
         spec, n = self.spec, len(mb.seqs)
         q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
@@ -412,34 +402,25 @@ class Engine:
             mb.cache.append(layer, mb.slots, context_lens, k, v)
             lens = [c + 1 for c in context_lens]
             out = mb.cache.attend(layer, mb.slots, q, lens).reshape(n, -1)
-        if self.device.type != "cuda":
-            return out
-        return self.out_host[m][:n].copy_(out)
-
-    def _attention_to_device(self, layer: int, m: int, host: torch.Tensor, tracer: Tracer
-                             ) -> torch.Tensor:
-        """A micro-batch's CPU attention output onto the GPU, queued by the launching thread on
-        the compute stream right before the work that reads it: a kernel reads the pinned buffer
-        through its device alias (an exact copy, x * 1), so the copy does not queue behind the
-        weight pages on the copy engine (a DMA copy where no alias exists)."""
-        if self.device.type != "cuda":
-            return host
-        n, alias = host.shape[0], self.out_alias[m]
-        with tracer.span("h2d", "act_h2d", self.streams.compute, layer, m):
-            if alias is None:
-                self.out_dev[m][:n].copy_(host, non_blocking=True)
-            else:
-                torch.mul(alias[:n], 1, out=self.out_dev[m][:n])
-        self.bytes["attn_out_h2d"] += host.numel() * host.element_size()
-        return self.out_dev[m][:n]
+        return self.attn_link.finish(m, out)
 
     def _decode_post(self, layer: int, m: int, mb: MicroBatch, attention: Any,
                      buffer: StagedLayer, tracer: Tracer) -> None:
-        attn = attention if isinstance(attention, torch.Tensor) else \
-            self._attention_to_device(layer, m, attention.result(), tracer)
+        """The attention output (GPU attention's tensor, or the CPU worker's future: waited for
+        (attn_wait) and brought up (handoff_receive)), then O projection and MoE FFN."""
+        if isinstance(attention, torch.Tensor):
+            attn = attention
+        else:
+            with tracer.span(LAUNCH_TRACK, "attn_wait", None, layer, m):
+                host = attention.result()
+            with tracer.span(LAUNCH_TRACK, "handoff_receive", None, layer, m):
+                attn = self.attn_link.receive(m, host, tracer, layer)
+                if self.device.type == "cuda":
+                    self.bytes["attn_out_h2d"] += host.numel() * host.element_size()
         compute = self.streams.compute
         dense = self.w.layers[layer]
-        with tracer.span("gpu", "post_attn", compute, layer, m):
+        with tracer.span(LAUNCH_TRACK, "launch_post", None, layer, m), \
+                tracer.span("gpu", "post_attn", compute, layer, m):
             x = L.attention_out(mb.hidden, attn, dense, self.shard.all_reduce)
             x = L.moe_ffn(x, dense, self.spec, self._experts(layer, buffer, tracer),
                           self.renorm, self.shard.all_reduce)

@@ -126,6 +126,61 @@ def device_alias(host: torch.Tensor, device: torch.device) -> torch.Tensor | Non
     return alias if alias.data_ptr() == host.data_ptr() else None  # a copy is no alias
 
 
+class AttentionLink:
+    """How one micro-batch's decode attention crosses to the CPU worker and back (cgopipe),
+    through pinned buffers allocated once per micro-batch: `send` queues its q/k/v on the d2h
+    stream into the micro-batch's pinned slot after the compute that made them; the worker waits
+    for that copy, attends, and `finish` writes the output into the micro-batch's pinned output
+    slot; `receive` (the launching thread, right before the work that reads it) brings it onto
+    the compute stream through the slot's device alias (`device_alias`): an exact copy (x * 1)
+    by a kernel, so it does not queue behind the weight pages on the copy engine (a DMA copy
+    where no alias exists). On the CPU stand-in the tensors pass through. `hrm profile` times
+    this hand-off on the launching thread (hrm.profile.attention_handoff)."""
+
+    def __init__(self, num_micro_batches: int, micro_batch_size: int, qkv_width: int,
+                 out_width: int, qkv_dtype: torch.dtype, out_dtype: torch.dtype,
+                 streams: Streams, device: torch.device) -> None:
+        self.streams, self.cuda = streams, device.type == "cuda"
+        shape, n = (micro_batch_size, qkv_width), num_micro_batches if self.cuda else 0
+        self.qkv_host = [torch.empty(shape, dtype=qkv_dtype, pin_memory=True) for _ in range(n)]
+        self.out_host = [torch.empty(micro_batch_size, out_width, dtype=out_dtype,
+                                     pin_memory=True) for _ in range(n)]
+        self.out_dev = [torch.empty(micro_batch_size, out_width, dtype=out_dtype, device=device)
+                        for _ in range(n)]
+        #: the same pinned buffers as device tensors, read by a kernel
+        self.out_alias = [device_alias(h, device) for h in self.out_host]
+
+    def send(self, m: int, qkv: torch.Tensor, tracer: Tracer, layer: int) -> tuple[Any, Any]:
+        """q/k/v of micro-batch m (rows = its sequences) down into its pinned slot: the host
+        tensor and the event the worker waits for (None on the CPU)."""
+        if not self.cuda:
+            return qkv, None
+        d2h = self.streams.d2h
+        wait(d2h, record(self.streams.compute))
+        with on(d2h), tracer.span("d2h", "d2h", d2h, layer, m):
+            host = self.qkv_host[m][:qkv.shape[0]]
+            host.copy_(qkv, non_blocking=True)
+            qkv.record_stream(d2h)
+        return host, record(d2h)
+
+    def finish(self, m: int, out: torch.Tensor) -> torch.Tensor:
+        """Worker thread: the attention output of micro-batch m into its pinned output slot."""
+        return self.out_host[m][:out.shape[0]].copy_(out) if self.cuda else out
+
+    def receive(self, m: int, host: torch.Tensor, tracer: Tracer, layer: int) -> torch.Tensor:
+        """Micro-batch m's attention output (`finish`) on the GPU, queued on the compute
+        stream."""
+        if not self.cuda:
+            return host
+        n, alias = host.shape[0], self.out_alias[m]
+        with tracer.span("h2d", "act_h2d", self.streams.compute, layer, m):
+            if alias is None:
+                self.out_dev[m][:n].copy_(host, non_blocking=True)
+            else:
+                torch.mul(alias[:n], 1, out=self.out_dev[m][:n])
+        return self.out_dev[m][:n]
+
+
 def host_wait(event: Any) -> None:
     """Block the calling thread until `event` has completed."""
     if event is not None:
@@ -307,16 +362,26 @@ def compute_threads(cores: int | None = None) -> int:
 
 
 @contextmanager
+def pipeline_switch_interval() -> Iterator[None]:
+    """Python's thread switch interval set to SWITCH_INTERVAL_S for the enclosed work."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
+
+
+@contextmanager
 def pipeline_threads(store: ExpertStore, streams: Streams, tracer: Tracer
                      ) -> Iterator[tuple[WeightLink, CPUWorker]]:
     link, worker = WeightLink(store, streams, tracer), CPUWorker()
-    threads, interval = torch.get_num_threads(), sys.getswitchinterval()
+    threads = torch.get_num_threads()
     torch.set_num_threads(compute_threads())
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
-        yield link, worker
+        with pipeline_switch_interval():
+            yield link, worker
     finally:
-        sys.setswitchinterval(interval)
         torch.set_num_threads(threads)
         worker.close()
         link.close()

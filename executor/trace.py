@@ -1,5 +1,6 @@
-"""Measured timeline: spans on the tracks gpu, cpu_attention, h2d, d2h and copy_thread, and
-weights_wait (inside GPU spans: the compute stream stalled on a layer's weights).
+"""Measured timeline: spans on the tracks gpu, cpu_attention, h2d, d2h and copy_thread,
+weights_wait (inside GPU spans: the compute stream stalled on a layer's weights) and launcher
+(the main thread's host time).
 
 Host-thread work is timed with the wall clock; work queued on a CUDA stream is timed with CUDA
 events recorded around it on that stream and resolved against one base event after the run, so a
@@ -21,7 +22,10 @@ import torch
 
 #: spans of this track lie inside GPU spans: the compute stream stalled on a layer's weights
 WAIT_TRACK = "weights_wait"
-TRACKS = ("gpu", "cpu_attention", "h2d", "d2h", "copy_thread", WAIT_TRACK)
+#: the launching (main) thread's host time: wall-clock spans of its decode work (launch_pre,
+#: handoff_send, attn_wait, handoff_receive, launch_post: executor/engine.py)
+LAUNCH_TRACK = "launcher"
+TRACKS = ("gpu", "cpu_attention", "h2d", "d2h", "copy_thread", WAIT_TRACK, LAUNCH_TRACK)
 
 
 @dataclass(frozen=True)
@@ -80,10 +84,13 @@ class Tracer:
         return sorted(self._wall + resolved, key=lambda s: s.start_s)
 
 
-def busy_s(spans: list[Span], track: str, start_s: float, end_s: float) -> float:
-    """Time in [start_s, end_s] during which `track` had at least one span running."""
+def busy_s(spans: list[Span], track: str, start_s: float, end_s: float,
+           skip: tuple[str, ...] = ()) -> float:
+    """Time in [start_s, end_s] during which `track` had at least one span running (spans
+    named in `skip` left out)."""
     busy, cursor = 0.0, start_s
-    for s in sorted((s for s in spans if s.track == track), key=lambda s: s.start_s):
+    for s in sorted((s for s in spans if s.track == track and s.name not in skip),
+                    key=lambda s: s.start_s):
         lo, hi = max(s.start_s, cursor), min(s.end_s, end_s)
         if hi > lo:
             busy += hi - lo
@@ -94,8 +101,10 @@ def busy_s(spans: list[Span], track: str, start_s: float, end_s: float) -> float
 def decode_busy_s(spans: list[Span], windows: list[tuple[float, float]]) -> dict[str, float]:
     """Busy seconds of every track over the decode windows; the GPU's without its stalls on
     weights (`WAIT_TRACK`), which lie inside GPU spans: a link-bound GPU is waiting, not
-    working."""
-    busy = {t: sum(busy_s(spans, t, a, b) for a, b in windows) for t in TRACKS}
+    working; the launching thread's without its waits for CPU attention (attn_wait)."""
+    skip = {LAUNCH_TRACK: ("attn_wait",)}
+    busy = {t: sum(busy_s(spans, t, a, b, skip.get(t, ())) for a, b in windows)
+            for t in TRACKS}
     busy["gpu"] = max(0.0, busy["gpu"] - busy[WAIT_TRACK])
     return busy
 

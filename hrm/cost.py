@@ -7,6 +7,9 @@ Each stage of one decoder layer (for the whole batch) is a sum over the operator
 `hrm.roofline.layer_operators` placed on that stage:
 
     GPU op      t = max(F / P_g(rows), B_hbm / BW_g) + launches * t_launch
+                (+ n_ub t_handoff with CPU decode attention: the launching thread hands each
+                micro-batch's attention to the CPU worker and takes its output back, measured by
+                `hrm profile` as gpu.attention_handoff_s)
                 P_g(rows) from curve 'gpu_gemm' (achieved FLOP/s vs GEMM rows), else the peak;
                 launches = the host-issued operations of the executor's layer code (roofline
                 OPS_*); with GPU attention over a CPU KV cache, + (1 - r_c) KV / BW_pageable->pinned
@@ -69,6 +72,7 @@ from hrm.policy import Policy, resident_experts_by_layer
 from hrm.roofline import (
     ACT_DTYPE,
     COMPUTE_DTYPE,
+    HANDOFF_OP,
     LOGIT_BYTES,
     Operator,
     attn_out_elements_per_token,
@@ -153,7 +157,10 @@ def gpu_achieved_flops(hw: HardwareProfile, rows: float) -> float:
 
 
 def gpu_op_time_s(hw: HardwareProfile, op: Operator) -> float:
-    """t = max(F / P_g(rows), B_hbm / BW_g) + launches * t_launch."""
+    """t = max(F / P_g(rows), B_hbm / BW_g) + launches * t_launch; the CPU attention hand-off
+    (HANDOFF_OP) t = hand-offs * t_handoff."""
+    if op.name == HANDOFF_OP:
+        return op.launches * hw.gpu.attention_handoff_s
     compute_s = op.flops / gpu_achieved_flops(hw, op.rows)
     memory_s = op.gpu_bytes / hw.gpu.hbm_bandwidth_bps
     return max(compute_s, memory_s) + op.launches * hw.gpu.op_overhead_s

@@ -79,6 +79,10 @@ class GPUTier:
     memory_bytes: float
     #: fixed cost of launching one kernel / op from Python (s)
     op_overhead_s: float = 0.0
+    #: the launching thread's seconds per micro-batch to hand its decode attention to the CPU
+    #: worker and take the output back onto the GPU (executor.schedule.AttentionLink); 0 when
+    #: not measured
+    attention_handoff_s: float = 0.0
 
     def flops(self, dtype: str) -> float:
         """Peak FLOP/s for `dtype`; bf16 and fp16 stand in for each other, int8/fp8 fall back to
@@ -264,6 +268,7 @@ def profile_from_dict(data: dict[str, Any], origin: str = "<dict>") -> HardwareP
             hbm_bandwidth_bps=_number(g, "hbm_bandwidth_bps", "gpu", sources),
             memory_bytes=_number(g, "memory_bytes", "gpu", sources),
             op_overhead_s=_number(g, "op_overhead_s", "gpu", sources, False, 0.0),
+            attention_handoff_s=_number(g, "attention_handoff_s", "gpu", sources, False, 0.0),
         )
         cpu = CPUTier(
             name=str(c.get("name", "CPU")),

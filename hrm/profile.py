@@ -316,6 +316,76 @@ def op_overhead(device: str, reps: int) -> Measurement:
                        work=float(OPS_PER_BURST), unit="op/s", times_s=times)
 
 
+#: micro-batch size of `attention_handoff` (the validation grid's), micro-batches per rep, and
+#: the tiny ops launched (untimed) between two hand-offs: the rest of a decode micro-batch's
+#: layer on the launching thread (QKV, O projection, routing and 8 experts: about 200 ops,
+#: hrm.roofline OPS_*), during which the worker attends
+HANDOFF_MICRO_BATCH = 64
+HANDOFF_ITEMS = 32
+HANDOFF_FILLER_OPS = 200
+
+
+def attention_handoff(spec: ModelSpec, device: str, reps: int,
+                      micro_batch_size: int = HANDOFF_MICRO_BATCH) -> Measurement:
+    """Launching-thread seconds per micro-batch of the CPU attention hand-off, by the executor's
+    own code (executor.schedule.AttentionLink, CPUWorker, its tracer and switch interval): q/k/v
+    concatenated and sent down, the worker submitted, the previous micro-batch's output (which
+    the worker produced meanwhile) taken and brought up by the alias kernel, then a wait for the
+    compute stream, as the routing's per-expert row counts make one per micro-batch in the
+    executor (so the alias kernel's read over PCIe counts). Between two hand-offs the launching
+    thread launches HANDOFF_FILLER_OPS tiny ops, untimed, while the worker runs. The worker's
+    attention is a small CPU op here: its own time is the 'cpu_attention' curve's. The model
+    puts this time on the GPU stage once per micro-batch and layer (hrm.roofline
+    HANDOFF_OP)."""
+    import torch
+
+    from executor.schedule import (
+        AttentionLink,
+        CPUWorker,
+        Streams,
+        host_wait,
+        pipeline_switch_interval,
+    )
+    from executor.trace import Tracer
+
+    dev = torch.device(device)
+    q_width, kv_width = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    q, k, v = (random_tensor((micro_batch_size, w), "bf16", device)
+               for w in (q_width, kv_width, kv_width))
+    filler = random_tensor((1,), "fp32", device)
+    streams, tracer = Streams(dev), Tracer(dev)
+    link = AttentionLink(2, micro_batch_size, q_width + 2 * kv_width, q_width, torch.bfloat16,
+                         torch.bfloat16, streams, dev)
+
+    def attend(m: int, host: Any, ready: Any) -> Any:
+        host_wait(ready)
+        return link.finish(m, host[:, :q_width] * 1)
+
+    worker, pending, times = CPUWorker(), None, []
+    try:
+        with pipeline_switch_interval(), torch.inference_mode():
+            for i in range(1 + reps * HANDOFF_ITEMS):
+                for _ in range(HANDOFF_FILLER_OPS):
+                    filler.add_(1.0)
+                start = time.perf_counter()
+                qkv = torch.cat((q, k, v), dim=1)
+                host, ready = link.send(i % 2, qkv, tracer, 0)
+                sent = worker.submit(attend, i % 2, host, ready)
+                if pending is not None:
+                    link.receive((i - 1) % 2, pending.result(), tracer, 0)
+                    if device == "cuda":
+                        torch.cuda.current_stream().synchronize()
+                    times.append(time.perf_counter() - start)
+                pending = sent
+            pending.result()
+    finally:
+        worker.close()
+    return Measurement("attention_handoff", {"micro_batch": micro_batch_size,
+                                             "qkv_width": q_width + 2 * kv_width,
+                                             "filler_ops": HANDOFF_FILLER_OPS},
+                       x=micro_batch_size, work=1.0, unit="handoff/s", times_s=tuple(times))
+
+
 # ---- link ----------------------------------------------------------------------------------------
 def _host_buffer(nbytes: int, pinned: bool) -> Any:
     import torch
@@ -821,6 +891,7 @@ def benchmark_plan(config: ProfileConfig, env: Environment, spec: ModelSpec,
     dev, reps, cuda = env.device, config.reps, env.device == "cuda"
     plan: list[tuple[str, Callable[[], list[Measurement]]]] = [
         ("launch overhead", lambda: [op_overhead(dev, reps)]),
+        ("CPU attention hand-off", lambda: [attention_handoff(spec, dev, reps)]),
         ("device memory copy", lambda: [hbm_copy(config.hbm_copy_bytes, dev, reps)]),
     ]
     for dtype in config.gemm_dtypes + config.peak_only_dtypes:
@@ -1026,8 +1097,16 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
     sources["gpu.memory_bytes"] = ("host memory (os.sysconf), the CPU stand-in's tensors live "
                                    "there" if env.standin else
                                    "torch.cuda.get_device_properties(0).total_memory")
+    handoffs = [m for m in ms if m.bench == "attention_handoff"]
+    if handoffs:
+        h = handoffs[0]
+        sources["gpu.attention_handoff_s"] = (
+            f"measured {date}: attention_handoff ({_describe(h.params)}; executor.schedule."
+            f"AttentionLink) x {len(h.times_s)} micro-batches, median {h.median_s * 1e6:.0f} us "
+            f"(IQR {h.iqr_rel:.1%})")
     gpu = GPUTier(name=env.gpu_name, peak_flops=peak_flops, hbm_bandwidth_bps=hbm.rate,
-                  memory_bytes=env.gpu_memory_bytes, op_overhead_s=1.0 / overhead.rate)
+                  memory_bytes=env.gpu_memory_bytes, op_overhead_s=1.0 / overhead.rate,
+                  attention_handoff_s=handoffs[0].median_s if handoffs else 0.0)
 
     cpu_best = _fastest(ms, "cpu_gemm")
     dram = _fastest(ms, "dram_read", dtype="fp32")

@@ -43,6 +43,11 @@ OPS_MOE_ROUTING = 24
 #: per touched expert: slices, the gate/up GEMM and its split, SiLU, product, down GEMM, gate
 #: weighting, cast and the write into the sorted output
 OPS_PER_EXPERT = 17
+#: the launching thread's hand-off of one micro-batch's decode attention to the CPU worker and
+#: back (q/k/v down, submit, the output up through its pinned buffer's alias): an operator on the
+#: GPU stage (that thread drives the GPU), `launches` = hand-offs, each costing the profile's
+#: gpu.attention_handoff_s (executor.schedule.AttentionLink; hrm.profile.attention_handoff)
+HANDOFF_OP = "attention_handoff"
 #: bytes per logit (the LM head's output is kept in fp32 for sampling)
 LOGIT_BYTES = 4
 
@@ -254,6 +259,9 @@ def layer_operators(model: ModelSpec, *, micro_batch_size: int, num_micro_batche
 
     # data movement between the tiers for this placement (this GPU's share, over its link)
     if attn_device == "cpu":
+        if phase == "decode":
+            ops.append(Operator(name=HANDOFF_OP, device="gpu", flops=0.0, gpu_bytes=0.0,
+                                cpu_bytes=0.0, link_bytes=0.0, rows=0.0, launches=n_ub))
         ops.append(_transfer("qkv_d2h", "d2h", tokens * qkv_width * act, n_ub))
         ops.append(_transfer("attn_out_h2d", "h2d", tokens * out_width * act, n_ub))
     elif phase == "decode":

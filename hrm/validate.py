@@ -422,7 +422,10 @@ def config_row(config: Config, role: str) -> dict[str, Any]:
 
 def compare(config: Config, role: str, pred: dict[str, Any], meas: dict[str, Any]
             ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One tidy configuration row and its stage rows (predicted, measured, signed % error)."""
+    """One tidy configuration row and its stage rows (predicted, measured, signed % error; the
+    launching thread's busy time is measured only)."""
+    from executor.trace import LAUNCH_TRACK
+
     row = {**config_row(config, role), "ran": True, "error": "",
            **{k: v for k, v in pred.items() if k != "stages"},
            **{k: v for k, v in meas.items() if k not in ("busy_per_layer_s", "spans",
@@ -438,6 +441,10 @@ def compare(config: Config, role: str, pred: dict[str, Any], meas: dict[str, Any
         stages.append({"config": config.name, "role": role, "stage": stage,
                        "predicted_s": p_s, "measured_s": m_s,
                        "error_pct": pct_error(p_s, m_s) if scored else math.nan})
+    stages.append({"config": config.name, "role": role, "stage": "launcher (host, measured)",
+                   "predicted_s": math.nan,
+                   "measured_s": meas["busy_per_layer_s"].get(LAUNCH_TRACK, math.nan),
+                   "error_pct": math.nan})
     stages.append({"config": config.name, "role": role, "stage": "layer (overlap)",
                    "predicted_s": pred["predicted_layer_s"], "measured_s":
                    meas["measured_layer_s"], "error_pct": row["layer_error_pct"]})
