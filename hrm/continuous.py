@@ -52,6 +52,7 @@ from hrm.cost import (
     affine_sum,
     cost_terms,
     gpu_op_time_s,
+    interfered,
     layer_stage_sums,
     micro_batch_chain_s,
     schedule_layer_s,
@@ -224,7 +225,7 @@ class PassModel:
         for kind, count in terms.layer_counts.items():
             decode, prefill = self._layer_ops(shape, kind)
             stages = layer_stage_sums(self.hw, decode + prefill, page, per_layer_o[kind])
-            t = {s: terms.factors[s] * a(r_w, 0.0, o) for s, a in stages.items()}
+            t = interfered({s: a(r_w, 0.0, o) for s, a in stages.items()}, terms.factors)
             total_s += count * schedule_layer_s(t, terms.overlapped)
             unfed_s += count * max(without_weight_stream(t).values(), default=0.0)
             for s, seconds in t.items():

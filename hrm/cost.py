@@ -134,6 +134,8 @@ class Affine:
         return Affine(self.const * factor, self.r_w * factor, self.r_c * factor,
                       self.overflow * factor)
 
+    __mul__ = scaled
+
 
 def one_minus(x_bytes: float, variable: str) -> Affine:
     """(1 - r) * x: the part of x that is not on the GPU."""
@@ -265,8 +267,8 @@ class CostTerms:
 
     def layer_time_s(self, stages: dict[str, Affine], r_w: float, r_c: float) -> float:
         o = self.overflow(r_w)
-        return schedule_layer_s({s: self.factors[s] * term(r_w, r_c, o)
-                                 for s, term in stages.items()}, self.overlapped)
+        return schedule_layer_s(interfered({s: term(r_w, r_c, o) for s, term in stages.items()},
+                                           self.factors), self.overlapped)
 
     def decode_step_s(self, r_w: float, r_c: float) -> float:
         """lm head + max(sum layer_s, fill + sum of the layers' non-weight-stream maxima)."""
@@ -364,6 +366,28 @@ def _chain_s(hw: HardwareProfile, ops: list[Operator], num_micro_batches: int,
     and one chain per step is the pipeline's fill and drain."""
     return affine_sum([_op_time(hw, op).scaled(factors[_stage_of(op)])
                        for op in ops if op.name != "weight_h2d"]).scaled(1.0 / num_micro_batches)
+
+
+#: the link's stages, slowed by the CPU attention reading DRAM beside them (`interfered`)
+LINK_STAGES = ("h2d", "d2h")
+
+
+def interfered(stages: dict[str, Any], factors: dict[str, float]) -> dict[str, Any]:
+    """Stage times (seconds or Affine terms) with interference: f_s t_s for the GPU and CPU
+    attention, whose factors the profile measured with the other stages running throughout;
+    the link's DMA reads host DRAM and is slowed only while CPU attention reads it too:
+        t_link' = t_link + (f_link - 1) t_cpu_attn
+    (no more than f_link t_link while CPU attention is the shorter stage). H200 machine,
+    2026-12-01 (fourth session): f_link = 1.09 measured against continuous CPU attention, while
+    the link-bound pipeline streamed its weights at the pinned rate alone, 55 GB/s, with CPU
+    attention busy a fifth of each layer."""
+    out = {s: t * factors.get(s, 1.0) for s, t in stages.items()}
+    cpu = stages.get("cpu_attn")
+    if cpu is not None:
+        for s in LINK_STAGES:
+            if s in stages:
+                out[s] = stages[s] + cpu * (factors.get(s, 1.0) - 1.0)
+    return out
 
 
 def schedule_layer_s(times: dict[str, float], overlapped: bool) -> float:
@@ -749,7 +773,7 @@ class Prediction:
 
 def _bottleneck(terms: CostTerms, layer: StageTimes) -> tuple[str, float]:
     """The stage that binds the decode layer and its ratio to the next-largest stage."""
-    scaled = sorted(((terms.factors.get(s, 1.0) * t, s) for s, t in layer.by_stage().items()),
+    scaled = sorted(((t, s) for s, t in interfered(layer.by_stage(), terms.factors).items()),
                     reverse=True)
     (top_s, top), (second_s, _) = scaled[0], scaled[1]
     slack = top_s / second_s if second_s > 0 else math.inf
@@ -844,20 +868,22 @@ def timeline(model: ModelSpec, hw: HardwareProfile, workload: Workload, policy: 
     kind = "moe" if model.num_moe_layers else "dense"
     layer = _stage_times(terms, terms.decode_stages[kind], r_w, r_c)
     ops = _layer_ops(model, workload, policy, "decode", kind)
-    n_ub, f = policy.num_micro_batches, terms.factors
+    n_ub = policy.num_micro_batches
     gpu_times = {op.name: gpu_op_time_s(hw, op) for op in ops if op.device == "gpu"}
     pre_share = gpu_times["qkv_proj"] / max(sum(gpu_times.values()), 1e-30)
     weights_h2d_s = affine_sum([transfer_time(hw, op) for op in ops
                                 if op.name == "weight_h2d"])(r_w, r_c) + \
         terms.decode_stages[kind]["h2d"].overflow * terms.overflow(r_w)
+    t = interfered(layer.by_stage(), terms.factors)
+    weights_share = weights_h2d_s / layer.h2d_s if layer.h2d_s > 0 else 0.0
     per_ub_s = {
-        "pre_attn": f["gpu"] * layer.gpu_s * pre_share / n_ub,
-        "post_attn": f["gpu"] * layer.gpu_s * (1 - pre_share) / n_ub,
-        "d2h": f["d2h"] * layer.d2h_s / n_ub,
-        "cpu_attn": f["cpu_attn"] * layer.cpu_attn_s / n_ub,
-        "act_h2d": f["h2d"] * (layer.h2d_s - weights_h2d_s) / n_ub,
-        "weights_h2d": f["h2d"] * weights_h2d_s / n_ub,
-        "stage_weights": layer.copy_thread_s / n_ub,
+        "pre_attn": t["gpu"] * pre_share / n_ub,
+        "post_attn": t["gpu"] * (1 - pre_share) / n_ub,
+        "d2h": t["d2h"] / n_ub,
+        "cpu_attn": t["cpu_attn"] / n_ub,
+        "act_h2d": t["h2d"] * (1 - weights_share) / n_ub,
+        "weights_h2d": t["h2d"] * weights_share / n_ub,
+        "stage_weights": t["copy_thread"] / n_ub,
     }
     tids = {"pre_attn": "gpu", "post_attn": "gpu", "d2h": "d2h", "cpu_attn": "cpu_attention",
             "act_h2d": "h2d", "weights_h2d": "h2d", "stage_weights": "copy_thread"}

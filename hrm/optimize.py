@@ -38,6 +38,7 @@ from hrm.cost import (
     breakdown_text,
     cost_terms,
     gpu_label,
+    interfered,
     predict,
     without_weight_stream,
 )
@@ -271,9 +272,9 @@ def _add_mode(prob: pulp.LpProblem, m: int, terms: CostTerms, w_m: pulp.LpVariab
                 prob.addConstraint(stream >= lin(a))
             return rest + stream
         t_var = prob.add_variable(name, 0)     # epigraph of max over the stages
-        for s, a in stages.items():
-            if a != Affine():                # a stage with nothing to do binds nothing
-                prob.addConstraint(t_var >= lin(a.scaled(terms.factors[s])))
+        for s, a in interfered(stages, terms.factors).items():
+            if stages[s] != Affine():        # a stage with nothing to do binds nothing
+                prob.addConstraint(t_var >= lin(a))
         return t_var
 
     layers = pulp.lpSum(count * layer_time(terms.decode_stages[k], f"D{m}_{k}")

@@ -393,14 +393,13 @@ def measure(shared: SharedModel, config: Config, gpu_limit_bytes: float,
 def predicted(spec: ModelSpec, hw: HardwareProfile, config: Config) -> dict[str, Any]:
     """The cost model's numbers for a configuration as the executor runs it (r_w in whole
     experts), stage times with interference applied."""
-    from hrm.cost import check_fits, cost_terms, predict
+    from hrm.cost import check_fits, cost_terms, interfered, predict
 
     check_fits(spec, hw, config.workload, config.policy)
     policy = config.policy.in_whole_experts(spec.num_layers, spec.num_experts)
     pred = predict(spec, hw, config.workload, policy)
     factors = cost_terms(spec, hw, config.workload, policy).factors
-    layer = pred.decode_layer
-    stages = {s: factors[s] * getattr(layer, f"{s}_s") for s in STAGE_TRACKS}
+    stages = interfered(pred.decode_layer.by_stage(), factors)
     return {"predicted_tok_s": pred.throughput_tok_s, "predicted_prefill_s": pred.prefill_s,
             "predicted_decode_s": pred.decode_s,
             "predicted_layer_s": pred.decode_step_s / spec.num_layers, "stages": stages,

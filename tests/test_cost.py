@@ -12,6 +12,7 @@ from hrm.cost import (
     STAGING_RING_PAGES,
     check_fits,
     cost_terms,
+    interfered,
     memory_footprint,
     predict,
     timeline,
@@ -115,10 +116,32 @@ def test_serial_schedules_sum_the_stages():
 
 
 def test_interference_slows_overlapped_stages():
+    """The link is slowed while CPU attention runs beside it: by (f - 1) t_cpu_attn."""
     policy = Policy(batch_size=512, micro_batch_size=128)
     slow = replace(T4, interference=Interference(link=1.2, gpu=1.0, cpu_attention=1.0))
     a, b = predict(MIXTRAL, T4, WORK, policy), predict(MIXTRAL, slow, WORK, policy)
-    assert b.decode_layer.layer_s == pytest.approx(1.2 * a.decode_layer.layer_s)
+    assert a.bottleneck == b.bottleneck == "link"
+    assert 0 < a.decode_layer.cpu_attn_s < a.decode_layer.h2d_s
+    assert b.decode_layer.layer_s == pytest.approx(a.decode_layer.layer_s
+                                                   + 0.2 * a.decode_layer.cpu_attn_s)
+    gpu_slow = replace(T4, interference=Interference(link=1.0, gpu=1.3, cpu_attention=1.0))
+    c = predict(MIXTRAL, gpu_slow, WORK, replace(policy, weights_gpu_fraction=1.0))
+    d = predict(MIXTRAL, T4, WORK, replace(policy, weights_gpu_fraction=1.0))
+    assert c.bottleneck == d.bottleneck == "gpu"
+    assert c.decode_layer.layer_s == pytest.approx(1.3 * d.decode_layer.layer_s)
+
+
+@given(link=st.floats(0.0, 10.0), cpu=st.floats(0.0, 10.0), gpu=st.floats(0.0, 10.0),
+       f_link=st.floats(1.0, 2.0), f_gpu=st.floats(1.0, 2.0), f_cpu=st.floats(1.0, 2.0))
+def test_interfered_stages_are_bounded(link, cpu, gpu, f_link, f_cpu, f_gpu):
+    """Each stage is no faster than alone; the link no slower than f_link t_link while CPU
+    attention is the shorter stage; GPU and CPU attention exactly f t."""
+    factors = {"h2d": f_link, "d2h": f_link, "cpu_attn": f_cpu, "gpu": f_gpu}
+    t = interfered({"h2d": link, "cpu_attn": cpu, "gpu": gpu}, factors)
+    assert t["h2d"] >= link and t["gpu"] == pytest.approx(f_gpu * gpu)
+    assert t["cpu_attn"] == pytest.approx(f_cpu * cpu)
+    if cpu <= link:
+        assert t["h2d"] <= f_link * link + 1e-12
 
 
 def test_pinned_overflow_goes_through_the_copy_thread():

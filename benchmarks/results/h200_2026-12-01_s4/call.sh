@@ -31,7 +31,8 @@ for step in ${STEPS:-main omp variants}; do
   echo "== $step $(date -u +%T)"
   case $step in
     main) W=$W NAME=h200-session PIN_PROBE_GIB=0 STEPS="profile validate" T_PROFILE=150 \
-            T_VALIDATE=290 VALIDATE_ARGS="--trace-config N=1024" bash benchmarks/device_session.sh ;;
+            T_VALIDATE=290 VALIDATE_ARGS="${VALIDATE_ARGS:---trace-config N=1024}" \
+            bash benchmarks/device_session.sh ;;
     omp) for v in default OMP_WAIT_POLICY=ACTIVE GOMP_SPINCOUNT=10000000; do
            d=$W/omp_${v%%=*}; e=(); [ "$v" != default ] && e=("$v")
            env "${e[@]}" timeout 40 python3 benchmarks/diag_cpu_attention_threads.py --kv-only \
