@@ -8,7 +8,9 @@
 #      (set before torch loads)
 #   3. N=1024 alone under the same profile with Python's switch interval at 5 ms (the default)
 #      instead of the executor's 0.5 ms, and with OMP_WAIT_POLICY=ACTIVE
-# STEPS selects (default: "main omp variants").
+#   spin: N=1024 alone with GOMP_SPINCOUNT=10M
+# STEPS selects (default: "main omp variants"); call 2 ran STEPS="main spin" with
+# VALIDATE_ARGS="--trace-config N=1024 --trace-config n_ub=16".
 set -u
 W=${W:-/tmp/w}
 mkdir -p "$W"
@@ -39,6 +41,7 @@ for step in ${STEPS:-main omp variants}; do
              --out "$d" > "$d.log" 2>&1; echo "   $v exit $?"
          done ;;
     variants) one switch5 ; one omp_active OMP_WAIT_POLICY=ACTIVE ;;
+    spin) one spin GOMP_SPINCOUNT=10000000 ;;
   esac
 done
 echo "== done $(date -u +%T)"
