@@ -134,10 +134,13 @@ def route(h: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool
     return experts, weights
 
 
-def swiglu(h: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """FFN(h) = W2 (silu(W1 h) * W3 h) with W1 and W3 stacked as w13 = [W1; W3]."""
+def swiglu(h: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """FFN(h) = W2 (silu(W1 h) * W3 h) with W1 and W3 stacked as w13 = [W1; W3]; written into
+    `out` when given (its rows, contiguous), which saves a copy."""
     gate, up = F.linear(h, w13).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w2)
+    act = F.silu(gate) * up
+    return F.linear(act, w2) if out is None else torch.mm(act, w2.t(), out=out)
 
 
 def host_list(t: torch.Tensor) -> list:
@@ -160,12 +163,15 @@ def routed_experts(h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
                    num_experts: int, expert: ExpertFn) -> torch.Tensor:
     """sum_k g_k FFN_{e_k}(h) for every token, as one GEMM pair per expert over the tokens routed
     to it (in chunks of at most EXPERT_CHUNK_ROWS, which bounds the intermediate activations):
-    the (token, slot) pairs are sorted by expert, so each expert's rows are contiguous.
-    Experts `expert` returns None for (held by another rank) contribute zero."""
+    the (token, slot) pairs are sorted by expert, so each expert's rows are contiguous, and each
+    GEMM pair writes its rows of the sorted output in place. The gates g_k multiply all rows at
+    once afterwards, in the activations' dtype (as transformers' Mixtral and Qwen2-MoE blocks
+    do): per expert the launching thread issues only its GEMM pair and what feeds it (the decode
+    GPU stage is bound by that thread: hrm.roofline OPS_PER_EXPERT). Experts `expert` returns
+    None for (held by another rank) contribute zero."""
     top_k = experts.shape[1]
     order = torch.argsort(experts.reshape(-1), stable=True)
     token_of = order // top_k
-    gate_sorted = weights.reshape(-1)[order]
     rows_per_expert = host_list(torch.bincount(experts.reshape(-1), minlength=num_experts))
     h_sorted = h[token_of]
     out_sorted = torch.empty_like(h_sorted)
@@ -179,9 +185,9 @@ def routed_experts(h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
             if weights_e is None:
                 out_sorted[lo:hi] = 0
             else:
-                y = swiglu(h_sorted[lo:hi], *weights_e)
-                out_sorted[lo:hi] = (y.float() * gate_sorted[lo:hi, None]).to(h.dtype)
+                swiglu(h_sorted[lo:hi], *weights_e, out=out_sorted[lo:hi])
         start += rows
+    out_sorted.mul_(weights.reshape(-1)[order].to(h.dtype)[:, None])
     return torch.zeros_like(h).index_add_(0, token_of, out_sorted)
 
 

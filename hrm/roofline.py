@@ -30,19 +30,21 @@ ACT_DTYPE = "bf16"
 COMPUTE_DTYPE = "bf16"
 #: Host-issued operations per micro-batch (what `launches` counts, each costing the profile's
 #: op_overhead_s on the GPU stage): the aten operations the executor's layer code
-#: (executor/layers.py) dispatches, views included, since each costs the launching thread its
-#: Python and dispatcher time and decode micro-batches are small enough to be bound by it.
-#: Counted on the executor by tests/test_roofline.py::test_op_counts_match_the_executor.
+#: (executor/layers.py) dispatches with bf16 activations (ACT_DTYPE), views and casts included,
+#: since each costs the launching thread its Python and dispatcher time and decode micro-batches
+#: are small enough to be bound by it. Counted on the executor by
+#: tests/test_roofline.py::test_op_counts_match_the_executor (until 2026-12-01 they were counted
+#: with fp32 weights, which dispatch no casts: 25 operations per 8-expert micro-batch too few).
 #: attention_in: RMSNorm, Q/K/V projections, RoPE on q and k
-OPS_ATTENTION_IN = 35
+OPS_ATTENTION_IN = 41
 #: attention_out: output projection and residual
 OPS_ATTENTION_OUT = 3
 #: routing and the token permutation around the experts: router GEMM, softmax, top-k, sort,
-#: bincount, gather, scatter-add, residual, post-attention RMSNorm
-OPS_MOE_ROUTING = 24
-#: per touched expert: slices, the gate/up GEMM and its split, SiLU, product, down GEMM, gate
-#: weighting, cast and the write into the sorted output
-OPS_PER_EXPERT = 17
+#: bincount, gather, gate weighting, scatter-add, residual, post-attention RMSNorm
+OPS_MOE_ROUTING = 30
+#: per touched expert: its weight views, the rows' slice, the gate/up GEMM and its split, SiLU,
+#: product and the down GEMM written in place into the sorted output
+OPS_PER_EXPERT = 13
 #: the launching thread's hand-off of one micro-batch's decode attention to the CPU worker and
 #: back (q/k/v down, submit, the output up through its pinned buffer's alias): an operator on the
 #: GPU stage (that thread drives the GPU), `launches` = hand-offs, each costing the profile's

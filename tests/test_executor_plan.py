@@ -261,11 +261,15 @@ def test_experts_run_in_bounded_chunks_with_the_same_output(monkeypatch) -> None
     whole = L.routed_experts(h, experts, gates, n_experts, lambda e: w[e])
     rows_seen = []
     swiglu = L.swiglu
-    monkeypatch.setattr(L, "swiglu", lambda x, *ws: rows_seen.append(len(x)) or swiglu(x, *ws))
+    monkeypatch.setattr(L, "swiglu", lambda x, *ws, **kw: rows_seen.append(len(x))
+                        or swiglu(x, *ws, **kw))
     monkeypatch.setattr(L, "EXPERT_CHUNK_ROWS", 5)
     chunked = L.routed_experts(h, experts, gates, n_experts, lambda e: w[e])
     assert max(rows_seen) == 5 and sum(rows_seen) == 2 * tokens
     torch.testing.assert_close(chunked, whole)
+    naive = torch.stack([sum(gates[t, j] * swiglu(h[t:t + 1], *w[int(experts[t, j])])[0]
+                             for j in range(2)) for t in range(tokens)])
+    torch.testing.assert_close(whole, naive)
 
 
 def test_gpu_busy_time_leaves_out_the_stalls_on_weights() -> None:

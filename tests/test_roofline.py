@@ -123,8 +123,9 @@ def test_summary_places_expert_ffn_between_p1_and_p2():
 
 def test_op_counts_match_the_executor():
     """The host-issued operations the model charges per micro-batch (OPS_*) are the aten
-    operations the executor's layer code dispatches (counted, not fitted): a decode micro-batch
-    of tiny-mixtral touching 2 experts (one token, top-2) and all 8 (64 tokens)."""
+    operations the executor's layer code dispatches (counted, not fitted) with bf16 weights and
+    activations, as on the GPU: a decode micro-batch of tiny-mixtral touching 2 experts (one
+    token, top-2) and all 8 (64 tokens)."""
     torch = pytest.importorskip("torch")
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -142,14 +143,16 @@ def test_op_counts_match_the_executor():
             return func(*args, **(kwargs or {}))
 
     spec, config = read_model("tiny-mixtral")
-    w = random_weights(spec, config, dtype=torch.float32, device=torch.device("cpu"),
+    bf16 = torch.bfloat16
+    w = random_weights(spec, config, dtype=bf16, device=torch.device("cpu"),
                        resident=[spec.num_experts] * spec.num_layers, page_bytes=1 << 20,
                        pin_budget_bytes=0, seed=0)
     cos, sin = L.rope_tables(spec, 8, "cpu")
     for tokens in (1, 64):
-        x, pos = torch.randn(tokens, spec.hidden_size), torch.zeros(tokens, dtype=torch.long)
+        x = torch.randn(tokens, spec.hidden_size, dtype=bf16)
+        pos = torch.zeros(tokens, dtype=torch.long)
         c_in, c_out, c_moe = Count(), Count(), Count()
-        attn = torch.randn(tokens, spec.num_heads * spec.head_dim)
+        attn = torch.randn(tokens, spec.num_heads * spec.head_dim, dtype=bf16)
         with c_in:
             L.attention_in(x, w.layers[0], spec, cos[pos], sin[pos])  # as the engine calls it
         with c_out:
