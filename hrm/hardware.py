@@ -114,6 +114,9 @@ class LinkTier:
     pinned_max_bytes: float = math.inf
     #: pageable -> pinned staging copy by a CPU thread (bytes/s, reads + writes DRAM)
     pageable_to_pinned_bps: float = 0.0
+    #: the launching thread's gather of CPU KV blocks into pinned memory for GPU attention
+    #: (bytes/s of KV); 0 when not measured
+    kv_gather_bps: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,7 @@ def profile_from_dict(data: dict[str, Any], origin: str = "<dict>") -> HardwareP
             h2d_pageable_bps=_number(lk, "h2d_pageable_bps", "link", sources),
             d2h_pageable_bps=_number(lk, "d2h_pageable_bps", "link", sources),
             pinned_max_bytes=_number(lk, "pinned_max_bytes", "link", sources, False, math.inf),
+            kv_gather_bps=_number(lk, "kv_gather_bps", "link", sources, False, 0.0),
             pageable_to_pinned_bps=_number(lk, "pageable_to_pinned_bps", "link", sources, False,
                                            0.0),
         )

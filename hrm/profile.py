@@ -538,23 +538,18 @@ def ragged_context_lens(batch: int, context: int) -> list[int]:
 MAX_COLD_COPIES = 128
 
 
-def decode_attention_call(spec: ModelSpec, batch: int, context: int, dtype: str,
-                          cold_bytes: float = 0.0) -> tuple[Callable[[], Any], float]:
-    """What the executor's CPU worker does per micro-batch and layer (executor/engine.py): append
-    one token's K/V per sequence to the block KV cache, then grouped-query attention over the
-    ragged contexts (KVCache.attend: executor.kernels.cpu_decode_attention_paged). Successive
-    calls go to the next of ceil(cold_bytes / KV bytes) caches (at most MAX_COLD_COPIES; one for
-    cold_bytes = 0), so that a call finds its KV in DRAM, as in the executor, where the
-    calls between two on one micro-batch's KV read the other micro-batches' and layers'.
-    Returns the call and the KV bytes it reads: 2 Hkv D bytes_per_element sum_b len_b."""
+def _cold_kv_caches(spec: ModelSpec, lens: list[int], dtype: str, cold_bytes: float
+                    ) -> tuple[list[Any], float]:
+    """One-layer CPU KV caches (executor.kv_cache.KVCache) holding `lens` tokens, as many as
+    together hold `cold_bytes` (at most MAX_COLD_COPIES; one for 0), the same random values in
+    each; and the KV bytes of one: 2 Hkv D bytes_per_element sum_b len_b."""
     import torch
 
     try:
         from executor.kv_cache import KVCache
     except ImportError as exc:
-        raise ProfileError(f"cannot import the executor's CPU attention ({exc}); run from the "
+        raise ProfileError(f"cannot import the executor's KV cache ({exc}); run from the "
                            "repository root or install the package") from None
-    lens = ragged_context_lens(batch, context)
     kv_bytes = 2.0 * spec.num_kv_heads * spec.head_dim * dtype_bytes(dtype) * sum(lens)
     one_layer = dataclasses.replace(spec, num_layers=1)
     caches = [KVCache.allocate(one_layer, lens, _torch_dtype(dtype), torch.device("cpu"),
@@ -566,6 +561,46 @@ def decode_attention_call(spec: ModelSpec, batch: int, context: int, dtype: str,
     for cache in caches[1:]:   # the same values in other memory: copying beats sampling
         for blocks, source in zip(cache.k[0] + cache.v[0], first, strict=True):
             blocks.copy_(source)
+    return caches, kv_bytes
+
+
+#: the decode shape of `kv_gather`: sequences x longest context (the validation grid's)
+KV_GATHER_CALL = (64, 136)
+
+
+def kv_gather(spec: ModelSpec, reps: int, threads: int, cold_bytes: float,
+              call: tuple[int, int] = KV_GATHER_CALL) -> Measurement:
+    """KV bytes/s of the launching thread's gather of a CPU KV cache for GPU decode attention
+    (executor.kv_cache.KVCache.gather: the blocks copied into a dense pinned tensor, then one
+    asynchronous DMA per tensor, which is not waited for: the model puts it on the link), on
+    `threads` torch threads (the executor's, executor.schedule.compute_threads), the KV read
+    from DRAM (`cold_bytes` of caches in rotation). The model's 'kv_gather' term."""
+    import torch
+
+    batch, context = call
+    lens = ragged_context_lens(batch, context)
+    caches, kv_bytes = _cold_kv_caches(spec, lens, "bf16", cold_bytes)
+    turn, device = itertools.cycle(caches), torch.device("cuda")
+    with torch_threads(threads):
+        times = time_calls(lambda: next(turn).gather(0, slice(0, batch), lens[0], device),
+                           reps, "cpu", warmup=2)
+    torch.cuda.synchronize()
+    return Measurement("kv_gather", {"batch": batch, "context": context, "dtype": "bf16",
+                                     "threads": threads}, x=kv_bytes, work=kv_bytes,
+                       unit="B/s", times_s=times)
+
+
+def decode_attention_call(spec: ModelSpec, batch: int, context: int, dtype: str,
+                          cold_bytes: float = 0.0) -> tuple[Callable[[], Any], float]:
+    """What the executor's CPU worker does per micro-batch and layer (executor/engine.py): append
+    one token's K/V per sequence to the block KV cache, then grouped-query attention over the
+    ragged contexts (KVCache.attend: executor.kernels.cpu_decode_attention_paged). Successive
+    calls go to the next of ceil(cold_bytes / KV bytes) caches (at most MAX_COLD_COPIES; one for
+    cold_bytes = 0), so that a call finds its KV in DRAM, as in the executor, where the
+    calls between two on one micro-batch's KV read the other micro-batches' and layers'.
+    Returns the call and the KV bytes it reads: 2 Hkv D bytes_per_element sum_b len_b."""
+    lens = ragged_context_lens(batch, context)
+    caches, kv_bytes = _cold_kv_caches(spec, lens, dtype, cold_bytes)
     q = random_tensor((batch, spec.num_heads, spec.head_dim), dtype, "cpu")
     k_new = random_tensor((batch, spec.num_kv_heads, spec.head_dim), dtype, "cpu")
     slots, positions = slice(0, batch), [n - 1 for n in lens]
@@ -915,6 +950,8 @@ def benchmark_plan(config: ProfileConfig, env: Environment, spec: ModelSpec,
                              copy_series(di, pi, config.link_sizes_bytes, dev, budget)))
         plan.append(("pageable -> pinned staging",
                      lambda: [staging_copy(config.link_sizes_bytes[-1], reps)]))
+        plan.append(("KV gather for GPU attention", lambda: [kv_gather(
+            spec, reps, executor_attention_threads(env.threads), config.attn_cold_bytes)]))
     else:
         plan.append(("host memcpy (link stand-in)", lambda: copy_series(
             "cpu", False, config.link_sizes_bytes, dev, budget)))
@@ -1139,6 +1176,11 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
                f"{fmt_bytes(staging.params['page_bytes'])} page)" if "copy" in staging.params
                else f"torch copy_ on {env.threads} threads")
         sources["link.pageable_to_pinned_bps"] = f"{source_of(staging, date)}, {how}"
+        gathers = [m for m in ms if m.bench == "kv_gather"]
+        if gathers:
+            link_rates["kv_gather_bps"] = gathers[0].rate
+            sources["link.kv_gather_bps"] = (f"{source_of(gathers[0], date)}, "
+                                             "executor.kv_cache.KVCache.gather into pinned memory")
         h2d_series = _select(ms, "copy", direction="h2d", pinned=True)
     pinned_max = math.inf
     probes = [m for m in ms if m.bench == "pin_probe"]

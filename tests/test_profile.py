@@ -72,6 +72,11 @@ def synthetic_measurements(standin=False):
                          size, size, H2D_CURVE(size) * scale))
     if not standin:
         ms.append(_m("pageable_to_pinned", {"bytes": GiB}, GiB, GiB, 42e9))
+        ms.append(_m("kv_gather", {"batch": 64, "context": 136, "dtype": "bf16", "threads": 10},
+                     35e6, 35e6, 8e9))
+        ms.append(_m("attention_handoff", {"micro_batch": 64, "qkv_width": 6144,
+                                           "filler_ops": 200}, 64, 1.0, 1 / 450e-6,
+                     unit="handoff/s"))
         ms.append(Measurement("pin_probe", {"chunk_bytes": 4 * GiB, "bound_bytes": 80 * GiB,
                                             "outcome": "failed"}, x=60 * GiB, work=60 * GiB,
                               unit="B/s", times_s=(34.0,)))
@@ -165,6 +170,9 @@ def test_build_profile_maps_measurements_onto_fields():
     assert link.h2d_pinned_bps == pytest.approx(H2D_CURVE(largest))
     assert link.d2h_pageable_bps == pytest.approx(H2D_CURVE(largest) * 0.16)
     assert link.pageable_to_pinned_bps == pytest.approx(42e9)
+    assert link.kv_gather_bps == pytest.approx(8e9)
+    assert gpu.attention_handoff_s == pytest.approx(450e-6)
+    assert "AttentionLink" in profile.sources["gpu.attention_handoff_s"]
     assert link.pinned_max_bytes == 60 * GiB
     assert "failed to pin" in profile.sources["link.pinned_max_bytes"]
     inter = profile.interference

@@ -9,14 +9,19 @@
 #   3. N=1024 alone under the same profile with Python's switch interval at 5 ms (the default)
 #      instead of the executor's 0.5 ms, and with OMP_WAIT_POLICY=ACTIVE
 #   spin: N=1024 alone with GOMP_SPINCOUNT=10M
-# STEPS selects (default: "main omp variants"); call 2 ran STEPS="main spin" with
-# VALIDATE_ARGS="--trace-config N=1024 --trace-config n_ub=16".
+#   gpu_attn: hrm validate of N=1024 and the six GPU-attention configurations only (call 4)
+# STEPS selects (default: "main omp variants"); call 2 ran STEPS="main spin" and call 3
+# STEPS="main", both with VALIDATE_ARGS="--trace-config N=1024 --trace-config n_ub=16"; call 4
+# STEPS="main" with VALIDATE_ARGS="$GPU_ATTN" (below) and T_VALIDATE=130.
 set -u
 W=${W:-/tmp/w}
 mkdir -p "$W"
 git rev-parse HEAD > "$W/commit.txt"; git status --short >> "$W/commit.txt"
 lscpu > "$W/lscpu.txt"
 P=$W/h200-session.toml
+GPU_ATTN="--only N=1024 --only attn=gpu --only N=64,attn=gpu --only N=1024,attn=gpu
+  --only schedule=layerwise --only N=1024,schedule=layerwise --no-optimizer --no-spot-check
+  --trace-config N=1024,attn=gpu"
 one() {  # one() NAME ENV... -- validate N=1024 alone into $W/NAME
   local name=$1; shift
   env "$@" COLUMNS=140 timeout 90 python3 -c "import sys, executor.schedule as s
@@ -33,7 +38,7 @@ for step in ${STEPS:-main omp variants}; do
   echo "== $step $(date -u +%T)"
   case $step in
     main) W=$W NAME=h200-session PIN_PROBE_GIB=0 STEPS="profile validate" T_PROFILE=150 \
-            T_VALIDATE=290 VALIDATE_ARGS="${VALIDATE_ARGS:---trace-config N=1024}" \
+            T_VALIDATE=${T_VALIDATE:-290} VALIDATE_ARGS="${VALIDATE_ARGS:---trace-config N=1024}" \
             bash benchmarks/device_session.sh ;;
     omp) for v in default OMP_WAIT_POLICY=ACTIVE GOMP_SPINCOUNT=10000000; do
            d=$W/omp_${v%%=*}; e=(); [ "$v" != default ] && e=("$v")
