@@ -34,9 +34,7 @@ Each stage of one decoder layer (for the whole batch) is a sum over the operator
         the weights' budget (the executor's --pin-mem): the activation buffers and the staging
         ring are pinned beside it, as the executor does
 
-Schedules: cgopipe  layer_s = max_s(f_s t_s)  (f = interference factors: the GPU's slows its
-           kernels, not the launching thread's host work; the link's applies while CPU attention
-           runs beside it, t_link + (f_link - 1) t_cpu_attn: `interfered`);  cgopipe-serial and
+Schedules: cgopipe  layer_s = max_s(f_s t_s)  (f = interference factors);  cgopipe-serial and
            layerwise  layer_s = sum_{s not h2d, copy} t_s + max(t_h2d, t_copy)  (one stage at a
            time, but the copy thread stages page p+1 while page p crosses the link, so the
            copy's time is inside t_h2d).
@@ -160,17 +158,14 @@ def gpu_achieved_flops(hw: HardwareProfile, rows: float) -> float:
     return min(curve(rows), peak) if curve is not None and rows > 0 else peak
 
 
-def gpu_op_time_s(hw: HardwareProfile, op: Operator, kernel_factor: float = 1.0) -> float:
-    """t = f_g max(F / P_g(rows), B_hbm / BW_g) + launches * t_launch; the CPU attention
-    hand-off (HANDOFF_OP) t = hand-offs * t_handoff. `kernel_factor` f_g (the GPU's interference
-    factor where stages overlap) slows the kernels, not the launching thread's host work (H200
-    machine, 2026-12-01, fourth session: the launch-bound decode GPU stage ran 1.0-1.24x its
-    solo model on the lease whose profile measured f_g = 1.51 with GEMMs)."""
+def gpu_op_time_s(hw: HardwareProfile, op: Operator) -> float:
+    """t = max(F / P_g(rows), B_hbm / BW_g) + launches * t_launch; the CPU attention hand-off
+    (HANDOFF_OP) t = hand-offs * t_handoff."""
     if op.name == HANDOFF_OP:
         return op.launches * hw.gpu.attention_handoff_s
     compute_s = op.flops / gpu_achieved_flops(hw, op.rows)
     memory_s = op.gpu_bytes / hw.gpu.hbm_bandwidth_bps
-    return kernel_factor * max(compute_s, memory_s) + op.launches * hw.gpu.op_overhead_s
+    return max(compute_s, memory_s) + op.launches * hw.gpu.op_overhead_s
 
 
 def cpu_op_time_s(hw: HardwareProfile, op: Operator) -> float:
@@ -323,9 +318,8 @@ def _stage_sums(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
     of the total pinned overflow o that one layer streams (1 / l_moe; 0 for dense layers): the
     shared CPU stages it all, each of the `num_gpus` links carries 1/G of it."""
     stages = {s: Affine() for s in STAGES}
-    gpu_factor = hw.interference.gpu if overlapped else 1.0
     for op in ops:
-        stages[_stage_of(op, overlapped)] += _op_time(hw, op, gpu_factor)
+        stages[_stage_of(op, overlapped)] += _op_time(hw, op)
     if overflow_per_layer:
         p2p_bps = hw.link.pageable_to_pinned_bps
         if p2p_bps > 0:
@@ -357,17 +351,14 @@ def _layer_ops(model: ModelSpec, workload: Workload, policy: Policy, phase: str,
         parallelism=policy.parallelism)
 
 
-def _op_time(hw: HardwareProfile, op: Operator, gpu_factor: float = 1.0) -> Affine:
-    """An operator's seconds on its resource; `gpu_factor` (interference) slows what runs on the
-    GPU stage, except the launching thread's host work (`gpu_op_time_s`)."""
+def _op_time(hw: HardwareProfile, op: Operator) -> Affine:
     if op.device == "gpu":
-        return Affine(const=gpu_op_time_s(hw, op, gpu_factor))
+        return Affine(const=gpu_op_time_s(hw, op))
     if op.device == "comm":
-        return Affine(const=gpu_factor * allreduce_time_s(hw, op))
+        return Affine(const=allreduce_time_s(hw, op))
     if op.device == "cpu":
         return Affine(const=cpu_op_time_s(hw, op))
-    moved = transfer_time(hw, op)
-    return moved.scaled(gpu_factor) if _stage_of(op) == "gpu" else moved
+    return transfer_time(hw, op)
 
 
 def _chain_s(hw: HardwareProfile, ops: list[Operator], num_micro_batches: int,
@@ -375,7 +366,7 @@ def _chain_s(hw: HardwareProfile, ops: list[Operator], num_micro_batches: int,
     """One micro-batch's dependent chain through a layer (pre-attention, q/k/v D2H, attention,
     output H2D, post-attention; everything but the weight stream): a layer cannot take less,
     and one chain per step is the pipeline's fill and drain."""
-    return affine_sum([_op_time(hw, op, hw.interference.gpu).scaled(factors[_stage_of(op)])
+    return affine_sum([_op_time(hw, op).scaled(factors[_stage_of(op)])
                        for op in ops if op.name != "weight_h2d"]).scaled(1.0 / num_micro_batches)
 
 
@@ -429,9 +420,9 @@ def _stage_of(op: Operator, overlapped: bool = True) -> str:
 
 
 def layer_stage_sums(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
-                     overflow_per_layer: float, overlapped: bool) -> dict[str, Affine]:
+                     overflow_per_layer: float) -> dict[str, Affine]:
     """Public `_stage_sums`, for callers that build their own operator mix (hrm.continuous)."""
-    return _stage_sums(hw, ops, page_bytes, overflow_per_layer, overlapped=overlapped)
+    return _stage_sums(hw, ops, page_bytes, overflow_per_layer)
 
 
 def micro_batch_chain_s(hw: HardwareProfile, ops: list[Operator], num_micro_batches: int,
@@ -475,8 +466,7 @@ def cost_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
     head_s = sum(gpu_op_time_s(hw, op) for op in head_operators(
         model, micro_batch_size=mu, num_micro_batches=n_ub, weight_dtype=policy.weight_dtype))
     inter = hw.interference
-    # the GPU's factor is applied per operator, to its kernels (`_stage_sums`, `_op_time`)
-    factors = ({"h2d": inter.link, "d2h": inter.link, "gpu": 1.0,
+    factors = ({"h2d": inter.link, "d2h": inter.link, "gpu": inter.gpu,
                 "cpu_attn": inter.cpu_attention, "copy_thread": 1.0, "chain": 1.0}
                if overlapped else dict.fromkeys(STAGES, 1.0))
     decode_extra, prefill_extra, decode_fill = Affine(const=head_s), Affine(const=head_s), Affine()
