@@ -224,7 +224,8 @@ class PassModel:
         total_s, unfed_s, stage_s, chain_s, top = 0.0, 0.0, {}, 0.0, ("", -1.0)
         for kind, count in terms.layer_counts.items():
             decode, prefill = self._layer_ops(shape, kind)
-            stages = layer_stage_sums(self.hw, decode + prefill, page, per_layer_o[kind])
+            stages = layer_stage_sums(self.hw, decode + prefill, page, per_layer_o[kind],
+                                      terms.overlapped)
             t = interfered({s: a(r_w, 0.0, o) for s, a in stages.items()}, terms.factors)
             total_s += count * schedule_layer_s(t, terms.overlapped)
             unfed_s += count * max(without_weight_stream(t).values(), default=0.0)

@@ -34,7 +34,11 @@ Each stage of one decoder layer (for the whole batch) is a sum over the operator
         the weights' budget (the executor's --pin-mem): the activation buffers and the staging
         ring are pinned beside it, as the executor does
 
-Schedules: cgopipe  layer_s = max_s(f_s t_s)  (f = interference factors);  cgopipe-serial and
+Schedules: cgopipe  layer_s = max_s(f_s t_s)  (f = interference factors: on the GPU stage f_gpu
+           slows the kernels and f_launch the launching thread's host work, its launches and
+           hand-offs (f_gpu where the profile has no f_launch); the link's applies while CPU
+           attention runs beside it, t_link + (f_link - 1) t_cpu_attn: `interfered`);
+           cgopipe-serial and
            layerwise  layer_s = sum_{s not h2d, copy} t_s + max(t_h2d, t_copy)  (one stage at a
            time, but the copy thread stages page p+1 while page p crosses the link, so the
            copy's time is inside t_h2d).
@@ -158,14 +162,28 @@ def gpu_achieved_flops(hw: HardwareProfile, rows: float) -> float:
     return min(curve(rows), peak) if curve is not None and rows > 0 else peak
 
 
-def gpu_op_time_s(hw: HardwareProfile, op: Operator) -> float:
-    """t = max(F / P_g(rows), B_hbm / BW_g) + launches * t_launch; the CPU attention hand-off
-    (HANDOFF_OP) t = hand-offs * t_handoff."""
+def gpu_op_time_s(hw: HardwareProfile, op: Operator, kernel_factor: float = 1.0,
+                  host_factor: float = 1.0) -> float:
+    """t = f_g max(F / P_g(rows), B_hbm / BW_g) + f_h launches * t_launch; the CPU attention
+    hand-off (HANDOFF_OP) t = f_h hand-offs * t_handoff. Where stages overlap, f_g is the GPU's
+    interference factor and f_h the launching thread's (`gpu_factors`); 1 alone."""
     if op.name == HANDOFF_OP:
-        return op.launches * hw.gpu.attention_handoff_s
+        return host_factor * op.launches * hw.gpu.attention_handoff_s
     compute_s = op.flops / gpu_achieved_flops(hw, op.rows)
     memory_s = op.gpu_bytes / hw.gpu.hbm_bandwidth_bps
-    return max(compute_s, memory_s) + op.launches * hw.gpu.op_overhead_s
+    return (kernel_factor * max(compute_s, memory_s)
+            + host_factor * op.launches * hw.gpu.op_overhead_s)
+
+
+def gpu_factors(hw: HardwareProfile) -> tuple[float, float]:
+    """(f_g, f_h) of an overlapped schedule: the GPU stage's kernels are slowed by the GPU's
+    interference factor, its host work (launches, hand-offs) by the launching thread's, which
+    `hrm profile` times on the interference benchmark's GPU thread (Interference.launch); a
+    profile without it takes the GPU's factor for both (H200 machine, 2026-12-01, fourth
+    session: in the pipeline the launching thread's work took 1.23-1.46x its solo model on
+    four leases, whose GPU factors, measured with a GEMM behind 64 launches, were 1.40-1.67)."""
+    inter = hw.interference
+    return inter.gpu, inter.launch or inter.gpu
 
 
 def cpu_op_time_s(hw: HardwareProfile, op: Operator) -> float:
@@ -318,8 +336,9 @@ def _stage_sums(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
     of the total pinned overflow o that one layer streams (1 / l_moe; 0 for dense layers): the
     shared CPU stages it all, each of the `num_gpus` links carries 1/G of it."""
     stages = {s: Affine() for s in STAGES}
+    factors = gpu_factors(hw) if overlapped else (1.0, 1.0)
     for op in ops:
-        stages[_stage_of(op, overlapped)] += _op_time(hw, op)
+        stages[_stage_of(op, overlapped)] += _op_time(hw, op, factors)
     if overflow_per_layer:
         p2p_bps = hw.link.pageable_to_pinned_bps
         if p2p_bps > 0:
@@ -351,14 +370,20 @@ def _layer_ops(model: ModelSpec, workload: Workload, policy: Policy, phase: str,
         parallelism=policy.parallelism)
 
 
-def _op_time(hw: HardwareProfile, op: Operator) -> Affine:
+def _op_time(hw: HardwareProfile, op: Operator,
+             gpu_factors: tuple[float, float] = (1.0, 1.0)) -> Affine:
+    """An operator's seconds on its resource; `gpu_factors` (f_g, f_h: interference) slow what
+    runs on the GPU stage: kernels and all-reduces by f_g, the launching thread's host work
+    (launches, hand-offs, the KV gather for GPU attention) by f_h."""
+    kernel, host = gpu_factors
     if op.device == "gpu":
-        return Affine(const=gpu_op_time_s(hw, op))
+        return Affine(const=gpu_op_time_s(hw, op, kernel, host))
     if op.device == "comm":
-        return Affine(const=allreduce_time_s(hw, op))
+        return Affine(const=kernel * allreduce_time_s(hw, op))
     if op.device == "cpu":
         return Affine(const=cpu_op_time_s(hw, op))
-    return transfer_time(hw, op)
+    moved = transfer_time(hw, op)
+    return moved.scaled(host) if _stage_of(op) == "gpu" else moved
 
 
 def _chain_s(hw: HardwareProfile, ops: list[Operator], num_micro_batches: int,
@@ -366,7 +391,7 @@ def _chain_s(hw: HardwareProfile, ops: list[Operator], num_micro_batches: int,
     """One micro-batch's dependent chain through a layer (pre-attention, q/k/v D2H, attention,
     output H2D, post-attention; everything but the weight stream): a layer cannot take less,
     and one chain per step is the pipeline's fill and drain."""
-    return affine_sum([_op_time(hw, op).scaled(factors[_stage_of(op)])
+    return affine_sum([_op_time(hw, op, gpu_factors(hw)).scaled(factors[_stage_of(op)])
                        for op in ops if op.name != "weight_h2d"]).scaled(1.0 / num_micro_batches)
 
 
@@ -420,9 +445,9 @@ def _stage_of(op: Operator, overlapped: bool = True) -> str:
 
 
 def layer_stage_sums(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
-                     overflow_per_layer: float) -> dict[str, Affine]:
+                     overflow_per_layer: float, overlapped: bool) -> dict[str, Affine]:
     """Public `_stage_sums`, for callers that build their own operator mix (hrm.continuous)."""
-    return _stage_sums(hw, ops, page_bytes, overflow_per_layer)
+    return _stage_sums(hw, ops, page_bytes, overflow_per_layer, overlapped=overlapped)
 
 
 def micro_batch_chain_s(hw: HardwareProfile, ops: list[Operator], num_micro_batches: int,
@@ -466,7 +491,8 @@ def cost_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
     head_s = sum(gpu_op_time_s(hw, op) for op in head_operators(
         model, micro_batch_size=mu, num_micro_batches=n_ub, weight_dtype=policy.weight_dtype))
     inter = hw.interference
-    factors = ({"h2d": inter.link, "d2h": inter.link, "gpu": inter.gpu,
+    # the GPU stage's factors are applied per operator (`_stage_sums`, `_op_time`)
+    factors = ({"h2d": inter.link, "d2h": inter.link, "gpu": 1.0,
                 "cpu_attn": inter.cpu_attention, "copy_thread": 1.0, "chain": 1.0}
                if overlapped else dict.fromkeys(STAGES, 1.0))
     decode_extra, prefill_extra, decode_fill = Affine(const=head_s), Affine(const=head_s), Affine()
@@ -699,7 +725,8 @@ def check_fits(model: ModelSpec, hw: HardwareProfile, workload: Workload, policy
 @dataclass(frozen=True)
 class StageTimes:
     """One decoder layer (MoE) for the whole batch, seconds; `layer_s` as the schedule runs it
-    (interference applied when stages overlap)."""
+    (interference applied when stages overlap). The stage times are before interference, but
+    `gpu_s` holds the GPU stage's own factors, applied per operator (`gpu_factors`)."""
 
     cpu_attn_s: float
     gpu_s: float

@@ -126,6 +126,9 @@ class Interference:
     link: float = 1.0
     gpu: float = 1.0
     cpu_attention: float = 1.0
+    #: the launching thread's host work (kernel launches from Python) beside the other stages;
+    #: 0 where not measured (the GPU's factor stands in: hrm.cost.gpu_factors)
+    launch: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -291,8 +294,10 @@ def profile_from_dict(data: dict[str, Any], origin: str = "<dict>") -> HardwareP
                                            0.0),
         )
         inter = data.get("interference", {})
-        interference = Interference(**{k: _number(inter, k, "interference", sources, False, 1.0)
-                                       for k in ("link", "gpu", "cpu_attention")})
+        interference = Interference(
+            **{k: _number(inter, k, "interference", sources, False, 1.0)
+               for k in ("link", "gpu", "cpu_attention")},
+            launch=_number(inter, "launch", "interference", sources, False, 0.0))
         ic = data.get("interconnect", {})
         interconnect = InterconnectTier(
             num_gpus=int(_number(ic, "num_gpus", "interconnect", sources, False, 1)),
@@ -317,8 +322,11 @@ def profile_from_dict(data: dict[str, Any], origin: str = "<dict>") -> HardwareP
                          ("link.h2d_pinned_bps", link.h2d_pinned_bps)):
         if value <= 0:
             raise HardwareProfileError(f"{origin}: {label} must be > 0, got {value}")
-    if any(v < 1.0 for v in dataclasses.astuple(interference)):
-        raise HardwareProfileError(f"{origin}: interference factors must be >= 1")
+    below = [k for k, v in dataclasses.asdict(interference).items()
+             if v < 1.0 and not (k == "launch" and v == 0.0)]
+    if below:
+        raise HardwareProfileError(f"{origin}: interference factors must be >= 1 (launch: 0 "
+                                   f"where not measured), got {below[0]} < 1")
     if interconnect.num_gpus < 1:
         raise HardwareProfileError(f"{origin}: interconnect.num_gpus must be >= 1")
     return HardwareProfile(

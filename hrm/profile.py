@@ -665,15 +665,29 @@ def _attention_measurements(spec: ModelSpec, batches: Iterable[int], contexts: I
 
 
 # ---- overlap interference ------------------------------------------------------------------------
+@dataclass
+class HostClock:
+    """Host seconds and operations a stage's thread spent launching (the GPU stage's small
+    kernels), accumulated over a run of the interference benchmark."""
+
+    seconds: float = 0.0
+    ops: int = 0
+
+    def reset(self) -> None:
+        self.seconds, self.ops = 0.0, 0
+
+
 @dataclass(frozen=True)
 class Stage:
     """A unit of repeatable work for the interference benchmark: `op()` does `work` and returns
-    only once it is complete (device work synchronized)."""
+    only once it is complete (device work synchronized); `launches` (the GPU stage's) counts the
+    host time of its kernel launches."""
 
     name: str
     op: Callable[[], Any]
     work: float
     unit: str
+    launches: HostClock | None = None
 
 
 def _run_concurrently(stages: list[Stage], window_s: float) -> dict[str, tuple[int, float]]:
@@ -684,6 +698,8 @@ def _run_concurrently(stages: list[Stage], window_s: float) -> dict[str, tuple[i
 
     def loop(stage: Stage) -> None:
         stage.op()  # warm-up
+        if stage.launches is not None:
+            stage.launches.reset()
         barrier.wait()
         t0, count = time.perf_counter(), 0
         while not stop.is_set():
@@ -704,7 +720,9 @@ def _run_concurrently(stages: list[Stage], window_s: float) -> dict[str, tuple[i
 
 def interference(stages: list[Stage], window_s: float) -> list[Measurement]:
     """Each stage alone, then all together, each for `window_s`: one Measurement per stage and
-    mode whose rate is work done / time. Slowdown of a stage = solo rate / together rate."""
+    mode whose rate is work done / time. Slowdown of a stage = solo rate / together rate. A
+    stage that times its launches (`Stage.launches`) also gives an 'interference_launch'
+    Measurement per mode: launches per host second."""
     out = []
     runs = [("solo", [s]) for s in stages] + [("together", stages)]
     for mode, group in runs:
@@ -713,6 +731,12 @@ def interference(stages: list[Stage], window_s: float) -> list[Measurement]:
             out.append(Measurement("interference", {"stage": name, "mode": mode, "ops": count},
                                    x=stage.work, work=count * stage.work, unit=stage.unit,
                                    times_s=(elapsed_s,)))
+            clock = stage.launches
+            if clock is not None and clock.ops:
+                out.append(Measurement("interference_launch",
+                                       {"stage": name, "mode": mode, "ops": clock.ops}, x=1,
+                                       work=float(clock.ops), unit="op/s",
+                                       times_s=(clock.seconds,)))
     return out
 
 
@@ -727,8 +751,8 @@ INTERFERENCE_GPU_LAUNCHES = 64
 
 def interference_stages(config: ProfileConfig, spec: ModelSpec, device: str) -> list[Stage]:
     """The three overlapped stages of CGOPipe: weight H2D streaming (pinned copies), the GPU
-    stage (INTERFERENCE_GPU_LAUNCHES small kernels launched from Python, then the model's expert
-    up projection, bf16) and CPU decode attention (bf16 KV)."""
+    stage (INTERFERENCE_GPU_LAUNCHES small kernels launched from Python, their host time
+    counted, then the model's expert up projection, bf16) and CPU decode attention (bf16 KV)."""
     import torch
 
     def on_stream(fn: Callable[[], Any]) -> Callable[[], None]:
@@ -753,17 +777,21 @@ def interference_stages(config: ProfileConfig, spec: ModelSpec, device: str) -> 
     rows = config.interference_gemm_rows
     x, weight = random_tensor((rows, k), "bf16", device), random_tensor((k, n), "bf16", device)
     tiny = torch.zeros(1, device=device)
+    launches = HostClock()
 
     def gpu_stage() -> None:
+        start = time.perf_counter()
         for _ in range(INTERFERENCE_GPU_LAUNCHES):
             tiny.add_(1.0)
+        launches.seconds += time.perf_counter() - start
+        launches.ops += INTERFERENCE_GPU_LAUNCHES
         torch.matmul(x, weight)
     attention, kv_bytes = decode_attention_call(spec, *config.interference_attention, "bf16",
                                                 config.attn_cold_bytes)
     _sync(device)  # the inputs are written on the default stream; the stages use their own
     return [
         Stage("link", on_stream(lambda: dev.copy_(host, non_blocking=True)), nbytes, "B/s"),
-        Stage("gpu", on_stream(gpu_stage), 2.0 * rows * k * n, "FLOP/s"),
+        Stage("gpu", on_stream(gpu_stage), 2.0 * rows * k * n, "FLOP/s", launches),
         Stage("cpu_attention", attention, kv_bytes, "B/s"),
     ]
 
@@ -1206,6 +1234,15 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
             f"measured {date}: {stage} alone {_fmt_rate(solo.rate, solo.unit)}, with the other "
             f"two stages {_fmt_rate(together.rate, together.unit)} ({solo.median_s:.1f} s "
             f"windows); ratio {slowdown_raw[stage]:.3f}, floored at 1")
+    launch_runs = {m.params["mode"]: m for m in ms if m.bench == "interference_launch"}
+    if {"solo", "together"} <= launch_runs.keys():
+        solo, together = launch_runs["solo"], launch_runs["together"]
+        ratio = solo.rate / together.rate
+        slowdown["launch"] = max(1.0, ratio)
+        sources["interference.launch"] = (
+            f"measured {date}: the gpu stage's kernel launches from Python, "
+            f"{1e6 / solo.rate:.1f} us each alone, {1e6 / together.rate:.1f} us with the other "
+            f"two stages; ratio {ratio:.3f}, floored at 1")
     inter = Interference(**slowdown)
 
     series = {
@@ -1321,8 +1358,12 @@ def _summary_rows(profile: HardwareProfile) -> list[tuple[str, str]]:
              ("pageable -> pinned", _fmt_rate(lk.pageable_to_pinned_bps, "B/s")),
              ("pinned max", "not probed" if math.isinf(lk.pinned_max_bytes) else
               fmt_bytes(lk.pinned_max_bytes)),
-             ("interference link / gpu / cpu attn",
-              f"{i.link:.2f} / {i.gpu:.2f} / {i.cpu_attention:.2f}")]
+             ("interference link / gpu / cpu attn / launch",
+              f"{i.link:.2f} / {i.gpu:.2f} / {i.cpu_attention:.2f} / "
+              + (f"{i.launch:.2f}" if i.launch else "not measured")),
+             ("attention hand-off / KV gather",
+              f"{profile.gpu.attention_handoff_s * 1e6:.0f} us / "
+              + (_fmt_rate(lk.kv_gather_bps, "B/s") if lk.kv_gather_bps else "not measured"))]
     for key, curve in profile.curves.items():
         unit = "FLOP/s" if "gemm" in key else "B/s"
         left_out = profile.measurements.get("fits", {}).get(key, {}).get("outliers", 0)

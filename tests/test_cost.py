@@ -12,6 +12,7 @@ from hrm.cost import (
     STAGING_RING_PAGES,
     check_fits,
     cost_terms,
+    gpu_factors,
     interfered,
     memory_footprint,
     predict,
@@ -124,11 +125,20 @@ def test_interference_slows_overlapped_stages():
     assert 0 < a.decode_layer.cpu_attn_s < a.decode_layer.h2d_s
     assert b.decode_layer.layer_s == pytest.approx(a.decode_layer.layer_s
                                                    + 0.2 * a.decode_layer.cpu_attn_s)
-    gpu_slow = replace(T4, interference=Interference(link=1.0, gpu=1.3, cpu_attention=1.0))
-    c = predict(MIXTRAL, gpu_slow, WORK, replace(policy, weights_gpu_fraction=1.0))
-    d = predict(MIXTRAL, T4, WORK, replace(policy, weights_gpu_fraction=1.0))
-    assert c.bottleneck == d.bottleneck == "gpu"
-    assert c.decode_layer.layer_s == pytest.approx(1.3 * d.decode_layer.layer_s)
+    # the GPU stage: its kernels slowed by the GPU's factor, the launching thread's host work
+    # (launches, hand-offs) by the launch factor, or by the GPU's where it was not measured
+    on_gpu = replace(policy, weights_gpu_fraction=1.0)
+    host = replace(T4, gpu=replace(T4.gpu, op_overhead_s=20e-6, attention_handoff_s=300e-6))
+    no_host = replace(T4, gpu=replace(T4.gpu, op_overhead_s=0.0, attention_handoff_s=0.0))
+    kernel_s = predict(MIXTRAL, no_host, WORK, on_gpu).decode_layer.gpu_s
+    host_s = predict(MIXTRAL, host, WORK, on_gpu).decode_layer.gpu_s - kernel_s
+    assert host_s > 0
+    for launch, f_host in ((0.0, 1.3), (1.1, 1.1)):
+        inter = Interference(link=1.0, gpu=1.3, cpu_attention=1.0, launch=launch)
+        c = predict(MIXTRAL, replace(host, interference=inter), WORK, on_gpu)
+        assert c.bottleneck == "gpu"
+        assert c.decode_layer.gpu_s == pytest.approx(1.3 * kernel_s + f_host * host_s)
+        assert c.decode_layer.layer_s == pytest.approx(c.decode_layer.gpu_s)
 
 
 @given(link=st.floats(0.0, 10.0), cpu=st.floats(0.0, 10.0), gpu=st.floats(0.0, 10.0),
@@ -317,7 +327,9 @@ def test_gpu_attention_over_the_cpu_cache_gathers_on_the_host_then_shares_the_li
     a, b = predict(MIXTRAL, hw, WORK, cpu_kv), predict(MIXTRAL, hw, WORK, gpu_kv)
     kv = 512 * WORK.mean_decode_context * kv_bytes_per_token_layer(MIXTRAL, "bf16")
     assert hw.link.kv_gather_bps > 0   # measured (KVCache.gather), else the memcpy rate
-    gather_s, dma_s = kv / hw.link.kv_gather_bps, kv / hw.link.h2d_pinned_bps
+    # the gather is the launching thread's host work: slowed by its factor where stages overlap
+    f_host = gpu_factors(hw)[1] if schedule == "cgopipe" else 1.0
+    gather_s, dma_s = f_host * kv / hw.link.kv_gather_bps, kv / hw.link.h2d_pinned_bps
     # a gather at half the rate takes twice as long
     measured = replace(hw, link=replace(hw.link, kv_gather_bps=hw.link.kv_gather_bps / 2))
     slow_gather = predict(MIXTRAL, measured, WORK, cpu_kv).decode_layer.gpu_s
@@ -325,7 +337,7 @@ def test_gpu_attention_over_the_cpu_cache_gathers_on_the_host_then_shares_the_li
     memcpy = replace(hw, link=replace(hw.link, kv_gather_bps=0.0))   # not measured
     memcpy_gather = predict(MIXTRAL, memcpy, WORK, cpu_kv).decode_layer.gpu_s
     assert memcpy_gather - a.decode_layer.gpu_s == pytest.approx(
-        kv / hw.link.pageable_to_pinned_bps - gather_s, rel=1e-6)
+        f_host * kv / hw.link.pageable_to_pinned_bps - gather_s, rel=1e-6)
     gpu_extra = a.decode_layer.gpu_s - b.decode_layer.gpu_s
     link_extra = a.decode_layer.h2d_s - b.decode_layer.h2d_s
     if schedule == "cgopipe":

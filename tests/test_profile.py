@@ -31,6 +31,8 @@ ATTN_CURVE = SaturatingCurve(peak=60e9, half=4e6)
 CPU_GEMM_CURVE = SaturatingCurve(peak=1.4e12, half=64.0)
 #: solo rate / together rate of each stage; 0.9 (faster together: noise) must floor at 1
 SLOWDOWN = {"link": 1.25, "gpu": 0.9, "cpu_attention": 1.1}
+#: the GPU stage's kernel launches, together / alone
+LAUNCH_SLOWDOWN = 1.3
 
 
 def _m(bench, params, x, work, rate, unit="B/s", reps=5):
@@ -102,6 +104,9 @@ def synthetic_measurements(standin=False):
         for mode, rate in (("solo", solo_rate), ("together", solo_rate / SLOWDOWN[stage])):
             ms.append(Measurement("interference", {"stage": stage, "mode": mode, "ops": 100},
                                   x=1e6, work=rate * 2.0, unit=unit, times_s=(2.0,)))
+    for mode, per_op_s in (("solo", 8e-6), ("together", 8e-6 * LAUNCH_SLOWDOWN)):
+        ms.append(Measurement("interference_launch", {"stage": "gpu", "mode": mode, "ops": 6400},
+                              x=1, work=6400.0, unit="op/s", times_s=(6400 * per_op_s,)))
     return ms
 
 
@@ -177,6 +182,8 @@ def test_build_profile_maps_measurements_onto_fields():
     assert "failed to pin" in profile.sources["link.pinned_max_bytes"]
     inter = profile.interference
     assert (inter.link, inter.gpu, inter.cpu_attention) == pytest.approx((1.25, 1.0, 1.1))
+    assert inter.launch == pytest.approx(LAUNCH_SLOWDOWN)
+    assert "launches" in profile.sources["interference.launch"]
     assert profile.measurements["derived"]["interference_ratio"]["gpu"] == pytest.approx(0.9)
     for key, truth in (("gpu_gemm", GEMM_CURVE), ("h2d", H2D_CURVE),
                        ("cpu_attention", ATTN_CURVE), ("cpu_gemm", CPU_GEMM_CURVE)):
@@ -250,7 +257,8 @@ def test_quick_cpu_profile_runs_and_loads(quick_run):
     assert profile.gpu.peak_flops["bf16"] > 0 and profile.cpu.dram_bandwidth_bps > 0
     assert profile.cpu.cores == torch.get_num_threads()
     assert all(f >= 1.0 for f in (profile.interference.link, profile.interference.gpu,
-                                  profile.interference.cpu_attention))
+                                  profile.interference.cpu_attention,
+                                  profile.interference.launch))   # timed on the stand-in too
     env = profile.measurements["environment"]
     assert env["mode"] == "quick" and env["torch_version"] == torch.__version__
     raw = json.loads(raw_path.read_text())
