@@ -4,15 +4,20 @@ Microbenchmarks (each a small function returning `Measurement`s):
   GPU tier   gemm_series        achieved FLOP/s of x[rows, h1] @ W[h1, h2] over rows = tokens per
                                 expert, Mixtral and DBRX expert shapes, bf16/fp16; square GEMMs
                                 for the peak; hbm_copy (device copy, read + write counted);
-                                op_overhead (a tiny kernel launched from Python in a burst)
+                                op_overhead (a tiny kernel launched from Python in a burst);
+                                attention_handoff (the launching thread's hand-off of a
+                                micro-batch's decode attention to the CPU worker and back)
   link       copy_series        H2D / D2H bytes/s vs copy size, pinned and pageable;
              paged_copy_series  one buffer moved as many pages vs one copy (the page size);
-             staging_copy       pageable -> pinned memcpy by the CPU; probe_pinned_max
+             staging_copy       pageable -> pinned memcpy by the CPU; kv_gather (a CPU KV
+                                cache gathered into pinned memory for GPU attention);
+                                probe_pinned_max
   CPU tier   gemm_series (CPU), dram_read (torch sum), cpu_attention_series (the executor's
              kernel, the model's head layout, fp32 and bf16 KV, batch x context)
   overlap    interference       link, GPU stage (Python-launched small kernels + an expert GEMM)
                                 and CPU attention each alone, then all three at once from three
-                                threads; slowdown = solo rate / together rate
+                                threads; slowdown = solo rate / together rate; the GPU
+                                thread's launches timed on their own (interference.launch)
 `build_profile` maps the measurements onto the profile's fields, fits the curves (hrm.fit) and
 records how each value was measured. Without CUDA (or with --device cpu) the CPU stands in for
 the GPU, as in the executor's --device cpu: "GPU" tensors are CPU tensors and the link is a CPU

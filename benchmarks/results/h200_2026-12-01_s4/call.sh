@@ -1,27 +1,25 @@
 #!/usr/bin/env bash
 # One device call of the fourth session of 2026-12-01 (run from the repository root on the GPU
 # machine, device tool; results in $W):
-#   1. hrm profile (no pin probe) and hrm validate --grid full on it (device_session.sh), with
+#   main: hrm profile (no pin probe) and hrm validate --grid full on it (device_session.sh), with
 #      N=1024's trace kept (the launcher track: the main thread's host time)
-#   2. CPU attention with idle OpenMP threads kept spinning: diag_cpu_attention_threads.py
+#   omp: CPU attention with idle OpenMP threads kept spinning: diag_cpu_attention_threads.py
 #      --kv-only under the default wait policy, OMP_WAIT_POLICY=ACTIVE and GOMP_SPINCOUNT=10M
 #      (set before torch loads)
-#   3. N=1024 alone under the same profile with Python's switch interval at 5 ms (the default)
+#   variants: N=1024 alone under the same profile with Python's switch interval at 5 ms (the default)
 #      instead of the executor's 0.5 ms, and with OMP_WAIT_POLICY=ACTIVE
 #   spin: N=1024 alone with GOMP_SPINCOUNT=10M
-#   gpu_attn: hrm validate of N=1024 and the six GPU-attention configurations only (call 4)
-# STEPS selects (default: "main omp variants"); call 2 ran STEPS="main spin" and call 3
-# STEPS="main", both with VALIDATE_ARGS="--trace-config N=1024 --trace-config n_ub=16"; call 4
-# STEPS="main" with VALIDATE_ARGS="$GPU_ATTN" (below) and T_VALIDATE=130.
+# STEPS selects (default: "main omp variants"). Call 1 ran the default; call 2 STEPS="main spin"
+# and call 3 STEPS="main", both with VALIDATE_ARGS="--trace-config N=1024 --trace-config
+# n_ub=16"; call 4 STEPS="main" T_VALIDATE=130 with VALIDATE_ARGS="--only N=1024 --only attn=gpu
+# --only N=64,attn=gpu --only N=1024,attn=gpu --only schedule=layerwise --only
+# N=1024,schedule=layerwise --no-optimizer --no-spot-check --trace-config N=1024,attn=gpu".
 set -u
 W=${W:-/tmp/w}
 mkdir -p "$W"
 git rev-parse HEAD > "$W/commit.txt"; git status --short >> "$W/commit.txt"
 lscpu > "$W/lscpu.txt"
 P=$W/h200-session.toml
-GPU_ATTN="--only N=1024 --only attn=gpu --only N=64,attn=gpu --only N=1024,attn=gpu
-  --only schedule=layerwise --only N=1024,schedule=layerwise --no-optimizer --no-spot-check
-  --trace-config N=1024,attn=gpu"
 one() {  # one() NAME ENV... -- validate N=1024 alone into $W/NAME
   local name=$1; shift
   env "$@" COLUMNS=140 timeout 90 python3 -c "import sys, executor.schedule as s
