@@ -301,6 +301,28 @@ def test_the_engine_traces_its_waits_for_streamed_weights() -> None:
     assert len(waits) == visits and all(s.end_s >= s.start_s for s in waits)
 
 
+def test_the_launching_thread_is_traced_without_its_waits_for_attention() -> None:
+    """The main thread's decode work is a `launcher` track: per micro-batch and layer,
+    launch_pre, handoff_send, attn_wait, handoff_receive and launch_post with CPU attention;
+    its busy time leaves out attn_wait (waiting for the worker is not host work)."""
+    from executor.engine import build_engine
+    from executor.trace import LAUNCH_TRACK, Span, decode_busy_s
+
+    spans = [Span(LAUNCH_TRACK, "launch_pre", 0.0, 1.0), Span(LAUNCH_TRACK, "attn_wait", 1.0, 5.0),
+             Span(LAUNCH_TRACK, "launch_post", 5.0, 6.0)]
+    assert decode_busy_s(spans, [(0.0, 10.0)])[LAUNCH_TRACK] == pytest.approx(2.0)
+    prompts = [[5 + i + j for j in range(4)] for i in range(4)]
+    policy = Policy(batch_size=4, micro_batch_size=2, weight_dtype="fp32", kv_dtype="fp32")
+    engine = build_engine("tiny-mixtral", policy, device=torch.device("cpu"),
+                          prompt_lens=[len(p) for p in prompts], gen_len=3,
+                          gpu_mem_bytes=2**32, cpu_mem_bytes=2**32)
+    gen = engine.generate(prompts, 3)
+    items = engine.spec.num_layers * 2 * 2   # layers x decode steps x micro-batches
+    names = [s.name for s in gen.spans if s.track == LAUNCH_TRACK]
+    for name in ("launch_pre", "handoff_send", "attn_wait", "handoff_receive", "launch_post"):
+        assert names.count(name) == items, name
+
+
 def test_device_alias_needs_a_pinned_cuda_buffer() -> None:
     """The attention output's device alias (executor.schedule.device_alias) exists only for a
     pinned buffer on CUDA; elsewhere the engine copies (the CPU stand-in passes the host tensor
