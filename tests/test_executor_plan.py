@@ -284,18 +284,25 @@ def test_gpu_busy_time_leaves_out_the_stalls_on_weights() -> None:
     assert busy["h2d"] == pytest.approx(11.0)
 
 
-def test_the_engine_traces_its_waits_for_streamed_weights() -> None:
-    """With every expert streamed, each layer visit that reaches a streamed expert records one
-    weights_wait span on the CPU stand-in too (the wait for the link thread's copy)."""
+def _tiny_generation():
+    """tiny-mixtral on the CPU stand-in, every expert streamed: 4 prompts of 4 tokens in 2
+    micro-batches, 3 tokens generated (prefill + 2 decode steps); the engine and its output."""
     from executor.engine import build_engine
-    from executor.trace import WAIT_TRACK
 
     prompts = [[5 + i + j for j in range(4)] for i in range(4)]
     policy = Policy(batch_size=4, micro_batch_size=2, weight_dtype="fp32", kv_dtype="fp32")
     engine = build_engine("tiny-mixtral", policy, device=torch.device("cpu"),
                           prompt_lens=[len(p) for p in prompts], gen_len=3,
                           gpu_mem_bytes=2**32, cpu_mem_bytes=2**32)
-    gen = engine.generate(prompts, 3)
+    return engine, engine.generate(prompts, 3)
+
+
+def test_the_engine_traces_its_waits_for_streamed_weights() -> None:
+    """With every expert streamed, each layer visit that reaches a streamed expert records one
+    weights_wait span on the CPU stand-in too (the wait for the link thread's copy)."""
+    from executor.trace import WAIT_TRACK
+
+    engine, gen = _tiny_generation()
     waits = [s for s in gen.spans if s.track == WAIT_TRACK]
     visits = engine.spec.num_layers * 3   # prefill + 2 decode steps
     assert len(waits) == visits and all(s.end_s >= s.start_s for s in waits)
@@ -305,18 +312,12 @@ def test_the_launching_thread_is_traced_without_its_waits_for_attention() -> Non
     """The main thread's decode work is a `launcher` track: per micro-batch and layer,
     launch_pre, handoff_send, attn_wait, handoff_receive and launch_post with CPU attention;
     its busy time leaves out attn_wait (waiting for the worker is not host work)."""
-    from executor.engine import build_engine
     from executor.trace import LAUNCH_TRACK, Span, decode_busy_s
 
     spans = [Span(LAUNCH_TRACK, "launch_pre", 0.0, 1.0), Span(LAUNCH_TRACK, "attn_wait", 1.0, 5.0),
              Span(LAUNCH_TRACK, "launch_post", 5.0, 6.0)]
     assert decode_busy_s(spans, [(0.0, 10.0)])[LAUNCH_TRACK] == pytest.approx(2.0)
-    prompts = [[5 + i + j for j in range(4)] for i in range(4)]
-    policy = Policy(batch_size=4, micro_batch_size=2, weight_dtype="fp32", kv_dtype="fp32")
-    engine = build_engine("tiny-mixtral", policy, device=torch.device("cpu"),
-                          prompt_lens=[len(p) for p in prompts], gen_len=3,
-                          gpu_mem_bytes=2**32, cpu_mem_bytes=2**32)
-    gen = engine.generate(prompts, 3)
+    engine, gen = _tiny_generation()
     items = engine.spec.num_layers * 2 * 2   # layers x decode steps x micro-batches
     names = [s.name for s in gen.spans if s.track == LAUNCH_TRACK]
     for name in ("launch_pre", "handoff_send", "attn_wait", "handoff_receive", "launch_post"):
