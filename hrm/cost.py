@@ -12,8 +12,9 @@ Each stage of one decoder layer (for the whole batch) is a sum over the operator
                 `hrm profile` as gpu.attention_handoff_s)
                 P_g(rows) from curve 'gpu_gemm' (achieved FLOP/s vs GEMM rows), else the peak;
                 launches = the host-issued operations of the executor's layer code (roofline
-                OPS_*); with GPU attention over a CPU KV cache, + (1 - r_c) KV / BW_pageable->pinned
-                (the launching thread gathers the KV blocks into pinned memory)
+                OPS_*); with GPU attention over a CPU KV cache, + (1 - r_c) KV / BW_gather
+                (the launching thread gathers the KV blocks into pinned memory; BW_gather the
+                profile's kv_gather_bps, else the pageable -> pinned memcpy rate)
     CPU attn    t = max(F / P_c, t_kv(KV bytes)), t_kv from curve 'cpu_attention', else B / BW_c
                 (+ 2 o_l / BW_c: the copy thread's DRAM read+write shares the bus, MoE-Lens Eq. 5)
     H2D         t = (1 - r_w) W_e / B_pinned + activations; B_pinned the bulk pinned rate (pages
@@ -224,14 +225,14 @@ def transfer_time(hw: HardwareProfile, op: Operator) -> Affine:
     and the stream moves at the bulk pinned rate B_pinned (measured on the GPU machine: 2.82 GB
     per layer in 16 MiB pages at 54.3 GB/s against 55.4 GB/s for one 1 GiB copy); the page size
     matters only on the staging path (`_stage_sums`). A CPU KV cache read by GPU attention
-    is gathered by the launching thread into pinned memory ('kv_gather', at the pageable ->
-    pinned memcpy rate, on the GPU stage: `_stage_of`), then crosses in one DMA per tensor
-    ('kv_h2d', at the bulk pinned rate, sharing the link with the weight pages; H200 machine,
-    2026-12-01: N=1024 x 136-token contexts ran 6.7 ms per 64-sequence micro-batch, where the
-    pageable H2D rate had put the host's part alone at 5.1 ms; executor/kv_cache.py `gather`).
-    Without a measured memcpy rate the gather takes the pageable H2D rate. Other copies take
-    the rate of their size (curve 'h2d'). The gather's rate is the profile's kv_gather_bps
-    (KVCache.gather itself, measured) where present, else the memcpy rate."""
+    is gathered by the launching thread into pinned memory ('kv_gather', on the GPU stage:
+    `_stage_of`), then crosses in one DMA per tensor ('kv_h2d', at the bulk pinned rate,
+    sharing the link with the weight pages; H200 machine, 2026-12-01: N=1024 x 136-token
+    contexts ran 6.7 ms per 64-sequence micro-batch, where the pageable H2D rate had put the
+    host's part alone at 5.1 ms; executor/kv_cache.py `gather`). The gather runs at the
+    profile's kv_gather_bps (KVCache.gather itself, measured), else at the pageable -> pinned
+    memcpy rate, else at the pageable H2D rate. Other copies take the rate of their size (curve
+    'h2d')."""
     if op.name == "weight_h2d":
         return one_minus(op.link_bytes / hw.link.h2d_pinned_bps, "r_w")
     if op.name == "kv_gather":
