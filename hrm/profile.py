@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import itertools
 import json
 import math
@@ -220,10 +221,17 @@ def _sync(device: str) -> None:
 
 
 def time_calls(fn: Callable[[], Any], reps: int, device: str, warmup: int = 1,
-               gap_s: float = 0.0) -> tuple[float, ...]:
+               gap_s: float = 0.0, queued: bool = False) -> tuple[float, ...]:
     """Seconds per call of `fn()`, `reps` calls after `warmup` untimed ones. Work on the GPU is
     timed with CUDA events on the current stream, work on the CPU with the host clock, each call
-    after `gap_s` asleep (untimed)."""
+    after `gap_s` asleep (untimed).
+
+    `queued` (asynchronous GPU work only): a sleep kernel holds the stream while the host queues
+    all the calls, so the events time them back to back on the GPU. Without it a call faster
+    than its own dispatch is timed from its start event to its end, dispatch included: a
+    16-row expert GEMM of Mixtral-8x7B measured 45-80 us so against about 30 us of HBM-bound
+    kernel (H200 machine, 2026-12-02), and the model, which adds launches x t_launch to every
+    kernel, counted the dispatch twice."""
     import torch
 
     for _ in range(warmup):
@@ -232,6 +240,8 @@ def time_calls(fn: Callable[[], Any], reps: int, device: str, warmup: int = 1,
         torch.cuda.synchronize()
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(reps)]
+        if queued:
+            _hold_stream_s(QUEUE_HOLD_S_PER_CALL * reps)
         for start, end in events:
             start.record()
             fn()
@@ -246,6 +256,32 @@ def time_calls(fn: Callable[[], Any], reps: int, device: str, warmup: int = 1,
         fn()
         times.append(time.perf_counter() - t0)
     return tuple(times)
+
+
+#: seconds the stream is held per queued call: well above one call's dispatch (about 10-80 us)
+QUEUE_HOLD_S_PER_CALL = 1e-3
+
+
+@functools.cache
+def _sleep_cycles_per_s() -> float:
+    """Clock cycles per second of torch.cuda._sleep, timed once with CUDA events."""
+    import torch
+
+    cycles = 10_000_000
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(cycles)  # warm-up
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / (start.elapsed_time(end) / 1e3)
+
+
+def _hold_stream_s(seconds: float) -> None:
+    """Queue a kernel that keeps the current stream busy for about `seconds`."""
+    import torch
+
+    torch.cuda._sleep(int(seconds * _sleep_cycles_per_s()))
 
 
 def random_tensor(shape: tuple[int, ...], dtype: str, device: str) -> Any:
@@ -286,7 +322,7 @@ def gemm_series(bench: str, k: int, n: int, rows: Iterable[int], dtype: str, dev
     out = []
     for m in rows:
         x = random_tensor((m, k), dtype, device)
-        times = time_calls(lambda x=x: torch.matmul(x, weight), reps, device)
+        times = time_calls(lambda x=x: torch.matmul(x, weight), reps, device, queued=True)
         out.append(Measurement(bench, {**tags, "rows": m, "k": k, "n": n, "dtype": dtype},
                                x=m, work=2.0 * m * k * n, unit="FLOP/s", times_s=times))
     return out
@@ -296,7 +332,7 @@ def hbm_copy(nbytes: int, device: str, reps: int) -> Measurement:
     """Device-memory bandwidth: a device-to-device copy, bytes read + bytes written."""
     src = random_tensor((nbytes // 4,), "fp32", device)
     dst = src.clone()
-    times = time_calls(lambda: dst.copy_(src), reps, device)
+    times = time_calls(lambda: dst.copy_(src), reps, device, queued=True)
     return Measurement("hbm_copy", {"bytes": nbytes}, x=nbytes, work=2.0 * nbytes, unit="B/s",
                        times_s=times)
 
@@ -414,7 +450,7 @@ def copy_series(direction: str, pinned: bool, sizes: Iterable[int], device: str,
     out = []
     for size in sizes:
         times = time_calls(lambda s=size: dst[:s].copy_(src[:s], non_blocking=pinned),
-                           _reps_for_bytes(size, budget_bytes, 50), device)
+                           _reps_for_bytes(size, budget_bytes, 50), device, queued=pinned)
         out.append(Measurement("copy", {"direction": direction, "pinned": pinned,
                                         "bytes": size}, x=size, work=size, unit="B/s",
                                times_s=times))
