@@ -35,11 +35,10 @@ Each stage of one decoder layer (for the whole batch) is a sum over the operator
         the weights' budget (the executor's --pin-mem): the activation buffers and the staging
         ring are pinned beside it, as the executor does
 
-Schedules: cgopipe  layer_s = max_s(f_s t_s)  (f = interference factors: on the GPU stage
-           f_launch slows the launching thread's host work, its launches, hand-offs and KV
-           gather, not the kernels (f_gpu where the profile has no f_launch: `launch_factor`);
-           the link's applies while CPU attention runs beside it, t_link + (f_link - 1)
-           t_cpu_attn: `interfered`);
+Schedules: cgopipe  layer_s = max_s(f_s t_s)  (f = interference factors: on the GPU stage f_gpu
+           slows the kernels and f_launch the launching thread's host work, its launches and
+           hand-offs (f_gpu where the profile has no f_launch); the link's applies while CPU
+           attention runs beside it, t_link + (f_link - 1) t_cpu_attn: `interfered`);
            cgopipe-serial and
            layerwise  layer_s = sum_{s not h2d, copy} t_s + max(t_h2d, t_copy)  (one stage at a
            time, but the copy thread stages page p+1 while page p crosses the link, so the
@@ -164,28 +163,28 @@ def gpu_achieved_flops(hw: HardwareProfile, rows: float) -> float:
     return min(curve(rows), peak) if curve is not None and rows > 0 else peak
 
 
-def gpu_op_time_s(hw: HardwareProfile, op: Operator, host_factor: float = 1.0) -> float:
-    """t = max(F / P_g(rows), B_hbm / BW_g) + f_h launches * t_launch; the CPU attention
-    hand-off (HANDOFF_OP) t = f_h hand-offs * t_handoff. f_h is the launching thread's
-    interference factor where stages overlap (`launch_factor`), 1 alone; the kernels run on
-    the GPU at their solo speed."""
+def gpu_op_time_s(hw: HardwareProfile, op: Operator, kernel_factor: float = 1.0,
+                  host_factor: float = 1.0) -> float:
+    """t = f_g max(F / P_g(rows), B_hbm / BW_g) + f_h launches * t_launch; the CPU attention
+    hand-off (HANDOFF_OP) t = f_h hand-offs * t_handoff. Where stages overlap, f_g is the GPU's
+    interference factor and f_h the launching thread's (`gpu_factors`); 1 alone."""
     if op.name == HANDOFF_OP:
         return host_factor * op.launches * hw.gpu.attention_handoff_s
     compute_s = op.flops / gpu_achieved_flops(hw, op.rows)
     memory_s = op.gpu_bytes / hw.gpu.hbm_bandwidth_bps
-    return max(compute_s, memory_s) + host_factor * op.launches * hw.gpu.op_overhead_s
+    return (kernel_factor * max(compute_s, memory_s)
+            + host_factor * op.launches * hw.gpu.op_overhead_s)
 
 
-def launch_factor(hw: HardwareProfile) -> float:
-    """f_h of an overlapped schedule: the slowdown of the launching thread's host work
-    (launches, hand-offs, the KV gather) beside the link and CPU attention, which `hrm profile`
-    times on the interference benchmark's GPU thread (Interference.launch); a profile without it
-    takes the GPU's factor. Only the host work is slowed: CPU-side contention cannot slow a
-    kernel once it runs. H200 machine, 2026-12-02, with the GEMMs timed without their dispatch
-    (`hrm.profile.time_calls(queued=True)`): the grid's MAPE was 7.9% with the kernels slowed by
-    f_gpu = 1.68 too, 5.1% without (benchmarks/results/h200_2026-12-02/)."""
+def gpu_factors(hw: HardwareProfile) -> tuple[float, float]:
+    """(f_g, f_h) of an overlapped schedule: the GPU stage's kernels are slowed by the GPU's
+    interference factor, its host work (launches, hand-offs) by the launching thread's, which
+    `hrm profile` times on the interference benchmark's GPU thread (Interference.launch); a
+    profile without it takes the GPU's factor for both (H200 machine, 2026-12-01, fourth
+    session: in the pipeline the launching thread's work took 1.23-1.46x its solo model on
+    four leases, whose GPU factors, measured with a GEMM behind 64 launches, were 1.40-1.67)."""
     inter = hw.interference
-    return inter.launch or inter.gpu
+    return inter.gpu, inter.launch or inter.gpu
 
 
 def cpu_op_time_s(hw: HardwareProfile, op: Operator) -> float:
@@ -338,9 +337,9 @@ def _stage_sums(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
     of the total pinned overflow o that one layer streams (1 / l_moe; 0 for dense layers): the
     shared CPU stages it all, each of the `num_gpus` links carries 1/G of it."""
     stages = {s: Affine() for s in STAGES}
-    host_factor = launch_factor(hw) if overlapped else 1.0
+    factors = gpu_factors(hw) if overlapped else (1.0, 1.0)
     for op in ops:
-        stages[_stage_of(op, overlapped)] += _op_time(hw, op, host_factor)
+        stages[_stage_of(op, overlapped)] += _op_time(hw, op, factors)
     if overflow_per_layer:
         p2p_bps = hw.link.pageable_to_pinned_bps
         if p2p_bps > 0:
@@ -372,18 +371,20 @@ def _layer_ops(model: ModelSpec, workload: Workload, policy: Policy, phase: str,
         parallelism=policy.parallelism)
 
 
-def _op_time(hw: HardwareProfile, op: Operator, host_factor: float = 1.0) -> Affine:
-    """An operator's seconds on its resource; `host_factor` (f_h: interference) slows the
-    launching thread's host work on the GPU stage (launches, hand-offs, the KV gather for GPU
-    attention)."""
+def _op_time(hw: HardwareProfile, op: Operator,
+             gpu_factors: tuple[float, float] = (1.0, 1.0)) -> Affine:
+    """An operator's seconds on its resource; `gpu_factors` (f_g, f_h: interference) slow what
+    runs on the GPU stage: kernels and all-reduces by f_g, the launching thread's host work
+    (launches, hand-offs, the KV gather for GPU attention) by f_h."""
+    kernel, host = gpu_factors
     if op.device == "gpu":
-        return Affine(const=gpu_op_time_s(hw, op, host_factor))
+        return Affine(const=gpu_op_time_s(hw, op, kernel, host))
     if op.device == "comm":
-        return Affine(const=allreduce_time_s(hw, op))
+        return Affine(const=kernel * allreduce_time_s(hw, op))
     if op.device == "cpu":
         return Affine(const=cpu_op_time_s(hw, op))
     moved = transfer_time(hw, op)
-    return moved.scaled(host_factor) if _stage_of(op) == "gpu" else moved
+    return moved.scaled(host) if _stage_of(op) == "gpu" else moved
 
 
 def _chain_s(hw: HardwareProfile, ops: list[Operator], num_micro_batches: int,
@@ -391,7 +392,7 @@ def _chain_s(hw: HardwareProfile, ops: list[Operator], num_micro_batches: int,
     """One micro-batch's dependent chain through a layer (pre-attention, q/k/v D2H, attention,
     output H2D, post-attention; everything but the weight stream): a layer cannot take less,
     and one chain per step is the pipeline's fill and drain."""
-    return affine_sum([_op_time(hw, op, launch_factor(hw)).scaled(factors[_stage_of(op)])
+    return affine_sum([_op_time(hw, op, gpu_factors(hw)).scaled(factors[_stage_of(op)])
                        for op in ops if op.name != "weight_h2d"]).scaled(1.0 / num_micro_batches)
 
 
@@ -491,7 +492,7 @@ def cost_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
     head_s = sum(gpu_op_time_s(hw, op) for op in head_operators(
         model, micro_batch_size=mu, num_micro_batches=n_ub, weight_dtype=policy.weight_dtype))
     inter = hw.interference
-    # the GPU stage's factor is applied per operator (`_stage_sums`, `_op_time`)
+    # the GPU stage's factors are applied per operator (`_stage_sums`, `_op_time`)
     factors = ({"h2d": inter.link, "d2h": inter.link, "gpu": 1.0,
                 "cpu_attn": inter.cpu_attention, "copy_thread": 1.0, "chain": 1.0}
                if overlapped else dict.fromkeys(STAGES, 1.0))
@@ -726,7 +727,7 @@ def check_fits(model: ModelSpec, hw: HardwareProfile, workload: Workload, policy
 class StageTimes:
     """One decoder layer (MoE) for the whole batch, seconds; `layer_s` as the schedule runs it
     (interference applied when stages overlap). The stage times are before interference, but
-    `gpu_s` holds the launching thread's factor, applied per operator (`launch_factor`)."""
+    `gpu_s` holds the GPU stage's own factors, applied per operator (`gpu_factors`)."""
 
     cpu_attn_s: float
     gpu_s: float

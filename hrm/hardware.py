@@ -127,7 +127,7 @@ class Interference:
     gpu: float = 1.0
     cpu_attention: float = 1.0
     #: the launching thread's host work (kernel launches from Python) beside the other stages;
-    #: 0 where not measured (the GPU's factor stands in: hrm.cost.launch_factor)
+    #: 0 where not measured (the GPU's factor stands in: hrm.cost.gpu_factors)
     launch: float = 0.0
 
 

@@ -12,8 +12,8 @@ from hrm.cost import (
     STAGING_RING_PAGES,
     check_fits,
     cost_terms,
+    gpu_factors,
     interfered,
-    launch_factor,
     memory_footprint,
     predict,
     timeline,
@@ -125,8 +125,8 @@ def test_interference_slows_overlapped_stages():
     assert 0 < a.decode_layer.cpu_attn_s < a.decode_layer.h2d_s
     assert b.decode_layer.layer_s == pytest.approx(a.decode_layer.layer_s
                                                    + 0.2 * a.decode_layer.cpu_attn_s)
-    # the GPU stage: its kernels at their solo speed, the launching thread's host work
-    # (launches, hand-offs) slowed by the launch factor, or by the GPU's where it was not measured
+    # the GPU stage: its kernels slowed by the GPU's factor, the launching thread's host work
+    # (launches, hand-offs) by the launch factor, or by the GPU's where it was not measured
     on_gpu = replace(policy, weights_gpu_fraction=1.0)
     host = replace(T4, gpu=replace(T4.gpu, op_overhead_s=20e-6, attention_handoff_s=300e-6))
     no_host = replace(T4, gpu=replace(T4.gpu, op_overhead_s=0.0, attention_handoff_s=0.0))
@@ -137,7 +137,7 @@ def test_interference_slows_overlapped_stages():
         inter = Interference(link=1.0, gpu=1.3, cpu_attention=1.0, launch=launch)
         c = predict(MIXTRAL, replace(host, interference=inter), WORK, on_gpu)
         assert c.bottleneck == "gpu"
-        assert c.decode_layer.gpu_s == pytest.approx(kernel_s + f_host * host_s)
+        assert c.decode_layer.gpu_s == pytest.approx(1.3 * kernel_s + f_host * host_s)
         assert c.decode_layer.layer_s == pytest.approx(c.decode_layer.gpu_s)
 
 
@@ -328,7 +328,7 @@ def test_gpu_attention_over_the_cpu_cache_gathers_on_the_host_then_shares_the_li
     kv = 512 * WORK.mean_decode_context * kv_bytes_per_token_layer(MIXTRAL, "bf16")
     assert hw.link.kv_gather_bps > 0   # measured (KVCache.gather), else the memcpy rate
     # the gather is the launching thread's host work: slowed by its factor where stages overlap
-    f_host = launch_factor(hw) if schedule == "cgopipe" else 1.0
+    f_host = gpu_factors(hw)[1] if schedule == "cgopipe" else 1.0
     gather_s, dma_s = f_host * kv / hw.link.kv_gather_bps, kv / hw.link.h2d_pinned_bps
     # a gather at half the rate takes twice as long
     measured = replace(hw, link=replace(hw.link, kv_gather_bps=hw.link.kv_gather_bps / 2))

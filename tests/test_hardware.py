@@ -95,18 +95,18 @@ def test_saturating_curve():
 
 def test_the_launch_factor_is_optional_and_at_least_one_when_given():
     """Interference.launch is 0 where the profile did not measure it (the GPU's factor stands
-    in: hrm.cost.launch_factor); a measured one below 1 is an error, as for the other factors."""
+    in: hrm.cost.gpu_factors); a measured one below 1 is an error, as for the other factors."""
     from dataclasses import replace
 
-    from hrm.cost import launch_factor
+    from hrm.cost import gpu_factors
     from hrm.hardware import profile_from_dict, profile_to_dict
 
     hw = load_profile("t4")
     assert hw.interference.launch == 0.0
-    assert launch_factor(hw) == hw.interference.gpu
+    assert gpu_factors(hw) == (hw.interference.gpu, hw.interference.gpu)
     data = profile_to_dict(replace(hw, interference=replace(hw.interference, launch=1.2)))
     assert profile_from_dict(data).interference.launch == 1.2
-    assert launch_factor(profile_from_dict(data)) == 1.2
+    assert gpu_factors(profile_from_dict(data))[1] == 1.2
     data["interference"]["launch"] = {"value": 0.5}
     with pytest.raises(HardwareProfileError, match="launch < 1"):
         profile_from_dict(data)
