@@ -182,7 +182,10 @@ def gpu_factors(hw: HardwareProfile) -> tuple[float, float]:
     `hrm profile` times on the interference benchmark's GPU thread (Interference.launch); a
     profile without it takes the GPU's factor for both (H200 machine, 2026-12-01, fourth
     session: in the pipeline the launching thread's work took 1.23-1.46x its solo model on
-    four leases, whose GPU factors, measured with a GEMM behind 64 launches, were 1.40-1.67)."""
+    four leases, whose GPU factors, measured with a GEMM behind 64 launches, were 1.40-1.67).
+    Slowing the host work alone, the kernels at their solo speed, was tried on 2026-12-02 and
+    rejected: 5.1% against 7.9% MAPE on the lease it was chosen on, 12.7% against 8.3% on the
+    next (benchmarks/results/h200_2026-12-02/)."""
     inter = hw.interference
     return inter.gpu, inter.launch or inter.gpu
 
