@@ -15,9 +15,7 @@ Writes repredict.json next to this file.
 """
 
 import json
-import shlex
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -27,16 +25,11 @@ sys.path.insert(0, str(ROOT))
 
 import pandas as pd  # noqa: E402
 
-from executor.scheduler import simulate  # noqa: E402
+from benchmarks.repredict_runs import run_prediction  # noqa: E402
 from executor.weights import read_model  # noqa: E402
-from hrm.continuous import pass_model, predict_passes  # noqa: E402
-from hrm.cost import KV_BLOCK_TOKENS, predict  # noqa: E402
 from hrm.hardware import load_profile  # noqa: E402
 from hrm.io import write_json_atomic  # noqa: E402
-from hrm.policy import Policy  # noqa: E402
-from hrm.units import GiB  # noqa: E402
 from hrm.validate import config_of_row, pct_error, predicted  # noqa: E402
-from hrm.workload import Workload, synthetic_workload  # noqa: E402
 
 PROFILES = {"measured": RUNS / "call1_profile_validate" / "h200-machine.toml",
             "refit": RUNS / "call6_staging_copy" / "h200-machine.toml"}
@@ -44,39 +37,6 @@ BENCHES = [RUNS / "call3_alias_validate_executor" / "executor" / "executor_bench
            RUNS / "call4_continuous_executor" / "executor" / "executor_bench_2layers.json",
            RUNS / "call4_continuous_executor" / "continuous" / "continuous_bench_1layers.json"]
 GRID = RUNS / "call3_alias_validate_executor" / "validate"
-
-
-def options(command: str) -> dict[str, str]:
-    """--flag value pairs of a recorded `hrm run` command."""
-    words = shlex.split(command)
-    return {w[2:]: v for w, v in zip(words, words[1:] + [""], strict=True) if w.startswith("--")}
-
-
-def run_prediction(run: dict, profile: Path) -> float:
-    """Tokens/s the model predicts for one recorded `hrm run`, with its limits."""
-    opt = options(run["command"])
-    spec = replace(read_model("mixtral-8x7b")[0], num_layers=run["num_layers"],
-                   name=run["model"])
-    hw = load_profile(profile).with_memory(gpu_memory_bytes=float(opt["gpu-mem"]) * GiB,
-                                           cpu_memory_bytes=float(opt["cpu-mem"]) * GiB,
-                                           pinned_max_bytes=float(opt["pin-mem"]) * GiB)
-    synthetic = synthetic_workload(opt["synthetic"], int(opt["num-seqs"]), int(opt["gen-len"]))
-    # the policy as the run realized it (whole experts per layer), as `hrm run` predicts today
-    realized = replace(Policy.from_dict(run["policy"]),
-                       weights_gpu_fraction=run["realized"]["weights_gpu_fraction"])
-    if run["scheduler"] == "static":
-        workload = Workload.from_lens(list(synthetic.prompt_lens), int(opt["gen-len"]))
-        return predict(spec, hw, workload, realized).throughput_tok_s
-    gens = list(synthetic.gen_lens or [synthetic.gen_len] * synthetic.num_seqs)
-    workload = Workload.from_lens(list(synthetic.prompt_lens), gens)
-    passes, _ = simulate(list(synthetic.prompt_lens), gens,
-                         num_blocks=run["continuous"]["kv_blocks"],
-                         block_tokens=KV_BLOCK_TOKENS, token_budget=realized.batch_size)
-    if len(passes) != run["continuous"]["passes"]:
-        raise SystemExit(f"{run['name']}: the dry run makes {len(passes)} passes, the run "
-                         f"made {run['continuous']['passes']}")
-    return predict_passes(pass_model(spec, hw, workload, realized),
-                          [p.shape() for p in passes]).throughput_tok_s
 
 
 bench_rows = []
