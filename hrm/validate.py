@@ -343,7 +343,15 @@ def measure(shared: SharedModel, config: Config, gpu_limit_bytes: float,
             cpu_limit_bytes: float, seed: int) -> dict[str, Any]:
     """Run one configuration on the shared model; measured throughput, phase times, decode busy
     time per track and layer, and peak memory (module docstring). Raises InfeasibleError when the
-    executor's own memory plan or the GPU cap refuses it."""
+    executor's own memory plan or the GPU cap refuses it.
+
+    Each configuration is warmed up first (Engine.warm_up: one untimed 2-token generate of a
+    micro-batch, as `hrm run` does), so that what is timed is the steady state the model
+    predicts, not the first use of its shapes: on the H200 machine, 2026-12-02, n_ub=16's first
+    prefill items (a micro-batch shape no earlier configuration had run) took 90, 26, 14, 17 and
+    17 ms against 4.3 ms later, about 150 of its 543 ms prefill; and the process's first GPU
+    decode attention loads its kernels (1.25 s of a configuration's first decode step,
+    2026-12-01)."""
     import torch
 
     from executor.cli import random_prompts
@@ -365,6 +373,7 @@ def measure(shared: SharedModel, config: Config, gpu_limit_bytes: float,
     weights = shared.weights_for(resident, policy.weight_page_bytes)
     engine = Engine(weights, policy, device, plan)
     try:
+        engine.warm_up(prompts)
         gen = engine.generate(prompts, wl.gen_len)
     except torch.OutOfMemoryError as exc:
         raise InfeasibleError(f"out of GPU memory: {str(exc).splitlines()[0]}") from None
@@ -480,20 +489,6 @@ def optimizer_config(setup: Setup, grid: list[Config]) -> Config:
     return Config("optimizer", policy, replace(workload, num_seqs=policy.batch_size))
 
 
-def warm_up_configs(configs: list[Config]) -> list[Config]:
-    """Short unrecorded runs (2 tokens) of the first configuration of each code path (decode
-    attention device x schedule), before any is measured: one-time costs of a process (CUDA's
-    lazy kernel loading, the allocators' growth, thread start) are paid there, as `hrm run` pays
-    them in its own warm-up (Engine.warm_up). With one warm-up of the base policy, the first
-    configuration with GPU decode attention took 1.25 s longer in its first decode step, 26% of
-    its decode time (H200 machine, 2026-12-01); the later ones did not."""
-    first: dict[tuple[str, str], Config] = {}
-    for c in configs:
-        first.setdefault((c.policy.attn_decode_device, c.policy.schedule), c)
-    return [Config(f"warmup {device} {schedule}", c.policy, replace(c.workload, gen_len=2))
-            for (device, schedule), c in first.items()]
-
-
 def run_grid(setup: Setup, configs: list[Config], with_optimizer: bool, progress: Any = None,
              partial_csv: Path | None = None, space: list[Config] | None = None,
              traced: set[str] = frozenset({"base"})
@@ -508,8 +503,6 @@ def run_grid(setup: Setup, configs: list[Config], with_optimizer: bool, progress
     todo = [(c, "grid") for c in configs]
     if with_optimizer:
         todo.append((optimizer_config(setup, space or configs), "optimizer"))
-    for config in warm_up_configs([c for c, _ in todo]):
-        _try_measure(shared, setup, config)
     rows, stage_rows, traces = [], [], {}
     for config, role in _progress(todo, progress):
         row, stages, meas = _run_one(shared, setup, config, role)

@@ -23,7 +23,6 @@ from hrm.validate import (
     select_configs,
     stage_errors,
     summarize,
-    warm_up_configs,
 )
 
 
@@ -311,10 +310,24 @@ def test_config_of_row_reads_back_grid_points_and_the_optimizers_policy() -> Non
     assert (config.workload.num_seqs, config.workload.prompt_len) == (1024, 128)
 
 
-def test_every_code_path_is_warmed_up_once_before_the_grid():
-    """The first configuration of each decode attention device x schedule gets a 2-token
-    warm-up (the first GPU decode attention of a process loads its kernels)."""
-    warm = warm_up_configs(FULL.configs())
-    paths = {(c.policy.attn_decode_device, c.policy.schedule) for c in warm}
-    assert paths == {(c.policy.attn_decode_device, c.policy.schedule) for c in FULL.configs()}
-    assert len(warm) == len(paths) == 4 and all(c.workload.gen_len == 2 for c in warm)
+def test_each_configuration_is_warmed_up_before_it_is_timed(shared, monkeypatch) -> None:
+    """measure() runs Engine.warm_up (an untimed 2-token generate of a micro-batch) on the
+    configuration's own engine and prompts before the timed generate, as `hrm run` does."""
+    from executor.engine import Engine
+    from hrm.policy import Policy
+    from hrm.validate import Config, measure
+    from hrm.workload import Workload
+
+    calls = []
+    warm_up = Engine.warm_up
+
+    def recording(engine, prompts):
+        calls.append((engine.policy.micro_batch_size, len(prompts)))
+        return warm_up(engine, prompts)
+
+    monkeypatch.setattr(Engine, "warm_up", recording)
+    config = Config("tiny", Policy(batch_size=4, micro_batch_size=2),
+                    Workload(num_seqs=4, prompt_len=6, gen_len=3))
+    result = measure(shared, config, gpu_limit_bytes=2**32, cpu_limit_bytes=2**34, seed=0)
+    assert calls == [(2, 4)]
+    assert result["measured_tok_s"] > 0
