@@ -12,6 +12,8 @@ Run from the repository root:
    the model's GPU stage without interference (calls 1 and 2).
 4. Call 3's benchmark runs (a lease that was not profiled) predicted at HEAD with the profiles
    of calls 2 and 4 and the shipped h200-machine.
+5. n_ub=16's prefill in call 2: the GPU track's items (the first ones pay the first use of the
+   micro-batch shape), the steady ones, and the GPU idle between items.
 """
 
 from __future__ import annotations
@@ -110,10 +112,8 @@ def gemm_16_rows() -> None:
 def launcher() -> None:
     spec = load_model_spec_4layers()
     for call in ("call1", "call2"):
-        with gzip.open(HERE / call / "validate/validation_trace_N=1024.json.gz", "rt") as f:
-            doc = json.load(f)
-        windows = doc["decode_windows_s"]
-        spans = [e for e in doc["traceEvents"] if e.get("ph") == "X" and e["tid"] == "launcher"
+        events, windows = read_trace(HERE / call / "validate/validation_trace_N=1024.json.gz")
+        spans = [e for e in events if e["tid"] == "launcher"
                  and any(a * 1e6 <= e["ts"] <= b * 1e6 for a, b in windows)]
         medians = {n: statistics.median(e["dur"] for e in spans if e["name"] == n)
                    for n in ("launch_pre", "handoff_send", "attn_wait", "handoff_receive",
@@ -131,6 +131,28 @@ def launcher() -> None:
               f"{launcher_s / model_s:.2f} (profile: op {hw.gpu.op_overhead_s * 1e6:.1f} us, "
               f"hand-off {hw.gpu.attention_handoff_s * 1e6:.0f} us, f_gpu "
               f"{hw.interference.gpu:.2f}, f_launch {hw.interference.launch:.2f})")
+
+
+def read_trace(path: Path) -> tuple[list[dict], list[list[float]]]:
+    with gzip.open(path, "rt") as f:
+        doc = json.load(f)
+    return [e for e in doc["traceEvents"] if e.get("ph") == "X"], doc["decode_windows_s"]
+
+
+def prefill_items() -> None:
+    events, windows = read_trace(HERE / "call2/validate/validation_trace_n_ub=16.json.gz")
+    gpu = sorted((e for e in events if e["tid"] == "gpu" and e["ts"] < windows[0][0] * 1e6),
+                 key=lambda e: e["ts"])
+    gaps = [b["ts"] - (a["ts"] + a["dur"]) for a, b in zip(gpu, gpu[1:], strict=False)]
+    steady = [e["dur"] / 1e3 for e in gpu[7:]]
+    first = [e["dur"] / 1e3 for e in gpu[:7]]
+    median, (q1, _, q3) = statistics.median(steady), statistics.quantiles(steady)
+    print(f"  {len(gpu)} items; the first seven {', '.join(f'{d:.1f}' for d in first)} ms; from "
+          f"the eighth: median {median:.2f} ms, quartiles {q1:.2f}-{q3:.2f} ms; the first seven "
+          f"above that median: {sum(d - median for d in first):.0f} ms; gaps between items: "
+          f"median {statistics.median(gaps):.0f} us")
+    wait = next(e for e in events if e["tid"] == "weights_wait" and e["ts"] >= gpu[0]["ts"])
+    print(f"  of the first item, {wait['dur'] / 1e3:.1f} ms waiting for the first layer's weights")
 
 
 def load_model_spec_4layers():
@@ -158,3 +180,5 @@ if __name__ == "__main__":
     launcher()
     print("4. call 3's benchmark runs")
     bench_runs()
+    print("5. n_ub=16's prefill items, call 2")
+    prefill_items()
