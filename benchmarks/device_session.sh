@@ -14,12 +14,18 @@
 #   attention   benchmarks/bench_executor.py --attention (CPU decode attention kernels)
 #   continuous  benchmarks/bench_continuous.py --layers 1 on $PROFILE ($CONT_ARGS)
 #   executor    benchmarks/bench_executor.py --layers $LAYERS on $PROFILE ($BENCH_ARGS)
+# Under the device tool ($OUT set) the results are packed into $OUT/$(basename $W).tgz at the end:
+# the tool returns a limited number of files from $OUT, so $W must not be inside it (2026-12-02:
+# a grid written straight into $OUT lost its CSVs).
 # Measured 2026-12-01: a validation right after the profile's 72 GiB pinned-memory probe, in the
 # same call, ran CPU attention 3x slower throughout. To validate on the lease just profiled (the
 # user's flow; leases of one kind differ), skip the probe: PIN_PROBE_GIB=0 STEPS="profile
 # validate" (about 85 s + 230 s, third session of 2026-12-01).
 set -u
 W=${W:-/tmp/w}
+if [ -n "${OUT:-}" ] && [[ "$(realpath -m "$W")" == "$(realpath -m "$OUT")"* ]]; then
+  echo "W=$W is inside \$OUT=$OUT: the device tool returns only a few files from it" >&2; exit 2
+fi
 NAME=${NAME:-h200-machine}
 LAYERS=${LAYERS:-4}
 PROFILE=${PROFILE:-$W/$NAME.toml}
@@ -51,3 +57,7 @@ for step in ${STEPS:-profile validate attention}; do
   esac
   echo "   exit $? $(date -u +%T)"
 done
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/$(basename "$W").tgz" -C "$(dirname "$W")" "$(basename "$W")"
+  echo "== packed $W into $OUT/$(basename "$W").tgz"
+fi
