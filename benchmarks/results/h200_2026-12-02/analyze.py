@@ -14,6 +14,7 @@ Run from the repository root:
    of calls 2 and 4 and the shipped h200-machine.
 5. n_ub=16's prefill in call 2: the GPU track's items (the first ones pay the first use of the
    micro-batch shape), the steady ones, and the GPU idle between items.
+6. In each grid, the optimizer's CGOPipe policy over N=1024 under the layerwise schedule.
 """
 
 from __future__ import annotations
@@ -155,6 +156,14 @@ def prefill_items() -> None:
     print(f"  of the first item, {wait['dur'] / 1e3:.1f} ms waiting for the first layer's weights")
 
 
+def cgopipe_over_layerwise() -> None:
+    for call in ("call1", "call2", "call4"):
+        measured = {r["config"]: r["measured_tok_s"]
+                    for r in log_rows(HERE / call / "validate.log")}
+        best, layerwise = measured["optimizer"], measured["N=1024,schedule=layerwise"]
+        print(f"  {call}: {best:,.0f} / {layerwise:,.0f} = {best / layerwise:.2f}x")
+
+
 def load_model_spec_4layers():
     spec, _ = read_model(str(HERE / "call2/validate/validation.config.json"))
     return spec
@@ -182,3 +191,5 @@ if __name__ == "__main__":
     bench_runs()
     print("5. n_ub=16's prefill items, call 2")
     prefill_items()
+    print("6. the optimizer's policy over N=1024,schedule=layerwise")
+    cgopipe_over_layerwise()
