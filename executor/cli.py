@@ -134,6 +134,9 @@ def run_command(
         None, "--gpus", help="GPUs (one process each) [default: the policy's num_gpus]"),
     parallelism: str | None = typer.Option(
         None, "--parallelism", help="tp | ep with --gpus > 1 [default: the policy's]"),
+    expert_kernel: str | None = typer.Option(
+        None, "--expert-kernel", help="loop | grouped: decode's routed experts, a GEMM pair per "
+        "expert or one grouped GEMM pair for all (torch._grouped_mm) [default: the policy's]"),
     num_layers: int | None = typer.Option(None, "--num-layers",
                                           help="run only the first N layers (random weights)"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
@@ -234,7 +237,8 @@ def run_command(
             policy = replace(policy, schedule=schedule, attn_decode_device=attn,
                              kv_gpu_fraction=policy.kv_gpu_fraction if attn == "gpu" else 0.0)
     policy = replace(policy, num_gpus=gpus or policy.num_gpus,
-                     parallelism=parallelism or policy.parallelism)
+                     parallelism=parallelism or policy.parallelism,
+                     expert_kernel=expert_kernel or policy.expert_kernel)
     world = policy.num_gpus
     if world > 1:
         if scheduler == "continuous":

@@ -237,16 +237,29 @@ class Engine:
         mb.tokens.append(tokens)
         mb.hidden = self.w.embed[tokens]
 
-    def _experts(self, layer: int, buffer: StagedLayer, tracer: Tracer) -> Any:
-        """The expert lookup of `layer` in its staging buffer. The compute stream waits for the
-        copy lazily, at the first streamed expert; the wait is traced (WAIT_TRACK), so that the
-        GPU's busy time can leave it out."""
+    def _weights_ready(self, layer: int, buffer: StagedLayer, tracer: Tracer) -> Any:
+        """A callable that makes the compute stream wait for the layer's staging copy, once, at
+        the first use of a streamed expert; the wait is traced (WAIT_TRACK), so that the GPU's
+        busy time can leave it out."""
         def ready() -> None:
             if not buffer.waited:
                 with tracer.span(WAIT_TRACK, "weights_wait", self.streams.compute, layer):
                     buffer.ready()
 
-        return self.w.experts.expert_fn(layer, buffer.index, ready)
+        return ready
+
+    def _experts(self, layer: int, buffer: StagedLayer, tracer: Tracer) -> Any:
+        """The expert lookup of `layer` in its staging buffer (the copy waited for lazily)."""
+        return self.w.experts.expert_fn(layer, buffer.index,
+                                        self._weights_ready(layer, buffer, tracer))
+
+    def _stacked(self, layer: int, buffer: StagedLayer, tracer: Tracer) -> Any:
+        """The layer's stacked expert weights for the grouped decode GEMMs (policy
+        expert_kernel='grouped'; ExpertStore.stacked), else None (the per-expert loop)."""
+        if self.policy.expert_kernel != "grouped":
+            return None
+        return self.w.experts.stacked(layer, buffer.index,
+                                      self._weights_ready(layer, buffer, tracer))
 
     def _prefill_item(self, layer: int, mb: MicroBatch, buffer: StagedLayer, tracer: Tracer,
                       worker: Any = None) -> None:
@@ -423,7 +436,8 @@ class Engine:
                 tracer.span("gpu", "post_attn", compute, layer, m):
             x = L.attention_out(mb.hidden, attn, dense, self.shard.all_reduce)
             x = L.moe_ffn(x, dense, self.spec, self._experts(layer, buffer, tracer),
-                          self.renorm, self.shard.all_reduce)
+                          self.renorm, self.shard.all_reduce,
+                          self._stacked(layer, buffer, tracer))
             if layer == self.spec.num_layers - 1:
                 self._lm_head_and_sample(mb, x)
                 mb.positions = mb.positions + 1

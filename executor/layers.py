@@ -191,13 +191,37 @@ def routed_experts(h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     return torch.zeros_like(h).index_add_(0, token_of, out_sorted)
 
 
+def routed_experts_grouped(h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                           w13t: torch.Tensor, w2t: torch.Tensor) -> torch.Tensor:
+    """`routed_experts` as one grouped GEMM pair over all E experts (torch._grouped_mm; w13t
+    [E, h1, 2 h2] and w2t [E, h2, h1], the transposed weights of every expert in order): the
+    (token, slot) pairs sorted by expert, group e the rows routed to expert e, its boundaries
+    (cumulative row counts) computed on the device. No per-expert work and no host read of the
+    counts: a fixed number of operations per micro-batch, and the launching thread does not wait
+    for the routing (hrm.roofline OPS_GROUPED_EXPERTS)."""
+    top_k, flat = experts.shape[1], experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token_of = order // top_k
+    offs = torch.bincount(flat, minlength=w13t.shape[0]).cumsum(0, dtype=torch.int32)
+    gate, up = torch._grouped_mm(h[token_of], w13t, offs=offs).chunk(2, dim=-1)
+    out_sorted = torch._grouped_mm(F.silu(gate) * up, w2t, offs=offs)
+    out_sorted.mul_(weights.reshape(-1)[order].to(h.dtype)[:, None])
+    return torch.zeros_like(h).index_add_(0, token_of, out_sorted)
+
+
 def moe_ffn(x: torch.Tensor, layer: DenseLayer, spec: ModelSpec, expert: ExpertFn,
-            renormalize: bool, reduce: Reduce = _identity) -> torch.Tensor:
+            renormalize: bool, reduce: Reduce = _identity,
+            stacked: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x + reduce(MoE(n2(x))): routed experts plus the (gated) shared experts, if the model has
-    them. The router has a row per expert of the whole model, whichever experts `expert` holds."""
+    them. The router has a row per expert of the whole model, whichever experts `expert` holds.
+    With `stacked` (every expert's transposed weights: ExpertStore.stacked) the routed experts
+    run as one grouped GEMM pair (`routed_experts_grouped`)."""
     h = rms_norm(x, layer.post_norm, spec.rms_norm_eps)
     experts, weights = route(h, layer.router, spec.top_k, renormalize)
-    out = routed_experts(h, experts, weights, layer.router.shape[0], expert)
+    if stacked is not None:
+        out = routed_experts_grouped(h, experts, weights, *stacked)
+    else:
+        out = routed_experts(h, experts, weights, layer.router.shape[0], expert)
     if layer.shared_w13 is not None:
         shared = swiglu(h, layer.shared_w13, layer.shared_w2)
         if layer.shared_gate is not None:

@@ -141,6 +141,27 @@ class ExpertStore:
 
         return expert
 
+    def stacked(self, layer: int, staging_index: int, ready: Callable[[], None] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(w13t [E, h1, 2 h2], w2t [E, h2, h1]): every expert of `layer`, transposed, as strided
+        views of the one buffer that holds them all in order (its resident copy when all are
+        resident, else its staging buffer when none is; `ready()` orders the GEMMs after the
+        copy that fills it), for the grouped GEMMs (executor.layers.routed_experts_grouped).
+        None where a layer's experts are split between the two buffers, or over ranks."""
+        e, h1, h2 = self.spec.num_experts, self.spec.hidden_size, self.spec.expert_intermediate_size
+        if len(self.local) != e or self.resident[layer] not in (0, e):
+            return None
+        if self.resident[layer]:
+            flat = self.gpu[layer]
+        else:
+            if ready is not None:
+                ready()
+            flat = self.staging[staging_index]
+        step = self.expert_elements
+        w13 = flat.as_strided((e, 2 * h2, h1), (step, h1, 1))
+        w2 = flat.as_strided((e, h1, h2), (step, h2, 1), 2 * h1 * h2)
+        return w13.transpose(1, 2), w2.transpose(1, 2)
+
     def pages(self, layer: int) -> list[tuple[int, int]]:
         """[start, end) element ranges of the fixed-size pages of a layer's streamed experts."""
         total = self.cpu[layer].numel()

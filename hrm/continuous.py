@@ -52,6 +52,7 @@ from hrm.cost import (
     affine_sum,
     cost_terms,
     gpu_op_time_s,
+    grouped_layer_share,
     interfered,
     layer_stage_sums,
     micro_batch_chain_s,
@@ -197,7 +198,8 @@ class PassModel:
             decode = layer_operators(
                 self.model, micro_batch_size=shape.decode_seqs / n_ub, num_micro_batches=n_ub,
                 context_len=shape.decode_context_tokens / shape.decode_seqs, phase="decode",
-                attn_device=p.attn_decode_device, **dtypes)
+                attn_device=p.attn_decode_device,
+                grouped_share=grouped_layer_share(self.model, p, "decode"), **dtypes)
         prefill: list = []
         if shape.prefill_seqs > 0:
             n_p = math.ceil(shape.prefill_tokens / self.prefill_chunk_tokens)

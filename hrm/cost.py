@@ -363,6 +363,17 @@ def _stage_sums(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
     return stages
 
 
+def grouped_layer_share(model: ModelSpec, policy: Policy, phase: str) -> float:
+    """The fraction of the layers whose routed experts run as grouped GEMMs: in decode with
+    expert_kernel='grouped', the layers whose experts are all resident or all streamed at the
+    policy's r_w (ExpertStore.stacked; a layer split between the two loops)."""
+    if phase != "decode" or policy.expert_kernel != "grouped" or not model.num_experts:
+        return 0.0
+    by_layer = resident_experts_by_layer(policy.weights_gpu_fraction, model.num_layers,
+                                         model.num_experts)
+    return sum(r in (0, model.num_experts) for r in by_layer) / model.num_layers
+
+
 def _layer_ops(model: ModelSpec, workload: Workload, policy: Policy, phase: str,
                kind: str) -> list[Operator]:
     return layer_operators(
@@ -371,7 +382,7 @@ def _layer_ops(model: ModelSpec, workload: Workload, policy: Policy, phase: str,
         phase=phase, layer_kind=kind, weight_dtype=policy.weight_dtype, kv_dtype=policy.kv_dtype,
         attn_device=policy.attn_decode_device if phase == "decode" else policy.attn_prefill_device,
         prompt_len=workload.prompt_len, num_gpus=policy.num_gpus,
-        parallelism=policy.parallelism)
+        parallelism=policy.parallelism, grouped_share=grouped_layer_share(model, policy, phase))
 
 
 def _op_time(hw: HardwareProfile, op: Operator,

@@ -22,6 +22,12 @@ SCHEDULES = ("cgopipe", "cgopipe-serial", "layerwise")
 #: ep: attention heads sharded as in tp, whole experts dealt out round-robin (all-reduce of the
 #: partial MoE sums)
 PARALLELISMS = ("tp", "ep")
+#: how a decode micro-batch's routed experts run (executor.layers). loop: a GEMM pair per touched
+#: expert, after the routing's per-expert row counts are read on the host (a sync per
+#: micro-batch); grouped: one grouped GEMM pair over all experts (torch._grouped_mm) with the
+#: group boundaries computed on the device, so the launching thread neither waits for the routing
+#: nor issues per-expert work. Prefill always loops (its chunks bound the intermediates)
+EXPERT_KERNELS = ("loop", "grouped")
 
 
 def resident_experts(weights_gpu_fraction: float, num_layers: int, num_experts: int) -> int:
@@ -57,6 +63,7 @@ class Policy:
     schedule: str = "cgopipe"
     num_gpus: int = 1                  # G: GPUs, each with its own process and weight shard
     parallelism: str = "tp"            # tp | ep, only meaningful with num_gpus > 1
+    expert_kernel: str = "loop"        # loop | grouped: decode's routed experts (EXPERT_KERNELS)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "micro_batch_size", "weight_page_bytes", "num_gpus"):
@@ -87,6 +94,11 @@ class Policy:
         if self.parallelism not in PARALLELISMS:
             raise PolicyError(f"policy parallelism must be one of {PARALLELISMS}, "
                               f"got {self.parallelism!r}")
+        if self.expert_kernel not in EXPERT_KERNELS:
+            raise PolicyError(f"policy expert_kernel must be one of {EXPERT_KERNELS}, "
+                              f"got {self.expert_kernel!r}")
+        if self.expert_kernel == "grouped" and self.num_gpus > 1:
+            raise PolicyError("expert_kernel='grouped' runs on one GPU (num_gpus=1)")
         if self.schedule == "layerwise" and self.attn_decode_device != "gpu":
             raise PolicyError("the layerwise schedule runs attention on the GPU: "
                               "set attn_decode_device='gpu'")

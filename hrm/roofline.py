@@ -45,6 +45,11 @@ OPS_MOE_ROUTING = 30
 #: per touched expert: its weight views, the rows' slice, the gate/up GEMM and its split, SiLU,
 #: product and the down GEMM written in place into the sorted output
 OPS_PER_EXPERT = 13
+#: routing and all experts of a decode micro-batch with policy expert_kernel='grouped'
+#: (executor.layers.routed_experts_grouped): OPS_MOE_ROUTING's routing, the cumulative row
+#: counts on the device instead of their host copy, and two grouped GEMMs with the split, SiLU
+#: and product between them, whatever the experts touched
+OPS_MOE_GROUPED = 34
 #: the launching thread's hand-off of one micro-batch's decode attention to the CPU worker and
 #: back (q/k/v down, submit, the output up through its pinned buffer's alias): an operator on the
 #: GPU stage (that thread drives the GPU), `launches` = hand-offs, each costing the profile's
@@ -186,8 +191,12 @@ def layer_operators(model: ModelSpec, *, micro_batch_size: int, num_micro_batche
                     context_len: float, phase: str, attn_device: str = "cpu",
                     layer_kind: str = "moe", weight_dtype: str = "bf16", kv_dtype: str = "bf16",
                     prompt_len: float = 1.0, num_gpus: int = 1,
-                    parallelism: str = "tp") -> list[Operator]:
+                    parallelism: str = "tp", grouped_share: float = 0.0) -> list[Operator]:
     """The operators of one decoder layer for a batch of N = mu * n_ub sequences.
+
+    `grouped_share`: the fraction of the layers whose routed experts run as grouped GEMMs
+    (OPS_MOE_GROUPED launches per micro-batch in all, instead of OPS_MOE_ROUTING + OPS_PER_EXPERT
+    per touched expert); a layer's launches are the mean over the layers.
 
     decode: one new token per sequence, attending over `context_len` cached tokens.
     prefill: `prompt_len` tokens per sequence, causal attention (mean context prompt_len / 2).
@@ -251,13 +260,15 @@ def layer_operators(model: ModelSpec, *, micro_batch_size: int, num_micro_batche
                          OPS_PER_EXPERT))
     else:
         ops.append(_gemm("router", model.router_params(), tokens_ub, n_ub, weight_dtype, h1,
-                         model.num_experts, OPS_MOE_ROUTING))
+                         model.num_experts, (1.0 - grouped_share) * OPS_MOE_ROUTING
+                         + grouped_share * OPS_MOE_GROUPED))
         if model.shared_intermediate_size:
             ops.append(_gemm("shared_experts", model.shared_expert_params() * heads, tokens_ub,
                              n_ub, weight_dtype, h1,
                              h1 + 2 * model.shared_intermediate_size * heads,
                              OPS_PER_EXPERT))
-        ops += _expert_operators(model, tokens_ub, n_ub, weight_dtype, g, parallelism)
+        ops += _expert_operators(model, tokens_ub, n_ub, weight_dtype, g, parallelism,
+                                 1.0 - grouped_share)
 
     # data movement between the tiers for this placement (this GPU's share, over its link)
     if attn_device == "cpu":
@@ -288,8 +299,10 @@ def layer_operators(model: ModelSpec, *, micro_batch_size: int, num_micro_batche
 
 
 def _expert_operators(model: ModelSpec, tokens_ub: float, n_ub: int, weight_dtype: str,
-                      num_gpus: int, parallelism: str) -> list[Operator]:
-    """One GPU's routed-expert FFN and its weight stream (see `layer_operators`)."""
+                      num_gpus: int, parallelism: str, loop_share: float = 1.0
+                      ) -> list[Operator]:
+    """One GPU's routed-expert FFN and its weight stream (see `layer_operators`); the
+    per-expert launches in the `loop_share` of the layers that loop over their experts."""
     act = dtype_bytes(ACT_DTYPE)
     h1 = model.hidden_size
     e, k, h2 = model.num_experts, model.top_k, model.expert_intermediate_size
@@ -314,7 +327,7 @@ def _expert_operators(model: ModelSpec, tokens_ub: float, n_ub: int, weight_dtyp
             gpu_bytes=n_ub * (touched * expert_w * width + pairs * (2 * h1 + 3 * h2 * width)
                               * act),
             cpu_bytes=n_ub * touched * expert_w * width, link_bytes=held * expert_w * width,
-            rows=routed_rows / e_act, launches=n_ub * touched * OPS_PER_EXPERT),
+            rows=routed_rows / e_act, launches=loop_share * n_ub * touched * OPS_PER_EXPERT),
         Operator(
             name="weight_h2d", device="h2d", flops=0.0, gpu_bytes=0.0,
             cpu_bytes=held * expert_w * width, link_bytes=held * expert_w * width, rows=0.0,

@@ -99,7 +99,8 @@ def config_of_row(row: dict[str, Any], grid: str = "full") -> Config:
                     micro_batch_size=int(row["micro_batch_size"]),
                     attn_decode_device=row["attn_decode_device"],
                     weights_gpu_fraction=float(row["weights_gpu_fraction"]),
-                    schedule=row["schedule"])
+                    schedule=row["schedule"],
+                    expert_kernel=row.get("expert_kernel") or "loop")  # older tables: loop
     return Config(row["config"], policy, Workload(num_seqs=int(row["batch_size"]),
                                                   prompt_len=int(row["prompt_len"]),
                                                   gen_len=int(row["gen_len"])))
@@ -108,7 +109,8 @@ def config_of_row(row: dict[str, Any], grid: str = "full") -> Config:
 @dataclass(frozen=True)
 class Grid:
     """A base point and variations of it, one axis at a time plus a few crossings. Every
-    variation is (name, changes) with changes among N, n_ub, r_w, attn, schedule, prompt, gen."""
+    variation is (name, changes) with changes among N, n_ub, r_w, attn, schedule, kernel (the
+    policy's expert_kernel), prompt, gen."""
 
     name: str
     base: dict[str, Any]
@@ -124,7 +126,7 @@ def _config(name: str, p: dict[str, Any]) -> Config:
     attn = "gpu" if p["schedule"] == "layerwise" else p["attn"]
     policy = Policy(batch_size=p["N"], micro_batch_size=p["N"] // p["n_ub"],
                     attn_decode_device=attn, weights_gpu_fraction=p["r_w"],
-                    schedule=p["schedule"])
+                    schedule=p["schedule"], expert_kernel=p.get("kernel", "loop"))
     return Config(name, policy, Workload(num_seqs=p["N"], prompt_len=p["prompt"],
                                          gen_len=p["gen"]))
 
@@ -139,8 +141,9 @@ def _axes(**axes: tuple[Any, ...]) -> tuple[tuple[str, dict[str, Any]], ...]:
 QUICK = Grid("quick", base=dict(N=16, n_ub=2, r_w=0.0, attn="cpu", schedule="cgopipe",
                                 prompt=16, gen=4),
              variations=(*_axes(N=(32,), n_ub=(4,), r_w=(0.5,), attn=("gpu",),
-                                schedule=("cgopipe-serial",)),))
-#: full: 25 configurations around N=256 = 4 x 64, prompt 128, gen 16, every expert streamed.
+                                schedule=("cgopipe-serial",), kernel=("grouped",)),))
+#: full: 27 configurations around N=256 = 4 x 64, prompt 128, gen 16, every expert streamed
+#: (two with decode's experts as grouped GEMMs: policy expert_kernel).
 #: Micro-batches hold at most 8192 prompt tokens (mu = 64 at prompt 128, 32 at 256, 16 at 512)
 #: so prefill fits a capped GPU; the last three put enough KV in front of the CPU for attention,
 #: not the link, to bind
@@ -162,7 +165,9 @@ FULL = Grid("full", base=dict(N=256, n_ub=4, r_w=0.0, attn="cpu", schedule="cgop
                         ("n_ub=8,r_w=0.03,gen=32", dict(n_ub=8, r_w=0.03, gen=32)),
                         ("N=2048,prompt=256", dict(N=2048, n_ub=64, prompt=256)),
                         ("N=1024,prompt=512", dict(N=1024, n_ub=64, prompt=512)),
-                        ("N=2048,prompt=512", dict(N=2048, n_ub=128, prompt=512))))
+                        ("N=2048,prompt=512", dict(N=2048, n_ub=128, prompt=512)),
+                        ("kernel=grouped", dict(kernel="grouped")),
+                        ("N=1024,kernel=grouped", dict(N=1024, n_ub=16, kernel="grouped"))))
 GRIDS = {g.name: g for g in (QUICK, FULL)}
 
 
@@ -424,7 +429,8 @@ def config_row(config: Config, role: str) -> dict[str, Any]:
     return {"config": config.name, "role": role, "batch_size": p.batch_size,
             "micro_batch_size": p.micro_batch_size, "num_micro_batches": p.num_micro_batches,
             "attn_decode_device": p.attn_decode_device, "weights_gpu_fraction":
-            p.weights_gpu_fraction, "schedule": p.schedule, "prompt_len": w.prompt_len,
+            p.weights_gpu_fraction, "schedule": p.schedule, "expert_kernel": p.expert_kernel,
+            "prompt_len": w.prompt_len,
             "gen_len": w.gen_len}
 
 

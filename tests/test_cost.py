@@ -346,3 +346,31 @@ def test_gpu_attention_over_the_cpu_cache_gathers_on_the_host_then_shares_the_li
     else:
         assert gpu_extra == pytest.approx(gather_s + dma_s, rel=1e-6)
         assert link_extra == pytest.approx(0.0, abs=1e-12)
+
+
+def test_grouped_experts_save_the_per_expert_launches_in_decode_only():
+    """expert_kernel='grouped': a decode micro-batch issues OPS_MOE_GROUPED operations for its
+    routing and experts instead of OPS_MOE_ROUTING + OPS_PER_EXPERT per touched expert, in the
+    layers whose experts are all streamed or all resident; prefill always loops."""
+    from hrm.cost import grouped_layer_share
+    from hrm.roofline import OPS_MOE_GROUPED, OPS_MOE_ROUTING, OPS_PER_EXPERT, experts_touched
+
+    hw = replace(T4, interference=Interference())   # launches at t_launch exactly
+    loop = Policy(batch_size=512, micro_batch_size=128, weights_gpu_fraction=0.0)
+    grouped = replace(loop, expert_kernel="grouped")
+    assert grouped_layer_share(MIXTRAL, grouped, "decode") == 1.0
+    assert grouped_layer_share(MIXTRAL, grouped, "prefill") == 0.0
+    assert grouped_layer_share(MIXTRAL, loop, "decode") == 0.0
+    # 10 of 256 experts resident: 10 of the 32 layers hold one, and loop
+    split = replace(grouped, weights_gpu_fraction=10 / 256)
+    assert grouped_layer_share(MIXTRAL, split, "decode") == pytest.approx(22 / 32)
+    a, b = predict(MIXTRAL, hw, WORK, loop), predict(MIXTRAL, hw, WORK, grouped)
+    touched = experts_touched(MIXTRAL.num_experts, MIXTRAL.top_k, 128)
+    saved = loop.num_micro_batches * (OPS_MOE_ROUTING + touched * OPS_PER_EXPERT
+                                      - OPS_MOE_GROUPED) * hw.gpu.op_overhead_s
+    assert a.decode_layer.gpu_s - b.decode_layer.gpu_s == pytest.approx(saved, rel=1e-9)
+    assert a.prefill_s == pytest.approx(b.prefill_s, rel=1e-12)
+    with pytest.raises(PolicyError, match="expert_kernel"):
+        Policy(batch_size=8, micro_batch_size=8, expert_kernel="fused")
+    with pytest.raises(PolicyError, match="one GPU"):
+        Policy(batch_size=8, micro_batch_size=8, expert_kernel="grouped", num_gpus=2)

@@ -1,6 +1,7 @@
 """The executor against Hugging Face transformers on tiny random Mixtral and Qwen2-MoE checkpoints
 (fp32, `--device cpu`): same logits at every generated step and the same greedy tokens for 16+
-steps, for every schedule, several micro-batch sizes and part of the experts on the "GPU".
+steps, for every schedule, several micro-batch sizes, part of the experts on the "GPU", and
+decode's experts as grouped GEMMs.
 
 Tolerance: both sides compute in fp32 from the same weights; they differ only in the order of
 floating-point reductions (SDPA vs. grouped matmul attention, per-expert GEMMs over sorted vs.
@@ -94,6 +95,17 @@ POLICIES = {
     "layerwise-kv-half-gpu": Policy(batch_size=6, micro_batch_size=3, schedule="layerwise",
                                     attn_decode_device="gpu", kv_gpu_fraction=0.5,
                                     weight_dtype="fp32", kv_dtype="fp32"),
+    # decode's routed experts as one grouped GEMM pair: from the staging buffer (none resident),
+    # from the resident copy (all resident), and the per-expert loop where a layer's experts
+    # are split between the two (r_w = 0.4)
+    "cgopipe-mu2-grouped": Policy(batch_size=6, micro_batch_size=2, weight_dtype="fp32",
+                                  kv_dtype="fp32", expert_kernel="grouped"),
+    "cgopipe-serial-mu6-grouped-resident": Policy(
+        batch_size=6, micro_batch_size=6, schedule="cgopipe-serial", weights_gpu_fraction=1.0,
+        weight_dtype="fp32", kv_dtype="fp32", expert_kernel="grouped"),
+    "cgopipe-mu1-rw0.4-grouped-split": Policy(
+        batch_size=6, micro_batch_size=1, weights_gpu_fraction=0.4, weight_dtype="fp32",
+        kv_dtype="fp32", weight_page_bytes=4096, expert_kernel="grouped"),
 }
 
 

@@ -125,13 +125,19 @@ def test_op_counts_match_the_executor():
     """The host-issued operations the model charges per micro-batch (OPS_*) are the aten
     operations the executor's layer code dispatches (counted, not fitted) with bf16 weights and
     activations, as on the GPU: a decode micro-batch of tiny-mixtral touching 2 experts (one
-    token, top-2) and all 8 (64 tokens)."""
+    token, top-2) and all 8 (64 tokens), its experts in a loop and as grouped GEMMs."""
     torch = pytest.importorskip("torch")
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import executor.layers as L
     from executor.weights import random_weights, read_model
-    from hrm.roofline import OPS_ATTENTION_IN, OPS_ATTENTION_OUT, OPS_MOE_ROUTING, OPS_PER_EXPERT
+    from hrm.roofline import (
+        OPS_ATTENTION_IN,
+        OPS_ATTENTION_OUT,
+        OPS_MOE_GROUPED,
+        OPS_MOE_ROUTING,
+        OPS_PER_EXPERT,
+    )
 
     class Count(TorchDispatchMode):
         def __init__(self) -> None:
@@ -151,7 +157,7 @@ def test_op_counts_match_the_executor():
     for tokens in (1, 64):
         x = torch.randn(tokens, spec.hidden_size, dtype=bf16)
         pos = torch.zeros(tokens, dtype=torch.long)
-        c_in, c_out, c_moe = Count(), Count(), Count()
+        c_in, c_out, c_moe, c_grouped = Count(), Count(), Count(), Count()
         attn = torch.randn(tokens, spec.num_heads * spec.head_dim, dtype=bf16)
         with c_in:
             L.attention_in(x, w.layers[0], spec, cos[pos], sin[pos])  # as the engine calls it
@@ -159,7 +165,10 @@ def test_op_counts_match_the_executor():
             L.attention_out(x, attn, w.layers[0])
         with c_moe:
             L.moe_ffn(x, w.layers[0], spec, w.experts.expert_fn(0, 0), True)
-        counts = [c_in.n, c_out.n, c_moe.n]
+        stacked = w.experts.stacked(0, 0)
+        with c_grouped:   # policy expert_kernel='grouped'
+            L.moe_ffn(x, w.layers[0], spec, w.experts.expert_fn(0, 0), True, stacked=stacked)
+        counts = [c_in.n, c_out.n, c_moe.n, c_grouped.n]
         touched = min(spec.num_experts, tokens * spec.top_k)
         assert counts == [OPS_ATTENTION_IN, OPS_ATTENTION_OUT,
-                          OPS_MOE_ROUTING + touched * OPS_PER_EXPERT]
+                          OPS_MOE_ROUTING + touched * OPS_PER_EXPERT, OPS_MOE_GROUPED]
