@@ -108,3 +108,19 @@ def test_hrm_run_scheduler_continuous(tmp_path, hrm_cli):
                     "--policy", tmp_path / "continuous.json", "--num-seqs", 2, "--prompt-len",
                     4, "--gen-len", 2, "--scheduler", "rolling", "-o", tmp_path / "x.json")
     assert code == 2 and "--scheduler must be static or continuous" in err
+
+
+def test_continuous_tokens_equal_static_with_grouped_experts():
+    """The continuous engine's decode runs the policy's grouped expert GEMMs too (every expert
+    streamed, so each layer's experts sit in one staging buffer): its greedy tokens equal the
+    static engine's per-expert loop on the same placement (random weights depend on it)."""
+    fp32 = dict(weight_dtype="fp32", kv_dtype="fp32")
+    static = build_engine("tiny-mixtral", Policy(batch_size=8, micro_batch_size=4, **fp32),
+                          device=CPU, prompt_lens=[len(p) for p in PROMPTS], gen_len=GEN_LEN,
+                          gpu_mem_bytes=2**32, cpu_mem_bytes=2**32, kv_block_tokens=BLOCK)
+    policy = Policy(batch_size=64, micro_batch_size=4, expert_kernel="grouped", **fp32)
+    engine, blocks = build_continuous_engine(
+        "tiny-mixtral", policy, device=CPU, max_seq_len=MAX_SEQ, gpu_mem_bytes=2**32,
+        cpu_mem_bytes=2**32, kv_block_tokens=BLOCK, num_blocks=400)
+    gen, _ = engine.generate_continuous(PROMPTS, [GEN_LEN] * len(PROMPTS), num_blocks=blocks)
+    assert gen.outputs == static.generate(PROMPTS, GEN_LEN).outputs

@@ -343,3 +343,33 @@ def test_device_alias_needs_a_pinned_cuda_buffer() -> None:
     pinned.add_(1)
     torch.cuda.synchronize()
     assert torch.equal(torch.mul(alias, 1).cpu(), host + 1)
+
+
+@pytest.mark.parametrize(("r_w", "grouped_calls"), [(0.0, 24), (1.0, 24), (0.4, 0)])
+def test_grouped_experts_run_in_decode_where_a_layer_is_not_split(monkeypatch, r_w,
+                                                                   grouped_calls) -> None:
+    """expert_kernel='grouped': decode micro-batches (3 steps x 2 micro-batches x 4 layers) run
+    the grouped GEMMs where a layer's experts are all streamed (r_w = 0) or all resident (1);
+    prefill, and layers split between the two (r_w = 0.4), loop over the experts."""
+    import executor.layers as L
+    from executor.engine import build_engine
+
+    calls = {"grouped": 0, "loop": 0}
+    grouped, loop = L.routed_experts_grouped, L.routed_experts
+
+    def count(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(L, "routed_experts_grouped", count("grouped", grouped))
+    monkeypatch.setattr(L, "routed_experts", count("loop", loop))
+    prompts = [[5, 9, 3, 7], [8, 2, 2, 40], [3, 1, 4, 1], [60, 61, 62, 63]]
+    policy = Policy(batch_size=4, micro_batch_size=2, weights_gpu_fraction=r_w,
+                    weight_dtype="fp32", kv_dtype="fp32", expert_kernel="grouped")
+    engine = build_engine("tiny-mixtral", policy, device=torch.device("cpu"),
+                          prompt_lens=[4] * 4, gen_len=4, gpu_mem_bytes=2**32,
+                          cpu_mem_bytes=2**32)
+    engine.generate(prompts, 4)
+    assert calls == {"grouped": grouped_calls, "loop": 32 - grouped_calls}
