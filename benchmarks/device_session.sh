@@ -20,7 +20,8 @@
 # Measured 2026-12-01: a validation right after the profile's 72 GiB pinned-memory probe, in the
 # same call, ran CPU attention 3x slower throughout. To validate on the lease just profiled (the
 # user's flow; leases of one kind differ), skip the probe: PIN_PROBE_GIB=0 STEPS="profile
-# validate" (about 85 s + 230 s, third session of 2026-12-01).
+# validate" (about 85 s + 230 s, third session of 2026-12-01; 90-125 s + 195-256 s on
+# 2026-12-02, before the per-configuration warm-up and the two grouped-kernel points).
 set -u
 W=${W:-/tmp/w}
 if [ -n "${OUT:-}" ] && [[ "$(realpath -m "$W")" == "$(realpath -m "$OUT")"* ]]; then
@@ -39,7 +40,7 @@ for step in ${STEPS:-profile validate attention}; do
     profile) timeout "${T_PROFILE:-220}" python3 -m hrm.cli profile -o "$W/$NAME.toml" \
                --name "$NAME" --pin-probe-gib "${PIN_PROBE_GIB:-72}" --raw-json "$W/profile_raw.json" \
                > "$W/profile.log" 2>&1 ;;
-    validate) COLUMNS=140 timeout "${T_VALIDATE:-300}" python3 -m hrm.cli validate \
+    validate) COLUMNS=140 timeout "${T_VALIDATE:-360}" python3 -m hrm.cli validate \
                --model mixtral-8x7b --num-layers "$LAYERS" --full-model-gpu-mem 16 \
                --hardware "$PROFILE" --grid full --device cuda ${VALIDATE_ARGS:-} -o "$W/validate" \
                > "$W/validate.log" 2>&1 ;;
