@@ -66,3 +66,16 @@ def test_a_run_past_its_time_limit_is_recorded_not_fatal(tmp_path) -> None:
                    "--num-seqs", "4", "--prompt-len", "8", "--gen-len", "4"], tmp_path, "slow",
                   timeout_s=0.05)
     assert res["name"] == "slow" and res["error"] == "timed out after 0.05 s"
+
+
+def test_grouped_experts_diag_times_both_kernels_on_the_cpu(tmp_path) -> None:
+    """diag_grouped_experts.py on the tiny Mixtral: both kernels timed at every micro-batch
+    size, their outputs equal to bf16 rounding."""
+    result = _run("diag_grouped_experts.py", "--model", "tiny-mixtral", "--reps", "3",
+                  "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "diag_grouped_experts.json").read_text())["rows"]
+    assert [r["micro_batch"] for r in rows] == [1, 16, 64, 256]
+    for r in rows:
+        assert r["loop_s"] > 0 and r["grouped_s"] > 0 and r["max_abs_out"] > 0
+        assert r["max_abs_diff"] <= 1e-2 * r["max_abs_out"]
