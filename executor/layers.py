@@ -198,7 +198,7 @@ def routed_experts_grouped(h: torch.Tensor, experts: torch.Tensor, weights: torc
     (token, slot) pairs sorted by expert, group e the rows routed to expert e, its boundaries
     (cumulative row counts) computed on the device. No per-expert work and no host read of the
     counts: a fixed number of operations per micro-batch, and the launching thread does not wait
-    for the routing (hrm.roofline OPS_GROUPED_EXPERTS)."""
+    for the routing (hrm.roofline OPS_MOE_GROUPED)."""
     top_k, flat = experts.shape[1], experts.reshape(-1)
     order = torch.argsort(flat, stable=True)
     token_of = order // top_k
