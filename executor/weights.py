@@ -107,6 +107,9 @@ class ExpertStore:
     staging: list[torch.Tensor]
     page_elements: int
     local: dict[int, int] = field(default_factory=dict)
+    #: the views `stacked` hands out, made once per buffer
+    _stacked: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.local = self.local or {e: e for e in range(self.spec.num_experts)}
@@ -147,20 +150,24 @@ class ExpertStore:
         views of the one buffer that holds them all in order (its resident copy when all are
         resident, else its staging buffer when none is; `ready()` orders the GEMMs after the
         copy that fills it), for the grouped GEMMs (executor.layers.routed_experts_grouped).
-        None where a layer's experts are split between the two buffers, or over ranks."""
+        The views are made once per buffer, not per micro-batch (hrm.roofline OPS_MOE_GROUPED
+        counts none). None where a layer's experts are split between the two buffers, or over
+        ranks."""
         e, h1, h2 = self.spec.num_experts, self.spec.hidden_size, self.spec.expert_intermediate_size
         if len(self.local) != e or self.resident[layer] not in (0, e):
             return None
         if self.resident[layer]:
-            flat = self.gpu[layer]
+            key, flat = ("gpu", layer), self.gpu[layer]
         else:
             if ready is not None:
                 ready()
-            flat = self.staging[staging_index]
-        step = self.expert_elements
-        w13 = flat.as_strided((e, 2 * h2, h1), (step, h1, 1))
-        w2 = flat.as_strided((e, h1, h2), (step, h2, 1), 2 * h1 * h2)
-        return w13.transpose(1, 2), w2.transpose(1, 2)
+            key, flat = ("staging", staging_index), self.staging[staging_index]
+        if key not in self._stacked:
+            step = self.expert_elements
+            w13 = flat.as_strided((e, 2 * h2, h1), (step, h1, 1))
+            w2 = flat.as_strided((e, h1, h2), (step, h2, 1), 2 * h1 * h2)
+            self._stacked[key] = (w13.transpose(1, 2), w2.transpose(1, 2))
+        return self._stacked[key]
 
     def pages(self, layer: int) -> list[tuple[int, int]]:
         """[start, end) element ranges of the fixed-size pages of a layer's streamed experts."""

@@ -166,6 +166,10 @@ def test_op_counts_match_the_executor():
         with c_moe:
             L.moe_ffn(x, w.layers[0], spec, w.experts.expert_fn(0, 0), True)
         stacked = w.experts.stacked(0, 0)
+        c_views = Count()
+        with c_views:     # the engine asks for them per micro-batch: made once, not counted
+            assert w.experts.stacked(0, 0) is stacked
+        assert c_views.n == 0
         with c_grouped:   # policy expert_kernel='grouped'
             L.moe_ffn(x, w.layers[0], spec, w.experts.expert_fn(0, 0), True, stacked=stacked)
         counts = [c_in.n, c_out.n, c_moe.n, c_grouped.n]
