@@ -187,8 +187,7 @@ def routed_experts(h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
             else:
                 swiglu(h_sorted[lo:hi], *weights_e, out=out_sorted[lo:hi])
         start += rows
-    out_sorted.mul_(weights.reshape(-1)[order].to(h.dtype)[:, None])
-    return torch.zeros_like(h).index_add_(0, token_of, out_sorted)
+    return _gate_and_scatter(h, out_sorted, weights, order, token_of)
 
 
 def routed_experts_grouped(h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
@@ -205,6 +204,13 @@ def routed_experts_grouped(h: torch.Tensor, experts: torch.Tensor, weights: torc
     offs = torch.bincount(flat, minlength=w13t.shape[0]).cumsum(0, dtype=torch.int32)
     gate, up = torch._grouped_mm(h[token_of], w13t, offs=offs).chunk(2, dim=-1)
     out_sorted = torch._grouped_mm(F.silu(gate) * up, w2t, offs=offs)
+    return _gate_and_scatter(h, out_sorted, weights, order, token_of)
+
+
+def _gate_and_scatter(h: torch.Tensor, out_sorted: torch.Tensor, weights: torch.Tensor,
+                      order: torch.Tensor, token_of: torch.Tensor) -> torch.Tensor:
+    """The experts' outputs in expert order (`out_sorted`, one row per (token, slot) pair)
+    times their gates, in the activations' dtype, summed back onto each token's row."""
     out_sorted.mul_(weights.reshape(-1)[order].to(h.dtype)[:, None])
     return torch.zeros_like(h).index_add_(0, token_of, out_sorted)
 

@@ -430,8 +430,7 @@ def config_row(config: Config, role: str) -> dict[str, Any]:
             "micro_batch_size": p.micro_batch_size, "num_micro_batches": p.num_micro_batches,
             "attn_decode_device": p.attn_decode_device, "weights_gpu_fraction":
             p.weights_gpu_fraction, "schedule": p.schedule, "expert_kernel": p.expert_kernel,
-            "prompt_len": w.prompt_len,
-            "gen_len": w.gen_len}
+            "prompt_len": w.prompt_len, "gen_len": w.gen_len}
 
 
 def compare(config: Config, role: str, pred: dict[str, Any], meas: dict[str, Any]
