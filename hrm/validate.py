@@ -351,12 +351,12 @@ def measure(shared: SharedModel, config: Config, gpu_limit_bytes: float,
     executor's own memory plan or the GPU cap refuses it.
 
     Each configuration is warmed up first (Engine.warm_up: one untimed 2-token generate of a
-    micro-batch, as `hrm run` does), so that what is timed is the steady state the model
-    predicts, not the first use of its shapes: on the H200 machine, 2026-12-02, n_ub=16's first
-    prefill items (a micro-batch shape no earlier configuration had run) took 90, 26, 14, 17 and
-    17 ms against 4.4 ms later, about 120 of its 543 ms prefill besides the wait for the first
-    weights; and the process's first GPU decode attention loads its kernels (1.25 s of a
-    configuration's first decode step, 2026-12-01)."""
+    micro-batch, as `hrm run` does on CUDA; here on the CPU stand-in too), so that what is
+    timed is the steady state the model predicts, not the first use of its shapes: on the H200
+    machine, 2026-12-02, n_ub=16's first prefill items (a micro-batch shape no earlier
+    configuration had run) took 90, 26, 14, 17 and 17 ms against 4.4 ms later, about 120 of its
+    543 ms prefill besides the wait for the first weights; and the process's first GPU decode
+    attention loads its kernels (1.25 s of a configuration's first decode step, 2026-12-01)."""
     import torch
 
     from executor.cli import random_prompts
