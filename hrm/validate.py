@@ -632,7 +632,7 @@ def validate_command(
     model: str = typer.Option(..., "--model", "-m", help="shipped model name or config.json"),
     hardware: str = typer.Option(..., "--hardware", "-H", help="hardware profile (name or TOML) "
                                  "of this machine: `hrm profile` writes one"),
-    grid: str = typer.Option("quick", "--grid", help="quick (6 configurations) | full (25)"),
+    grid: str = typer.Option("quick", "--grid", help="quick (6 configurations) | full (27)"),
     device_name: str = typer.Option("auto", "--device", help="cuda, cpu (the CPU stands in for "
                                     "the GPU) or auto"),
     output: Path = typer.Option(..., "-o", "--output", help="directory for the results"),
