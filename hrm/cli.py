@@ -132,7 +132,8 @@ def _print_prediction(pred: Any, title: str) -> None:
     table.add_row("policy", f"N={p.batch_size} (mu={p.micro_batch_size} x n_ub="
                   f"{p.num_micro_batches}), decode attention on {p.attn_decode_device}, "
                   f"r_w={p.weights_gpu_fraction:.3f}, r_c={p.kv_gpu_fraction:.3f}, "
-                  f"schedule {p.schedule}, weights {p.weight_dtype}, KV {p.kv_dtype}"
+                  f"schedule {p.schedule}, weights {p.weight_dtype}, KV {p.kv_dtype}, "
+                  f"experts {p.expert_kernel}"
                   + (f", {p.num_gpus} GPUs {p.parallelism}" if p.num_gpus > 1 else ""))
     table.add_row("throughput", f"{pred.throughput_tok_s:,.1f} generated tokens/s")
     table.add_row("time per batch", f"prefill {pred.prefill_s:.2f} s + decode {pred.decode_s:.2f}"

@@ -7,6 +7,11 @@ affine coefficients (`hrm.cost.cost_terms`), so its optimum is the cost model's 
     <= num_seqs), decode attention placement is a binary a (1 = GPU). Modes m = (c, device)
     carry binaries w_m with sum_device w_(c, device) = x_c and sum_c w_(c, gpu) = a, the exact
     linearization of w_m = x_c * [a = device];
+  * the expert kernel (policy expert_kernel: a loop over the experts or one grouped GEMM pair)
+    is part of the mode. A grouped layer must hold all of its experts or none
+    (`hrm.cost.grouped_layer_share`), and any 0 < r_w < 1 splits some layer's experts. So a
+    grouped mode keeps every expert streamed: its product w_m r_w is fixed at 0, so r_w = 0
+    whenever it is chosen. A grouped kernel with every expert resident is not searched;
   * continuous r_w, r_c in [0, 1] (r_c <= a). Products with the mode binary, y_m = w_m r_w and
     q_m = w_m r_c, are linearized by McCormick envelopes, exact when w_m is binary:
     y <= w, y <= r_w, y >= r_w - (1 - w), y >= 0;
@@ -45,7 +50,7 @@ from hrm.cost import (
 from hrm.errors import InfeasibleError
 from hrm.hardware import HardwareProfile
 from hrm.model import ModelSpec
-from hrm.policy import PARALLELISMS, Policy
+from hrm.policy import EXPERT_KERNELS, PARALLELISMS, Policy
 from hrm.units import GiB
 from hrm.workload import Workload
 
@@ -63,6 +68,9 @@ class SearchGrid:
     micro_batch_sizes: tuple[int, ...] = MICRO_BATCH_SIZES
     num_micro_batches: tuple[int, ...] = NUM_MICRO_BATCHES
     attn_decode_devices: tuple[str, ...] = ("cpu", "gpu")
+    #: decode's routed-expert kernels (policy expert_kernel); grouped only on one GPU and for
+    #: models with routed experts
+    expert_kernels: tuple[str, ...] = EXPERT_KERNELS
     r_w_values: tuple[float, ...] = tuple(i / 20 for i in range(21))
     r_c_values: tuple[float, ...] = tuple(i / 10 for i in range(11))
 
@@ -86,18 +94,27 @@ def _modes(model: ModelSpec, hw: HardwareProfile, workload: Workload, schedule: 
     mus = sorted({*grid.micro_batch_sizes,
                   *([workload.num_seqs] if workload.num_seqs <= max(grid.micro_batch_sizes)
                     else [])})
+    kernels = [k for k in grid.expert_kernels
+               if k == "loop" or (num_gpus == 1 and model.num_experts)]
     modes = []
     for mu in mus:
         for n_ub in grid.num_micro_batches:
             if mu * n_ub > workload.num_seqs:
                 continue
             for device in devices:
-                policy = Policy(batch_size=mu * n_ub, micro_batch_size=mu,
-                                attn_decode_device=device, weight_dtype=weight_dtype,
-                                kv_dtype=kv_dtype, schedule=schedule, num_gpus=num_gpus,
-                                parallelism=parallelism)
-                modes.append(cost_terms(model, hw, workload, policy))
+                for kernel in kernels:
+                    policy = Policy(batch_size=mu * n_ub, micro_batch_size=mu,
+                                    attn_decode_device=device, weight_dtype=weight_dtype,
+                                    kv_dtype=kv_dtype, schedule=schedule, num_gpus=num_gpus,
+                                    parallelism=parallelism, expert_kernel=kernel)
+                    modes.append(cost_terms(model, hw, workload, policy))
     return modes
+
+
+def _streams_all_experts(terms: CostTerms) -> bool:
+    """A grouped-kernel mode: searched with every routed expert streamed (r_w = 0; the module
+    docstring says why)."""
+    return terms.policy.expert_kernel == "grouped"
 
 
 def _may_fit(terms: CostTerms) -> bool:
@@ -239,6 +256,8 @@ def _add_mode(prob: pulp.LpProblem, m: int, terms: CostTerms, w_m: pulp.LpVariab
     # w_m * r_c; r_c = 0 whenever attention runs on the CPU
     q = prob.add_variable(f"q{m}", 0, 1 if gpu_attention else 0)
     products.append((y, q))
+    if _streams_all_experts(terms):
+        prob += y == 0                       # r_w = 0 whenever this mode is chosen
     for prod, var in ((y, r_w), (q, r_c)) if gpu_attention else ((y, r_w),):
         prob += prod <= w_m                  # McCormick envelope, exact for binary w_m
         prob += prod <= var
@@ -308,7 +327,7 @@ def brute_force(model: ModelSpec, hw: HardwareProfile, workload: Workload, *,
     best: tuple[float, CostTerms, float, float] | None = None
     for terms in modes:
         r_cs = grid.r_c_values if terms.policy.attn_decode_device == "gpu" else (0.0,)
-        for r_w in grid.r_w_values:
+        for r_w in (0.0,) if _streams_all_experts(terms) else grid.r_w_values:
             for r_c in r_cs:
                 if not terms.fits(r_w, r_c):
                     continue

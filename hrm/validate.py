@@ -479,7 +479,8 @@ class Setup:
 
 def optimizer_config(setup: Setup, grid: list[Config]) -> Config:
     """`hrm optimize` over the grid's space: the base workload with num_seqs = the largest batch
-    of the grid, micro-batch sizes and counts drawn from the grid, attention on CPU or GPU."""
+    of the grid, micro-batch sizes, counts and expert kernels drawn from the grid, attention on CPU
+    or GPU."""
     from hrm.optimize import SearchGrid, optimize
 
     base = grid[0].workload
@@ -487,7 +488,8 @@ def optimizer_config(setup: Setup, grid: list[Config]) -> Config:
             == (base.prompt_len, base.gen_len) and c.policy.schedule == "cgopipe"]
     space = SearchGrid(micro_batch_sizes=tuple(sorted({c.policy.micro_batch_size for c in same})),
                        num_micro_batches=tuple(sorted({c.policy.num_micro_batches
-                                                       for c in same})))
+                                                       for c in same})),
+                       expert_kernels=tuple(sorted({c.policy.expert_kernel for c in same})))
     workload = replace(base, num_seqs=max(c.policy.batch_size for c in same))
     result = optimize(setup.spec, setup.hw, workload, grid=space)
     policy = result.policy

@@ -125,3 +125,24 @@ def test_dtypes_reach_the_policy():
     assert int8.prediction.throughput_tok_s > bf16.prediction.throughput_tok_s
     with pytest.raises(ValueError, match="method"):
         optimize(MIXTRAL, T4, workload, method="annealing")
+
+
+def test_the_expert_kernel_is_searched_with_every_expert_streamed():
+    """Both routed-expert kernels are modes of the search; a grouped mode keeps r_w = 0 (a layer
+    with some experts resident loops over them), and the MILP agrees with brute force on it."""
+    spec = replace(MIXTRAL, num_layers=4)
+    hw = load_profile("h200-machine").with_memory(gpu_memory_bytes=9 * GiB,
+                                                  cpu_memory_bytes=120 * GiB)
+    workload = Workload(num_seqs=1024, prompt_len=128, gen_len=16)
+    grid = SearchGrid(micro_batch_sizes=(16, 64), num_micro_batches=(1, 4, 16))
+    both = optimize(spec, hw, workload, grid=grid)
+    reference = brute_force(spec, hw, workload, grid=grid)
+    loop = optimize(spec, hw, workload, grid=replace(grid, expert_kernels=("loop",)))
+    assert loop.policy.expert_kernel == "loop"
+    assert both.prediction.throughput_tok_s >= loop.prediction.throughput_tok_s
+    assert both.policy.expert_kernel == reference.policy.expert_kernel
+    assert both.prediction.throughput_tok_s >= 0.99 * reference.prediction.throughput_tok_s
+    # on this launch-bound machine the grouped kernel's fewer launches win, every expert streamed
+    assert both.policy.expert_kernel == "grouped"
+    assert both.policy.weights_gpu_fraction == 0.0
+    assert both.prediction.throughput_tok_s == pytest.approx(both.objective_tok_s, rel=1e-4)
