@@ -4,7 +4,8 @@ loop (`executor.layers.routed_experts`) against one grouped GEMM pair
 all resident on the device, with uniformly random routing (top-k of E, seeded).
 
 For each micro-batch size: the seconds per micro-batch with the calls queued back to back (what
-the pipeline's GPU stage sees), the launching thread's seconds per call, the kernel time alone
+the pipeline's GPU stage sees), the launching thread's seconds per call, whether each path makes
+the host wait for the GPU (CUDA sync debug mode), the kernel time alone
 (queued behind a sleep kernel, `hrm.profile.time_calls(queued=True)`; the loop reads the routing
 counts on the host, so it cannot be queued and has none), and the largest difference of their
 outputs beside the largest output.
@@ -59,6 +60,18 @@ def per_micro_batch_s(fn, reps: int, device: torch.device) -> tuple[float, float
     return (time.perf_counter() - start) / reps, host_s / reps
 
 
+def syncs_with_host(fn) -> bool:
+    """Whether `fn()` makes the host wait for the GPU (torch's CUDA sync debug mode)."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return False
+    except RuntimeError:
+        return True
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="mixtral-8x7b")
@@ -90,6 +103,8 @@ def main() -> None:
                 wall_s, host_s = per_micro_batch_s(fn, args.reps, device)
                 row[f"{name}_s"], row[f"{name}_host_s"] = wall_s, host_s
             if device.type == "cuda":
+                row["loop_syncs"], row["grouped_syncs"] = (syncs_with_host(loop),
+                                                           syncs_with_host(grouped))
                 kernel = time_calls(grouped, args.reps, "cuda", queued=True)
                 row["grouped_kernel_s"] = sorted(kernel)[len(kernel) // 2]
             rows.append(row)

@@ -199,9 +199,13 @@ def routed_experts_grouped(h: torch.Tensor, experts: torch.Tensor, weights: torc
     counts: a fixed number of operations per micro-batch, and the launching thread does not wait
     for the routing (hrm.roofline OPS_MOE_GROUPED)."""
     top_k, flat = experts.shape[1], experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    sorted_experts, order = torch.sort(flat, stable=True)
     token_of = order // top_k
-    offs = torch.bincount(flat, minlength=w13t.shape[0]).cumsum(0, dtype=torch.int32)
+    # offs[e] = rows routed to experts <= e. Not bincount: on CUDA it reads the largest index on
+    # the host (a sync per micro-batch; on the H200 machine, 2026-12-02, the launching thread
+    # took as long as the kernels at every micro-batch size)
+    experts_in_order = torch.arange(w13t.shape[0], device=flat.device, dtype=flat.dtype)
+    offs = torch.searchsorted(sorted_experts, experts_in_order, right=True, out_int32=True)
     gate, up = torch._grouped_mm(h[token_of], w13t, offs=offs).chunk(2, dim=-1)
     out_sorted = torch._grouped_mm(F.silu(gate) * up, w2t, offs=offs)
     return _gate_and_scatter(h, out_sorted, weights, order, token_of)

@@ -110,11 +110,14 @@ STAGING_RING_PAGES = 4
 #: the GPU memory term of the two expert staging buffers
 STAGING_TERM = "expert staging (2 layers)"
 
-#: resources of a layer; cgopipe adds "chain", one micro-batch's dependent path through a layer
-STAGES = ("h2d", "d2h", "cpu_attn", "gpu", "copy_thread")
+#: resources of a layer; cgopipe adds "chain", one micro-batch's dependent path through a layer.
+#: "launcher" is the launching thread's host work where it is a stage of its own: in cgopipe's
+#: grouped-kernel decode layers (`_stage_sums`); elsewhere it is part of "gpu"
+STAGES = ("h2d", "d2h", "cpu_attn", "gpu", "copy_thread", "launcher")
 #: the name a stage has as a bottleneck
 BOTTLENECK_NAMES = {"h2d": "link", "d2h": "link_d2h", "cpu_attn": "cpu_attention", "gpu": "gpu",
-                    "copy_thread": "copy_thread", "chain": "micro_batch_chain"}
+                    "copy_thread": "copy_thread", "chain": "micro_batch_chain",
+                    "launcher": "launching_thread"}
 
 
 # ---- affine terms ----------------------------------------------------------------------------
@@ -334,15 +337,28 @@ class CostTerms:
 
 
 def _stage_sums(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
-                overflow_per_layer: float, num_gpus: int = 1, overlapped: bool = True
-                ) -> dict[str, Affine]:
-    """The five stage times of one layer from its operators. `overflow_per_layer` is the share
-    of the total pinned overflow o that one layer streams (1 / l_moe; 0 for dense layers): the
-    shared CPU stages it all, each of the `num_gpus` links carries 1/G of it."""
+                overflow_per_layer: float, num_gpus: int = 1, overlapped: bool = True,
+                launcher_stage: bool = False) -> dict[str, Affine]:
+    """The stage times of one layer from its operators. `overflow_per_layer` is the share of the
+    total pinned overflow o that one layer streams (1 / l_moe; 0 for dense layers): the shared
+    CPU stages it all, each of the `num_gpus` links carries 1/G of it.
+
+    The GPU stage is t_gpu = f_g K + f_h H, kernels K plus the launching thread's host work H
+    (`gpu_op_time_s`): where the thread reads the routing's row counts (the per-expert loop,
+    one sync per micro-batch) it waits for the kernels queued before, so the two add up. With
+    `launcher_stage` (decode layers whose experts run as grouped GEMMs, which read nothing back)
+    the thread queues ahead of the kernels, and H is a stage of its own:
+        t_gpu = f_g K,  t_launcher = f_h H,  both in the layer's max()."""
     stages = {s: Affine() for s in STAGES}
     factors = gpu_factors(hw) if overlapped else (1.0, 1.0)
     for op in ops:
-        stages[_stage_of(op, overlapped)] += _op_time(hw, op, factors)
+        stage = _stage_of(op, overlapped)
+        if stage == "gpu" and launcher_stage:
+            kernels = _op_time(hw, op, (factors[0], 0.0))
+            stages["gpu"] += kernels
+            stages["launcher"] += _op_time(hw, op, factors) + kernels.scaled(-1.0)
+        else:
+            stages[stage] += _op_time(hw, op, factors)
     if overflow_per_layer:
         p2p_bps = hw.link.pageable_to_pinned_bps
         if p2p_bps > 0:
@@ -496,8 +512,12 @@ def cost_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
            for phase in ("decode", "prefill") for k in counts}
     g = policy.num_gpus
     overlapped = policy.schedule == "cgopipe"
-    decode = {k: _stage_sums(hw, ops["decode", k], page, per_layer[k], g, overlapped)
-              for k in counts}
+    # a model whose every MoE layer runs grouped (a layer split between resident and streamed
+    # experts loops, and its sync holds the thread back: sum rule)
+    launcher = {"moe": overlapped and grouped_layer_share(model, policy, "decode") == 1.0,
+                "dense": False}
+    decode = {k: _stage_sums(hw, ops["decode", k], page, per_layer[k], g, overlapped,
+                             launcher[k]) for k in counts}
     prefill = {k: _stage_sums(hw, ops["prefill", k], page, per_layer[k], g, overlapped)
                for k in counts}
     comm = {phase: {k: sum(allreduce_time_s(hw, op) for op in ops[phase, k]
@@ -507,7 +527,7 @@ def cost_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
         model, micro_batch_size=mu, num_micro_batches=n_ub, weight_dtype=policy.weight_dtype))
     inter = hw.interference
     # the GPU stage's factors are applied per operator (`_stage_sums`, `_op_time`)
-    factors = ({"h2d": inter.link, "d2h": inter.link, "gpu": 1.0,
+    factors = ({"h2d": inter.link, "d2h": inter.link, "gpu": 1.0, "launcher": 1.0,
                 "cpu_attn": inter.cpu_attention, "copy_thread": 1.0, "chain": 1.0}
                if overlapped else dict.fromkeys(STAGES, 1.0))
     decode_extra, prefill_extra, decode_fill = Affine(const=head_s), Affine(const=head_s), Affine()
@@ -751,12 +771,15 @@ class StageTimes:
     layer_s: float
     #: one micro-batch's dependent path through the layer (cgopipe; 0 in serial schedules)
     chain_s: float = 0.0
+    #: the launching thread's host work where it is a stage of its own (`_stage_sums`), else 0
+    launcher_s: float = 0.0
     #: all-reduces between the GPUs (part of `gpu_s`: they run on the GPU stream)
     comm_s: float = 0.0
 
     def by_stage(self) -> dict[str, float]:
         return {"h2d": self.h2d_s, "d2h": self.d2h_s, "cpu_attn": self.cpu_attn_s,
-                "gpu": self.gpu_s, "copy_thread": self.copy_thread_s, "chain": self.chain_s}
+                "gpu": self.gpu_s, "copy_thread": self.copy_thread_s, "chain": self.chain_s,
+                "launcher": self.launcher_s}
 
 
 def _stage_times(terms: CostTerms, stages: dict[str, Affine], r_w: float, r_c: float,
@@ -766,7 +789,7 @@ def _stage_times(terms: CostTerms, stages: dict[str, Affine], r_w: float, r_c: f
     return StageTimes(cpu_attn_s=t["cpu_attn"], gpu_s=t["gpu"], h2d_s=t["h2d"], d2h_s=t["d2h"],
                       copy_thread_s=t["copy_thread"],
                       layer_s=terms.layer_time_s(stages, r_w, r_c), chain_s=t.get("chain", 0.0),
-                      comm_s=comm_s)
+                      comm_s=comm_s, launcher_s=t.get("launcher", 0.0))
 
 
 @dataclass(frozen=True)

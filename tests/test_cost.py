@@ -351,11 +351,22 @@ def test_gpu_attention_over_the_cpu_cache_gathers_on_the_host_then_shares_the_li
 def test_grouped_experts_save_the_per_expert_launches_in_decode_only():
     """expert_kernel='grouped': a decode micro-batch issues OPS_MOE_GROUPED operations for its
     routing and experts instead of OPS_MOE_ROUTING + OPS_PER_EXPERT per touched expert, in the
-    layers whose experts are all streamed or all resident; prefill always loops."""
+    layers whose experts are all streamed or all resident; prefill always loops. Those layers
+    read nothing back, so in cgopipe the launching thread's host work is a stage of its own
+    (launcher_s) instead of adding to the kernels (gpu_s)."""
     from hrm.cost import grouped_layer_share
-    from hrm.roofline import OPS_MOE_GROUPED, OPS_MOE_ROUTING, OPS_PER_EXPERT, experts_touched
+    from hrm.roofline import (
+        OPS_ATTENTION_IN,
+        OPS_ATTENTION_OUT,
+        OPS_MOE_GROUPED,
+        OPS_MOE_ROUTING,
+        OPS_PER_EXPERT,
+        experts_touched,
+    )
 
-    hw = replace(T4, interference=Interference())   # launches at t_launch exactly
+    # launches at t_launch exactly (no interference); T4's shipped profile has no launch cost
+    hw = replace(T4, interference=Interference(),
+                 gpu=replace(T4.gpu, op_overhead_s=10e-6, attention_handoff_s=300e-6))
     loop = Policy(batch_size=512, micro_batch_size=128, weights_gpu_fraction=0.0)
     grouped = replace(loop, expert_kernel="grouped")
     assert grouped_layer_share(MIXTRAL, grouped, "decode") == 1.0
@@ -366,10 +377,21 @@ def test_grouped_experts_save_the_per_expert_launches_in_decode_only():
     assert grouped_layer_share(MIXTRAL, split, "decode") == pytest.approx(22 / 32)
     a, b = predict(MIXTRAL, hw, WORK, loop), predict(MIXTRAL, hw, WORK, grouped)
     touched = experts_touched(MIXTRAL.num_experts, MIXTRAL.top_k, 128)
-    saved = loop.num_micro_batches * (OPS_MOE_ROUTING + touched * OPS_PER_EXPERT
-                                      - OPS_MOE_GROUPED) * hw.gpu.op_overhead_s
-    assert a.decode_layer.gpu_s - b.decode_layer.gpu_s == pytest.approx(saved, rel=1e-9)
+    n_ub = loop.num_micro_batches
+    saved = n_ub * (OPS_MOE_ROUTING + touched * OPS_PER_EXPERT
+                    - OPS_MOE_GROUPED) * hw.gpu.op_overhead_s
+    assert saved > 0
+    grouped_host_s = (n_ub * (OPS_ATTENTION_IN + OPS_ATTENTION_OUT + OPS_MOE_GROUPED)
+                      * hw.gpu.op_overhead_s + n_ub * hw.gpu.attention_handoff_s)
+    assert b.decode_layer.launcher_s == pytest.approx(grouped_host_s, rel=1e-9)
+    assert a.decode_layer.launcher_s == 0.0
+    kernels_s = b.decode_layer.gpu_s
+    assert a.decode_layer.gpu_s == pytest.approx(kernels_s + grouped_host_s + saved, rel=1e-9)
+    assert b.decode_layer.layer_s >= max(kernels_s, grouped_host_s)
     assert a.prefill_s == pytest.approx(b.prefill_s, rel=1e-12)
+    # a split layer loops and syncs, and so does every layer of a serial schedule: sum rule
+    for policy in (split, replace(grouped, schedule="cgopipe-serial")):
+        assert predict(MIXTRAL, hw, WORK, policy).decode_layer.launcher_s == 0.0
     with pytest.raises(PolicyError, match="expert_kernel"):
         Policy(batch_size=8, micro_batch_size=8, expert_kernel="fused")
     with pytest.raises(PolicyError, match="one GPU"):
