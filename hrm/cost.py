@@ -351,12 +351,12 @@ def _stage_sums(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
         t_gpu = f_g K,  t_launcher = f_h H,  both in the layer's max()."""
     stages = {s: Affine() for s in STAGES}
     factors = gpu_factors(hw) if overlapped else (1.0, 1.0)
+    f_g, f_h = factors
     for op in ops:
         stage = _stage_of(op, overlapped)
         if stage == "gpu" and launcher_stage:
-            kernels = _op_time(hw, op, (factors[0], 0.0))
-            stages["gpu"] += kernels
-            stages["launcher"] += _op_time(hw, op, factors) + kernels.scaled(-1.0)
+            stages["gpu"] += _op_time(hw, op, (f_g, 0.0))
+            stages["launcher"] += _op_time(hw, op, (0.0, f_h))
         else:
             stages[stage] += _op_time(hw, op, factors)
     if overflow_per_layer:
