@@ -65,7 +65,7 @@ from executor.weights import (
     resident_experts_per_layer,
     torch_dtype,
 )
-from hrm.cost import prefill_workspace_bytes
+from hrm.cost import pinned_allocation_bytes, prefill_workspace_bytes
 from hrm.errors import HRMError, InfeasibleError, PolicyError
 from hrm.model import ModelSpec
 from hrm.policy import Policy
@@ -132,10 +132,19 @@ def plan_memory(spec: ModelSpec, policy: Policy, resident: list[int], prompt_len
                                                            capacities[0], w_elem)}
     cpu = {"streamed experts": sum(streamed),
            "KV cache": kv_cache_bytes(spec, capacities[gpu_slots:], kv_dtype, kv_block_tokens)}
-    parked = prefill_tokens if policy.num_micro_batches > 1 else 0
-    if parked:   # a slot per micro-batch for its hidden states between prefill layers
-        cpu["prefill parking (pinned)"] = (policy.num_micro_batches * parked * spec.hidden_size
-                                           * w_elem)
+    # pinned slots per micro-batch (each rounded up by torch's pinned allocator): its hidden
+    # states between prefill layers, and its q/k/v and output for CPU decode attention
+    n_ub, mu = policy.num_micro_batches, policy.micro_batch_size
+    parked = prefill_tokens if n_ub > 1 else 0
+    if parked:
+        cpu["prefill parking (pinned)"] = n_ub * pinned_allocation_bytes(
+            parked * spec.hidden_size * w_elem)
+    if policy.attn_decode_device == "cpu":
+        kv_elem = kv_dtype.itemsize
+        qkv = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+        cpu["attention link (pinned)"] = n_ub * (
+            pinned_allocation_bytes(mu * qkv * kv_elem)
+            + pinned_allocation_bytes(mu * spec.num_heads * spec.head_dim * w_elem))
     return MemoryPlan(gpu, cpu, n_gpu_mb, capacities, kv_block_tokens, parked)
 
 
@@ -196,7 +205,8 @@ class Engine:
         cuda = device.type == "cuda"
         qkv = (self.spec.num_heads + 2 * self.spec.num_kv_heads) * self.spec.head_dim
         #: pinned link buffers per micro-batch: q/k/v down, attention output up
-        self.attn_link = AttentionLink(policy.num_micro_batches, mu, qkv,
+        self.attn_link = AttentionLink(policy.num_micro_batches if self.cpu_attention else 0,
+                                       mu, qkv,
                                        self.spec.num_heads * self.spec.head_dim, kv_dtype,
                                        weights.lm_head.dtype, self.streams, device)
         #: a host slot per micro-batch for its prefill hidden states between layers (`_park`),

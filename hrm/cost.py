@@ -618,14 +618,20 @@ def _memory_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
                                          workload.max_seq_len, act)
     gpu_prefill = {**weights, **kv_gpu, "activations": Affine(const=prefill_ws)}
 
-    # pinned CPU buffers, all allocated up front: per-micro-batch q/k/v and attention outputs
-    # (decode) and a slot per micro-batch for its hidden states between prefill layers
-    decode_buffers = n * (qkv + out) * act if policy.attn_decode_device == "cpu" else 0.0
-    prefill_swap = g * n * workload.max_prompt_len * h1 * act if n_ub > 1 else 0.0
+    # pinned CPU buffers, all allocated up front, each rounded up by torch's pinned allocator
+    # (`pinned_allocation_bytes`): per micro-batch a q/k/v slot (in the KV dtype) and an
+    # attention-output slot (decode; each of the G processes for its 1/G of the heads) and a
+    # slot for its hidden states between prefill layers
+    qkv_slot = mu * qkv / g * dtype_bytes(policy.kv_dtype)
+    decode_buffers = (g * n_ub * (pinned_allocation_bytes(qkv_slot)
+                                  + pinned_allocation_bytes(mu * out / g * act))
+                      if policy.attn_decode_device == "cpu" else 0.0)
+    prefill_swap = (g * n_ub * pinned_allocation_bytes(mu * workload.max_prompt_len * h1 * act)
+                    if n_ub > 1 else 0.0)
     buffers = decode_buffers + prefill_swap
     finite_pin = math.isfinite(hw.link.pinned_max_bytes)
-    ring = (g * STAGING_RING_PAGES * policy.weight_page_bytes if finite_pin and routed_bytes
-            else 0.0)
+    ring = (g * STAGING_RING_PAGES * pinned_allocation_bytes(policy.weight_page_bytes)
+            if finite_pin and routed_bytes else 0.0)
     # the weights alone count against the pinned budget (executor.weights.pin_plan)
     overflow = (Affine(const=routed_bytes - hw.link.pinned_max_bytes, r_w=-routed_bytes)
                 if finite_pin and routed_bytes else None)
@@ -640,6 +646,13 @@ def _memory_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
         pinned["staging ring"] = Affine(const=ring)
     return {"gpu_decode": gpu_decode, "gpu_prefill": gpu_prefill, "cpu": cpu, "pinned": pinned,
             "overflow": overflow}
+
+
+def pinned_allocation_bytes(request_bytes: float) -> float:
+    """Host memory (bytes) that a pinned tensor of `request_bytes` takes: torch's caching host
+    allocator (`pin_memory=True`) rounds each allocation up to a power of two, and the whole
+    block is page-locked, so resident (measured: benchmarks/diag_pinned_memory.py)."""
+    return float(2 ** math.ceil(math.log2(request_bytes))) if request_bytes > 1 else request_bytes
 
 
 #: most tokens an expert's FFN runs at once (executor.layers.routed_experts): bounds its

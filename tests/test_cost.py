@@ -1,6 +1,7 @@
 """The cost model: stage equations, memory accounting by hand, monotonicity, the timeline."""
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -15,6 +16,7 @@ from hrm.cost import (
     gpu_factors,
     interfered,
     memory_footprint,
+    pinned_allocation_bytes,
     predict,
     timeline,
 )
@@ -396,3 +398,11 @@ def test_grouped_experts_save_the_per_expert_launches_in_decode_only():
         Policy(batch_size=8, micro_batch_size=8, expert_kernel="fused")
     with pytest.raises(PolicyError, match="one GPU"):
         Policy(batch_size=8, micro_batch_size=8, expert_kernel="grouped", num_gpus=2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(request=st.floats(2.0, 2.0**40))
+def test_a_pinned_allocation_is_the_next_power_of_two(request: float) -> None:
+    taken = pinned_allocation_bytes(request)
+    assert request <= taken < 2 * request
+    assert taken == 2 ** round(math.log2(taken))

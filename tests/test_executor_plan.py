@@ -64,6 +64,28 @@ def test_plan_counts_offloaded_experts_and_staging() -> None:
         plan.check(gpu_limit_bytes=16 * 2**30, cpu_limit_bytes=1e12)
 
 
+@pytest.mark.parametrize(("mu", "n_ub", "prompt", "attn"), [
+    (48, 4, 100, "cpu"), (64, 16, 128, "cpu"), (32, 64, 256, "cpu"), (48, 2, 77, "gpu"),
+    (16, 1, 512, "cpu")])
+def test_plan_and_cost_model_count_the_same_pinned_slots(mu, n_ub, prompt, attn) -> None:
+    """The executor's pinned slots (prefill parking, CPU attention's q/k/v and output) at the
+    sizes torch's pinned allocator gives them are the cost model's activation buffers."""
+    from hrm.cost import memory_footprint
+    from hrm.hardware import load_profile
+    from hrm.workload import Workload
+
+    policy = Policy(batch_size=mu * n_ub, micro_batch_size=mu, attn_decode_device=attn)
+    plan = plan_memory(MIXTRAL, policy, resident_experts_per_layer(MIXTRAL, 0.0),
+                       [prompt] * policy.batch_size, 16)
+    pinned = sum(v for k, v in plan.cpu.items() if k.endswith("(pinned)"))
+    footprint = memory_footprint(MIXTRAL, load_profile("t4"),
+                                 Workload(policy.batch_size, prompt, 16), policy)
+    assert pinned == footprint.cpu_breakdown["activation buffers"]
+    # a 48 x 100-token parking slot asks for 37.5 MiB and takes 64
+    if (mu, prompt) == (48, 100):
+        assert plan.cpu["prefill parking (pinned)"] == n_ub * 64 * 2**20
+
+
 @pytest.mark.parametrize(("model", "hardware", "gpu_gib", "prompt", "gen"), [
     ("mixtral-8x7b", "t4", None, 100, 64),
     ("mixtral-8x7b", "h100-machine", 16.0, 100, 128),
