@@ -759,13 +759,17 @@ def _run_concurrently(stages: list[Stage], window_s: float) -> dict[str, tuple[i
     return done
 
 
-def interference(stages: list[Stage], window_s: float) -> list[Measurement]:
+def interference(stages: list[Stage], window_s: float,
+                 pairs: Iterable[tuple[str, str]] = ()) -> list[Measurement]:
     """Each stage alone, then all together, each for `window_s`: one Measurement per stage and
     mode whose rate is work done / time. Slowdown of a stage = solo rate / together rate. A
     stage that times its launches (`Stage.launches`) also gives an 'interference_launch'
-    Measurement per mode: launches per host second."""
+    Measurement per mode: launches per host second. Each of `pairs` (stage names) also runs on
+    its own, mode 'a+b' (benchmarks/diag_interference.py: which stage slows which)."""
     out = []
-    runs = [("solo", [s]) for s in stages] + [("together", stages)]
+    by_name = {s.name: s for s in stages}
+    runs = ([("solo", [s]) for s in stages] + [("together", stages)]
+            + [(f"{a}+{b}", [by_name[a], by_name[b]]) for a, b in pairs])
     for mode, group in runs:
         for name, (count, elapsed_s) in _run_concurrently(group, window_s).items():
             stage = next(s for s in group if s.name == name)
