@@ -611,8 +611,9 @@ class Engine:
 
 
 def peak_cpu_mem_bytes() -> int:
-    """Peak resident set size of this process (bytes; Linux reports ru_maxrss in KiB). It does
-    not hold torch's pinned host buffers (cudaHostAlloc; hrm.validate's docstring)."""
+    """Peak resident set size of this process (bytes; Linux reports ru_maxrss in KiB). Pinned
+    buffers are in it, each at the power of two torch's pinned allocator rounds it to
+    (benchmarks/diag_pinned_memory.py)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
