@@ -35,7 +35,8 @@ from hrm.hardware import load_profile  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent
-GRIDS = {"12-02 c1": RESULTS / "h200_2026-12-02/call1", "12-02 c2": RESULTS / "h200_2026-12-02/call2",
+GRIDS = {"12-02 c1": RESULTS / "h200_2026-12-02/call1",
+         "12-02 c2": RESULTS / "h200_2026-12-02/call2",
          "12-02b c1": RESULTS / "h200_2026-12-02b/call1",
          "12-02b c3": RESULTS / "h200_2026-12-02b/call3",
          "12-02c c1": HERE / "call1", "12-02c c2": HERE / "call2", "12-02c c3": HERE / "call3"}
