@@ -188,8 +188,16 @@ def gpu_factors(hw: HardwareProfile) -> tuple[float, float]:
     four leases, whose GPU factors, measured with a GEMM behind 64 launches, were 1.40-1.67).
     Slowing the host work alone, the kernels at their solo speed, was tried on 2026-12-02 and
     rejected: 5.1% against 7.9% MAPE on the lease it was chosen on, 12.7% against 8.3% on the
-    next (benchmarks/results/h200_2026-12-02/)."""
+    next (benchmarks/results/h200_2026-12-02/).
+
+    Where the profile calibrated the executor's own pipeline (interference.pipeline: its decode
+    GPU stage measured over `gpu_stage_solo_s`), that one factor slows kernels and host work
+    alike: over seven leases of 2026-12-02 the launch-bound layers took 1.09-1.53x their solo
+    model, while the microbenchmark's factors said 1.38-1.82x and did not follow them
+    (benchmarks/results/h200_2026-12-02c/)."""
     inter = hw.interference
+    if inter.pipeline:
+        return inter.pipeline, inter.pipeline
     return inter.gpu, inter.launch or inter.gpu
 
 
@@ -377,6 +385,16 @@ def _stage_sums(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
             extra = 1.0 / hw.link.h2d_pageable_bps - 1.0 / link_bps(hw, "h2d", page_bytes)
             stages["h2d"] += Affine(overflow=overflow_per_layer / num_gpus * max(extra, 0.0))
     return stages
+
+
+def gpu_stage_solo_s(model: ModelSpec, hw: HardwareProfile, workload: Workload,
+                     policy: Policy) -> float:
+    """Seconds of one MoE decode layer's GPU stage with nothing beside it: its kernels K plus
+    the launching thread's host work H (`gpu_op_time_s` with factors 1), what
+    interference.pipeline is measured against."""
+    ops = _layer_ops(model, workload, policy, "decode", "moe")
+    r_w, r_c = policy.weights_gpu_fraction, policy.kv_gpu_fraction
+    return sum(_op_time(hw, op)(r_w, r_c) for op in ops if _stage_of(op) == "gpu")
 
 
 def grouped_layer_share(model: ModelSpec, policy: Policy, phase: str) -> float:

@@ -129,6 +129,11 @@ class Interference:
     #: the launching thread's host work (kernel launches from Python) beside the other stages;
     #: 0 where not measured (the GPU's factor stands in: hrm.cost.gpu_factors)
     launch: float = 0.0
+    #: the GPU stage of the executor's own decode pipeline over its solo model, kernels plus the
+    #: launching thread's host work (hrm.profile.pipeline_calibration); 0 where not measured.
+    #: Where measured, it is the GPU stage's factor for kernels and host work alike
+    #: (hrm.cost.gpu_factors)
+    pipeline: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -297,7 +302,8 @@ def profile_from_dict(data: dict[str, Any], origin: str = "<dict>") -> HardwareP
         interference = Interference(
             **{k: _number(inter, k, "interference", sources, False, 1.0)
                for k in ("link", "gpu", "cpu_attention")},
-            launch=_number(inter, "launch", "interference", sources, False, 0.0))
+            launch=_number(inter, "launch", "interference", sources, False, 0.0),
+            pipeline=_number(inter, "pipeline", "interference", sources, False, 0.0))
         ic = data.get("interconnect", {})
         interconnect = InterconnectTier(
             num_gpus=int(_number(ic, "num_gpus", "interconnect", sources, False, 1)),
@@ -323,10 +329,13 @@ def profile_from_dict(data: dict[str, Any], origin: str = "<dict>") -> HardwareP
         if value <= 0:
             raise HardwareProfileError(f"{origin}: {label} must be > 0, got {value}")
     below = [k for k, v in dataclasses.asdict(interference).items()
-             if v < 1.0 and not (k == "launch" and v == 0.0)]
+             if v < 1.0 and not (k == "launch" and v == 0.0) and k != "pipeline"]
     if below:
         raise HardwareProfileError(f"{origin}: interference factors must be >= 1 (launch: 0 "
                                    f"where not measured), got {below[0]} < 1")
+    if interference.pipeline < 0:
+        raise HardwareProfileError(f"{origin}: interference.pipeline must be > 0 (0 where not "
+                                   f"measured), got {interference.pipeline}")
     if interconnect.num_gpus < 1:
         raise HardwareProfileError(f"{origin}: interconnect.num_gpus must be >= 1")
     return HardwareProfile(

@@ -785,6 +785,48 @@ def interference(stages: list[Stage], window_s: float,
     return out
 
 
+#: the executor run that calibrates the pipeline's GPU stage (`pipeline_calibration`): the first
+#: layers of a model, every expert streamed from pinned memory, CPU decode attention, the
+#: per-expert loop, N sequences in micro-batches of mu, prompt and generated tokens. Not a point
+#: of hrm validate's grid (its n_ub=16 is the nearest: 4 layers, 128-token prompts, 16 tokens).
+#: The shape (micro-batches of 16, enough of them to be bound by the GPU stage) was chosen on the
+#: grids of 2026-12-02, where it predicted the launch-bound configurations of each lease best
+#: (benchmarks/results/h200_2026-12-02c/README.md); later grids are its test
+CALIBRATION = {"model": "mixtral-8x7b", "layers": 2, "batch_size": 256, "micro_batch_size": 16,
+               "prompt_len": 96, "gen_len": 8}
+
+
+def pipeline_calibration(device: str, calibration: dict[str, Any] = CALIBRATION
+                         ) -> Measurement:
+    """The executor's own CGOPipe decode on `calibration` (random bf16 weights at the model's
+    shapes, as hrm validate runs it: hrm.validate.measure, warmed up): seconds per decode layer,
+    with the busy time of its GPU, link and CPU-attention tracks. build_profile divides the layer
+    by the model's solo GPU stage (hrm.cost.gpu_stage_solo_s) for interference.pipeline."""
+    import tempfile
+
+    import torch
+
+    from executor.cli import _truncated_config
+    from hrm.policy import Policy
+    from hrm.validate import Config, SharedModel, measure
+    from hrm.workload import Workload
+
+    c = calibration
+    policy = Policy(batch_size=c["batch_size"], micro_batch_size=c["micro_batch_size"],
+                    attn_decode_device="cpu", schedule="cgopipe", expert_kernel="loop")
+    workload = Workload(c["batch_size"], c["prompt_len"], c["gen_len"])
+    with tempfile.TemporaryDirectory() as tmp:
+        model = _truncated_config(c["model"], c["layers"], Path(tmp) / "calibration.json")
+        shared = SharedModel(model, torch.device(device), math.inf, seed=0)
+        result = measure(shared, Config("calibration", policy, workload), math.inf, math.inf,
+                         seed=0)
+    del shared
+    busy = result["busy_per_layer_s"]
+    return Measurement("pipeline_gpu", {**c, **{f"{track}_busy_s": busy.get(track, 0.0)
+                                                for track in ("gpu", "h2d", "cpu_attention")}},
+                       x=1, work=1.0, unit="layer/s", times_s=(result["measured_layer_s"],))
+
+
 #: small kernels the interference benchmark's GPU stage queues from Python per expert GEMM. The
 #: executor's GPU stage is driven by a Python thread that launches many small kernels per
 #: micro-batch (hrm.roofline OPS_*); a GEMM alone leaves that thread idle and so measures neither
@@ -1047,6 +1089,8 @@ def benchmark_plan(config: ProfileConfig, env: Environment, spec: ModelSpec,
                                 config.interference_window_s)
 
     plan.append(("overlap interference", overlap))
+    if cuda:
+        plan.append(("executor pipeline calibration", lambda: [pipeline_calibration(dev)]))
     if pin_probe_bytes:
         plan.append(("pinned-memory probe", lambda: [probe_pinned_max(pin_probe_bytes)]))
     return plan
@@ -1369,9 +1413,46 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
     if allreduce:
         interconnect, ic_sources = interconnect_from(allreduce, date)
         sources.update(ic_sources)
-    return HardwareProfile(name=name, description=description, gpu=gpu, cpu=cpu, link=link,
-                           interference=inter, interconnect=interconnect, curves=curves,
-                           sources=sources, measurements=measurements_table)
+    profile = HardwareProfile(name=name, description=description, gpu=gpu, cpu=cpu, link=link,
+                              interference=inter, interconnect=interconnect, curves=curves,
+                              sources=sources, measurements=measurements_table)
+    calibrations = [m for m in ms if m.bench == "pipeline_gpu"]
+    return _with_pipeline_factor(profile, calibrations[0], date) if calibrations else profile
+
+
+def _with_pipeline_factor(profile: HardwareProfile, run: Measurement, date: str
+                          ) -> HardwareProfile:
+    """interference.pipeline = the calibration's decode layer / the model's solo GPU stage on
+    this profile (hrm.cost.gpu_stage_solo_s). Where the link was busy most of the layer, the
+    layer was the link's and the ratio a lower bound of the GPU stage's: said in the source."""
+    from hrm.cost import gpu_stage_solo_s
+    from hrm.policy import Policy
+    from hrm.workload import Workload
+
+    p = run.params
+    spec = dataclasses.replace(load_model_spec(p["model"]), num_layers=p["layers"])
+    policy = Policy(batch_size=p["batch_size"], micro_batch_size=p["micro_batch_size"],
+                    attn_decode_device="cpu", schedule="cgopipe", expert_kernel="loop")
+    solo_s = gpu_stage_solo_s(spec, profile, Workload(p["batch_size"], p["prompt_len"],
+                                                      p["gen_len"]), policy)
+    layer_s = run.median_s
+    factor = layer_s / solo_s
+    link_bound = p["h2d_busy_s"] >= LINK_BOUND_SHARE * layer_s
+    sources = {**profile.sources, "interference.pipeline": (
+        f"measured {date}: the executor's CGOPipe decode ({p['model']}, first {p['layers']} "
+        f"layers, N={p['batch_size']} in micro-batches of {p['micro_batch_size']}, "
+        f"{p['prompt_len']}-token prompts, {p['gen_len']} tokens, per-expert loop, CPU "
+        f"attention; hrm.profile.CALIBRATION) took {layer_s * 1e3:.1f} ms per decode layer "
+        f"against {solo_s * 1e3:.1f} ms of solo GPU stage (kernels + host work); ratio "
+        f"{factor:.3f}" + (f"; the link was busy {p['h2d_busy_s'] / layer_s:.0%} of the layer, "
+                           "so this is a lower bound" if link_bound else ""))}
+    return dataclasses.replace(
+        profile, interference=dataclasses.replace(profile.interference, pipeline=factor),
+        sources=sources)
+
+
+#: a calibration layer whose link was busy this share of it was bound by the link
+LINK_BOUND_SHARE = 0.9
 
 
 def _group(measurements: list[Measurement], keys: tuple[str, ...]

@@ -24,6 +24,7 @@ from hrm.profile import (
     min_page_bytes,
 )
 from hrm.units import GiB, KiB, MiB
+from hrm.workload import Workload
 
 GEMM_CURVE = SaturatingCurve(peak=700e12, half=400.0)
 H2D_CURVE = SaturatingCurve(peak=54e9, half=2e5)
@@ -375,3 +376,26 @@ def test_cold_attention_calls_rotate_over_enough_kv_caches(monkeypatch):
     for _ in range(4):
         cold()
     assert len(set(read[:3])) == 3 and read[3] == read[0]    # ceil(2.5) = 3 caches in turn
+
+
+def test_pipeline_calibration_measures_the_executor_and_sets_the_gpu_factor() -> None:
+    """The calibration runs the executor's decode (CPU stand-in, tiny model) and build_profile's
+    factor is its layer over the model's solo GPU stage, which the cost model then uses for
+    kernels and host work alike."""
+    from hrm.cost import gpu_factors, gpu_stage_solo_s
+    from hrm.policy import Policy
+    from hrm.profile import _with_pipeline_factor, pipeline_calibration
+
+    cal = {"model": "tiny-mixtral", "layers": 2, "batch_size": 8, "micro_batch_size": 2,
+           "prompt_len": 8, "gen_len": 3}
+    run = pipeline_calibration("cpu", cal)
+    assert run.bench == "pipeline_gpu" and run.median_s > 0
+    hw = load_profile("t4")
+    calibrated = _with_pipeline_factor(hw, run, "today")
+    spec = dataclasses.replace(load_model_spec("tiny-mixtral"), num_layers=2)
+    solo = gpu_stage_solo_s(spec, hw, Workload(8, 8, 3),
+                            Policy(batch_size=8, micro_batch_size=2, attn_decode_device="cpu"))
+    assert calibrated.interference.pipeline == pytest.approx(run.median_s / solo)
+    assert gpu_factors(calibrated) == (calibrated.interference.pipeline,) * 2
+    assert gpu_factors(hw) == (hw.interference.gpu, hw.interference.launch or hw.interference.gpu)
+    assert "executor's CGOPipe decode" in calibrated.sources["interference.pipeline"]
