@@ -36,7 +36,9 @@ policy later none). On the CPU stand-in both tiers share one heap, so CPU memory
 not measured there (NaN).
 
 The data the profile was fitted to (`hrm profile`: microbenchmarks of GEMMs, copies and CPU
-attention) and the data validated here (end-to-end executor runs) are different by construction.
+attention, and one short executor run at a shape that is not a grid point,
+hrm.profile.CALIBRATION) and the data validated here (end-to-end executor runs of the grid) are
+different by construction.
 """
 
 from __future__ import annotations

@@ -399,3 +399,15 @@ def test_pipeline_calibration_measures_the_executor_and_sets_the_gpu_factor() ->
     assert gpu_factors(calibrated) == (calibrated.interference.pipeline,) * 2
     assert gpu_factors(hw) == (hw.interference.gpu, hw.interference.launch or hw.interference.gpu)
     assert "executor's CGOPipe decode" in calibrated.sources["interference.pipeline"]
+
+
+def test_a_machine_that_cannot_run_the_calibration_keeps_the_benchmark_factors(
+        monkeypatch, capsys) -> None:
+    import hrm.profile as P
+
+    def too_big(device: str) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.62 GiB")
+
+    monkeypatch.setattr(P, "pipeline_calibration", too_big)
+    assert P._calibration_if_it_runs("cuda") == []
+    assert "executor calibration skipped (OutOfMemoryError" in capsys.readouterr().err

@@ -13,10 +13,18 @@ Run from the repository root:
    (solo kernels K and host work H of the model), against what the lease's interference
    factors make of it, (f_g K + f_h H) / (K + H).
 5. diag_interference (call 3): the GPU stage's slowdown beside each other stage alone.
+6. How the executor calibration's shape was chosen, on the grids of calls 1-3 and of the
+   earlier sessions: each lease's measured layer / (K + H) of one grid configuration taken as
+   its GPU factor (f_g = f_h), the grid's MAPE over the other configurations, for four
+   candidate configurations.
+7. Call 4, the calibration's first test (a new lease): the grid with its profile as fitted
+   (interference.pipeline measured), and with the factor left out (the microbenchmark's f_g,
+   f_launch), by configuration group.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import statistics
@@ -30,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import pandas as pd  # noqa: E402
 
+import benchmarks.repredict_grid as repredict_grid  # noqa: E402
 from benchmarks.repredict_grid import repredict  # noqa: E402
 from hrm.hardware import load_profile  # noqa: E402
 
@@ -40,6 +49,7 @@ GRIDS = {"12-02 c1": RESULTS / "h200_2026-12-02/call1",
          "12-02b c1": RESULTS / "h200_2026-12-02b/call1",
          "12-02b c3": RESULTS / "h200_2026-12-02b/call3",
          "12-02c c1": HERE / "call1", "12-02c c2": HERE / "call2", "12-02c c3": HERE / "call3"}
+#: call 4's grid ran with the executor calibration in its profile (the factor's test)
 
 
 def _solo_split():
@@ -127,12 +137,80 @@ def pairwise_interference() -> None:
         print(f"  {k:40s} {v:.2f}")
 
 
+def _repredict_with(grid: Path, profile: Path, interference: dict[str, float]) -> dict:
+    """repredict with the profile's interference fields replaced."""
+    def patched(path: Path, load=load_profile) -> object:
+        hw = load(path)
+        return dataclasses.replace(hw, interference=dataclasses.replace(hw.interference,
+                                                                        **interference))
+
+    repredict_grid.load_profile = patched
+    try:
+        return repredict(grid, profile)
+    finally:
+        repredict_grid.load_profile = load_profile
+
+
+def _mape(result: dict, leave_out: str = "") -> tuple[float, float]:
+    errors = [abs(r["throughput_error_pct"]) for r in result["rows"]
+              if r["role"] == "grid" and r["config"] != leave_out]
+    return sum(errors) / len(errors), max(errors)
+
+
+def calibration_shape() -> None:
+    print("6. a grid configuration's measured ratio as the lease's GPU factor: MAPE (worst) of "
+          "the other configurations, HEAD's factors -> the ratio's")
+    solo_split = _solo_split()
+    for candidate in ("n_ub=16", "N=1024", "N=1024,prompt=512", "N=2048,prompt=256"):
+        print(f"  {candidate}")
+        for name, call in GRIDS.items():
+            profile = call / "h200-session.toml"
+            ratios = {r["config"]: r["layer_over_solo"]
+                      for r in solo_split(call / "validate", profile)}
+            if candidate not in ratios:
+                continue
+            ratio = ratios[candidate]
+            head = _mape(repredict(call / "validate", profile), candidate)
+            cal = _mape(_repredict_with(call / "validate", profile,
+                                        {"gpu": ratio, "launch": ratio}), candidate)
+            print(f"    {name:10s} ratio {ratio:.2f}  MAPE {head[0]:4.1f} -> {cal[0]:4.1f}  "
+                  f"worst {head[1]:4.1f} -> {cal[1]:4.1f}")
+
+
+def calibration_test() -> None:
+    print("7. call 4: throughput error (%) with interference.pipeline, and without it")
+    call = HERE / "call4"
+    hw = load_profile(call / "h200-session.toml")
+    print(f"  interference.pipeline {hw.interference.pipeline:.3f}; f_g "
+          f"{hw.interference.gpu:.2f}, f_launch {hw.interference.launch:.2f}")
+    with_it = repredict(call / "validate", call / "h200-session.toml")
+    without = _repredict_with(call / "validate", call / "h200-session.toml", {"pipeline": 0.0})
+    configs = pd.read_csv(call / "validate/validation_configs.csv").set_index("config")
+    rows = pd.DataFrame({"with": {r["config"]: r["throughput_error_pct"]
+                                  for r in with_it["rows"] if r["role"] == "grid"},
+                         "without": {r["config"]: r["throughput_error_pct"]
+                                     for r in without["rows"] if r["role"] == "grid"}})
+    rows["bottleneck"] = configs.loc[rows.index, "bottleneck"]
+    print(rows.round(1).to_string())
+    for label, result in (("with", with_it), ("without", without)):
+        mape, worst = _mape(result)
+        within5 = sum(abs(r["throughput_error_pct"]) <= 5 for r in result["rows"]
+                      if r["role"] == "grid")
+        print(f"  {label:8s} MAPE {mape:.1f}%, worst {worst:.1f}%, {within5} of "
+              f"{len(rows)} within 5%")
+    gpu = rows[rows.bottleneck == "gpu"]
+    print(f"  GPU-bound configurations: mean |error| {gpu['with'].abs().mean():.1f}% with, "
+          f"{gpu['without'].abs().mean():.1f}% without ({len(gpu)})")
+
+
 def main() -> None:
     memory_errors()
     pinned_rss()
     bulk_estimator()
     launch_bound_loop()
     pairwise_interference()
+    calibration_shape()
+    calibration_test()
 
 
 if __name__ == "__main__":
