@@ -1559,7 +1559,8 @@ def profile_command(
         "previous run wrote with --raw-json (same machine, today's fitting rules)"),
 ) -> None:
     """Measure this machine (GPU GEMM and memory, PCIe copies, CPU GEMM, DRAM and decode
-    attention, overlap interference) and write a fitted hardware profile."""
+    attention, overlap interference; on CUDA, a few seconds of the executor's own decode that
+    calibrate its GPU stage) and write a fitted hardware profile."""
     import torch
 
     from hrm.cli import err_console
