@@ -65,7 +65,7 @@ from executor.weights import (
     resident_experts_per_layer,
     torch_dtype,
 )
-from hrm.cost import pinned_allocation_bytes, prefill_workspace_bytes
+from hrm.cost import pinned_slot_bytes, prefill_workspace_bytes
 from hrm.errors import HRMError, InfeasibleError, PolicyError
 from hrm.model import ModelSpec
 from hrm.policy import Policy
@@ -132,19 +132,13 @@ def plan_memory(spec: ModelSpec, policy: Policy, resident: list[int], prompt_len
                                                            capacities[0], w_elem)}
     cpu = {"streamed experts": sum(streamed),
            "KV cache": kv_cache_bytes(spec, capacities[gpu_slots:], kv_dtype, kv_block_tokens)}
-    # pinned slots per micro-batch (each rounded up by torch's pinned allocator): its hidden
-    # states between prefill layers, and its q/k/v and output for CPU decode attention
-    n_ub, mu = policy.num_micro_batches, policy.micro_batch_size
-    parked = prefill_tokens if n_ub > 1 else 0
-    if parked:
-        cpu["prefill parking (pinned)"] = n_ub * pinned_allocation_bytes(
-            parked * spec.hidden_size * w_elem)
-    if policy.attn_decode_device == "cpu":
-        kv_elem = kv_dtype.itemsize
-        qkv = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
-        cpu["attention link (pinned)"] = n_ub * (
-            pinned_allocation_bytes(mu * qkv * kv_elem)
-            + pinned_allocation_bytes(mu * spec.num_heads * spec.head_dim * w_elem))
+    # pinned slots per micro-batch: its hidden states between prefill layers, and its q/k/v and
+    # output for CPU decode attention
+    slots = pinned_slot_bytes(spec, policy.micro_batch_size, policy.num_micro_batches,
+                              prefill_tokens, policy.attn_decode_device == "cpu",
+                              kv_dtype.itemsize, w_elem)
+    cpu.update({f"{name} (pinned)": b for name, b in slots.items()})
+    parked = prefill_tokens if policy.num_micro_batches > 1 else 0
     return MemoryPlan(gpu, cpu, n_gpu_mb, capacities, kv_block_tokens, parked)
 
 

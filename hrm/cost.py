@@ -636,17 +636,11 @@ def _memory_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
                                          workload.max_seq_len, act)
     gpu_prefill = {**weights, **kv_gpu, "activations": Affine(const=prefill_ws)}
 
-    # pinned CPU buffers, all allocated up front, each rounded up by torch's pinned allocator
-    # (`pinned_allocation_bytes`): per micro-batch a q/k/v slot (in the KV dtype) and an
-    # attention-output slot (decode; each of the G processes for its 1/G of the heads) and a
-    # slot for its hidden states between prefill layers
-    qkv_slot = mu * qkv / g * dtype_bytes(policy.kv_dtype)
-    decode_buffers = (g * n_ub * (pinned_allocation_bytes(qkv_slot)
-                                  + pinned_allocation_bytes(mu * out / g * act))
-                      if policy.attn_decode_device == "cpu" else 0.0)
-    prefill_swap = (g * n_ub * pinned_allocation_bytes(mu * workload.max_prompt_len * h1 * act)
-                    if n_ub > 1 else 0.0)
-    buffers = decode_buffers + prefill_swap
+    # pinned CPU buffers, all allocated up front (`pinned_slot_bytes`), by each of the G
+    # processes for its 1/G of the heads
+    buffers = g * sum(pinned_slot_bytes(
+        model, mu, n_ub, mu * workload.max_prompt_len, policy.attn_decode_device == "cpu",
+        dtype_bytes(policy.kv_dtype), act, head_share=1.0 / g).values())
     finite_pin = math.isfinite(hw.link.pinned_max_bytes)
     ring = (g * STAGING_RING_PAGES * pinned_allocation_bytes(policy.weight_page_bytes)
             if finite_pin and routed_bytes else 0.0)
@@ -671,6 +665,28 @@ def pinned_allocation_bytes(request_bytes: float) -> float:
     allocator (`pin_memory=True`) rounds each allocation up to a power of two, and the whole
     block is page-locked, so resident (measured: benchmarks/diag_pinned_memory.py)."""
     return float(2 ** math.ceil(math.log2(request_bytes))) if request_bytes > 1 else request_bytes
+
+
+def pinned_slot_bytes(model: ModelSpec, micro_batch_size: int, num_micro_batches: int,
+                      prefill_tokens: int, cpu_attention: bool, kv_elem_bytes: float,
+                      act_bytes: float, head_share: float = 1.0) -> dict[str, float]:
+    """One process's pinned slots per micro-batch, each rounded up by torch's pinned allocator
+    (`pinned_allocation_bytes`), the one formula the cost model and the executor's memory plan
+    share: with more than one micro-batch, its `prefill_tokens` hidden states between prefill
+    layers ("prefill parking"); with CPU decode attention, its q/k/v in the KV dtype and its
+    attention output for `head_share` of the heads ("attention link")."""
+    mu, n_ub = micro_batch_size, num_micro_batches
+    slots = {}
+    if n_ub > 1 and prefill_tokens:
+        slots["prefill parking"] = n_ub * pinned_allocation_bytes(
+            prefill_tokens * model.hidden_size * act_bytes)
+    if cpu_attention:
+        slots["attention link"] = n_ub * (
+            pinned_allocation_bytes(mu * qkv_elements_per_token(model) * head_share
+                                    * kv_elem_bytes)
+            + pinned_allocation_bytes(mu * attn_out_elements_per_token(model) * head_share
+                                      * act_bytes))
+    return slots
 
 
 #: most tokens an expert's FFN runs at once (executor.layers.routed_experts): bounds its
