@@ -800,6 +800,18 @@ CALIBRATION = {"model": "mixtral-8x7b", "layers": 2, "batch_size": 256, "micro_b
                "prompt_len": 96, "gen_len": 8}
 
 
+def calibration_case(calibration: dict[str, Any]) -> tuple[Any, Any]:
+    """(Policy, Workload) of a CALIBRATION-shaped run: what `pipeline_calibration` runs and
+    `_with_pipeline_factor` predicts."""
+    from hrm.policy import Policy
+    from hrm.workload import Workload
+
+    c = calibration
+    policy = Policy(batch_size=c["batch_size"], micro_batch_size=c["micro_batch_size"],
+                    attn_decode_device="cpu", schedule="cgopipe", expert_kernel="loop")
+    return policy, Workload(c["batch_size"], c["prompt_len"], c["gen_len"])
+
+
 def pipeline_calibration(device: str, calibration: dict[str, Any] = CALIBRATION
                          ) -> Measurement:
     """The executor's own CGOPipe decode on `calibration` (random bf16 weights at the model's
@@ -811,14 +823,10 @@ def pipeline_calibration(device: str, calibration: dict[str, Any] = CALIBRATION
     import torch
 
     from executor.cli import _truncated_config
-    from hrm.policy import Policy
     from hrm.validate import Config, SharedModel, measure
-    from hrm.workload import Workload
 
     c = calibration
-    policy = Policy(batch_size=c["batch_size"], micro_batch_size=c["micro_batch_size"],
-                    attn_decode_device="cpu", schedule="cgopipe", expert_kernel="loop")
-    workload = Workload(c["batch_size"], c["prompt_len"], c["gen_len"])
+    policy, workload = calibration_case(c)
     with tempfile.TemporaryDirectory() as tmp:
         model = _truncated_config(c["model"], c["layers"], Path(tmp) / "calibration.json")
         shared = SharedModel(model, torch.device(device), math.inf, seed=0)
@@ -1445,15 +1453,11 @@ def _with_pipeline_factor(profile: HardwareProfile, run: Measurement, date: str
     this profile (hrm.cost.gpu_stage_solo_s). Where the link was busy most of the layer, the
     layer was the link's and the ratio a lower bound of the GPU stage's: said in the source."""
     from hrm.cost import gpu_stage_solo_s
-    from hrm.policy import Policy
-    from hrm.workload import Workload
 
     p = run.params
     spec = dataclasses.replace(load_model_spec(p["model"]), num_layers=p["layers"])
-    policy = Policy(batch_size=p["batch_size"], micro_batch_size=p["micro_batch_size"],
-                    attn_decode_device="cpu", schedule="cgopipe", expert_kernel="loop")
-    solo_s = gpu_stage_solo_s(spec, profile, Workload(p["batch_size"], p["prompt_len"],
-                                                      p["gen_len"]), policy)
+    policy, workload = calibration_case(p)
+    solo_s = gpu_stage_solo_s(spec, profile, workload, policy)
     layer_s = run.median_s
     factor = layer_s / solo_s
     link_bound = p["h2d_busy_s"] >= LINK_BOUND_SHARE * layer_s
