@@ -25,16 +25,18 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 
 from executor.weights import read_model  # noqa: E402
-from hrm.hardware import load_profile  # noqa: E402
+from hrm.hardware import HardwareProfile, load_profile  # noqa: E402
 from hrm.io import write_json_atomic  # noqa: E402
 from hrm.validate import config_of_row, pct_error, predicted  # noqa: E402
 
 
-def repredict(grid: Path, profile: Path) -> dict:
-    """Errors of the model at HEAD under `profile` on the measured grid in `grid`."""
+def repredict(grid: Path, profile: Path | HardwareProfile) -> dict:
+    """Errors of the model at HEAD under `profile` (a profile file, or a profile already loaded)
+    on the measured grid in `grid`."""
     summary = json.loads((grid / "validation_summary.json").read_text())
     spec, _ = read_model(str(grid / "validation.config.json"))
-    hw = load_profile(profile).with_memory(gpu_memory_bytes=summary["gpu_mem_limit_bytes"],
+    loaded = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
+    hw = loaded.with_memory(gpu_memory_bytes=summary["gpu_mem_limit_bytes"],
                                            cpu_memory_bytes=summary["cpu_mem_limit_bytes"])
     stages = pd.read_csv(grid / "validation_stages.csv")
     rows = []
@@ -57,7 +59,8 @@ def repredict(grid: Path, profile: Path) -> dict:
     grid_rows = [x for x in rows if x["role"] == "grid"]
     errors = [abs(x["throughput_error_pct"]) for x in grid_rows]
     worst = max(grid_rows, key=lambda x: abs(x["throughput_error_pct"]))
-    return {"grid": str(grid), "profile": str(profile), "n_configs": len(grid_rows),
+    return {"grid": str(grid), "profile": str(profile) if isinstance(profile, Path)
+            else profile.name, "n_configs": len(grid_rows),
             "throughput_mape": sum(errors) / len(errors),
             "within_10pct": sum(e <= 10 for e in errors),
             "within_5pct": sum(e <= 5 for e in errors),

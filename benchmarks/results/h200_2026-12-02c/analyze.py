@@ -38,7 +38,6 @@ sys.path.insert(0, str(ROOT))
 
 import pandas as pd  # noqa: E402
 
-import benchmarks.repredict_grid as repredict_grid  # noqa: E402
 from benchmarks.repredict_grid import repredict  # noqa: E402
 from hrm.hardware import load_profile  # noqa: E402
 
@@ -139,16 +138,9 @@ def pairwise_interference() -> None:
 
 def _repredict_with(grid: Path, profile: Path, interference: dict[str, float]) -> dict:
     """repredict with the profile's interference fields replaced."""
-    def patched(path: Path, load=load_profile) -> object:
-        hw = load(path)
-        return dataclasses.replace(hw, interference=dataclasses.replace(hw.interference,
-                                                                        **interference))
-
-    repredict_grid.load_profile = patched
-    try:
-        return repredict(grid, profile)
-    finally:
-        repredict_grid.load_profile = load_profile
+    hw = load_profile(profile)
+    return repredict(grid, dataclasses.replace(
+        hw, interference=dataclasses.replace(hw.interference, **interference)))
 
 
 def _mape(result: dict, leave_out: str = "") -> tuple[float, float]:
