@@ -50,6 +50,7 @@ import math
 import re
 import statistics
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -369,7 +370,6 @@ def warmed_up_engine(shared: SharedModel, config: Config, gpu_limit_bytes: float
                      cpu_limit_bytes: float, seed: int) -> tuple[Any, Any, list[list[int]]]:
     """The executor for one configuration on the shared model, its memory plan checked, after
     one untimed 2-token generate (Engine.warm_up): (engine, its weights, the prompts)."""
-    import torch
 
     from executor.cli import random_prompts
     from executor.engine import Engine, plan_memory
@@ -382,11 +382,21 @@ def warmed_up_engine(shared: SharedModel, config: Config, gpu_limit_bytes: float
     plan.check(gpu_limit_bytes, cpu_limit_bytes)
     weights = shared.weights_for(resident, policy.weight_page_bytes)
     engine = Engine(weights, policy, shared.device, plan)
-    try:
+    with gpu_oom_is_infeasible():
         engine.warm_up(prompts)
+    return engine, weights, prompts
+
+
+@contextmanager
+def gpu_oom_is_infeasible() -> Iterator[None]:
+    """torch's out-of-GPU-memory error inside as InfeasibleError (the grid records it and goes
+    on)."""
+    import torch
+
+    try:
+        yield
     except torch.OutOfMemoryError as exc:
         raise InfeasibleError(f"out of GPU memory: {str(exc).splitlines()[0]}") from None
-    return engine, weights, prompts
 
 
 def measure(shared: SharedModel, config: Config, gpu_limit_bytes: float,
@@ -414,10 +424,8 @@ def measure(shared: SharedModel, config: Config, gpu_limit_bytes: float,
     rss_before = reset_peak_rss()
     engine, weights, prompts = warmed_up_engine(shared, config, gpu_limit_bytes,
                                                 cpu_limit_bytes, seed)
-    try:
+    with gpu_oom_is_infeasible():
         gen = engine.generate(prompts, wl.gen_len)
-    except torch.OutOfMemoryError as exc:
-        raise InfeasibleError(f"out of GPU memory: {str(exc).splitlines()[0]}") from None
     streamed = sum(t.numel() * t.element_size() for t in weights.experts.cpu)
     peak_rss = proc_status_bytes("VmHWM") if rss_before is not None else None
     if cuda:
