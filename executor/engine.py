@@ -55,7 +55,7 @@ from executor.schedule import (
     record,
     wait,
 )
-from executor.trace import LAUNCH_TRACK, WAIT_TRACK, Span, Tracer
+from executor.trace import KV_DMA_TRACK, LAUNCH_TRACK, WAIT_TRACK, Span, Tracer
 from executor.weights import (
     ModelWeights,
     load_checkpoint,
@@ -334,7 +334,11 @@ class Engine:
         previous = self.appends.pop((layer, m), None)
         if previous is not None:
             previous.result()
-        kc, vc = mb.cache.gather(layer, mb.slots, context_lens[0] + 1, self.device)
+        with tracer.span(LAUNCH_TRACK, "kv_gather", None, layer, m):
+            k_host, v_host = mb.cache.gather_host(layer, mb.slots, context_lens[0] + 1,
+                                                  pinned=self.device.type == "cuda")
+        with tracer.span(KV_DMA_TRACK, "kv_h2d", self.streams.compute, layer, m):
+            kc, vc = (t.to(self.device, non_blocking=True) for t in (k_host, v_host))
         self.bytes["kv_h2d"] += 2 * kc.numel() * kc.element_size()
         rows = torch.arange(len(context_lens), device=self.device)
         at = index_tensor(context_lens, self.device)

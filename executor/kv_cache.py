@@ -110,20 +110,28 @@ class KVCache:
         k_blocks, v_blocks = self.blocks(layer, slots, lens[0])
         return cpu_decode_attention_paged(q, k_blocks, v_blocks, lens)
 
-    def gather(self, layer: int, slots: slice, length: int, device: torch.device
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense [n, n_kv, n_blocks * T, D] copies on `device` (for SDPA; positions a sequence
-        does not reach are zeros and must be masked). A CPU cache bound for a GPU is gathered
-        into pinned memory first and crosses the link in one asynchronous copy per tensor."""
+    def gather_host(self, layer: int, slots: slice, length: int, pinned: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense [n, n_kv, n_blocks * T, D] copies of `slots`' blocks covering positions
+        0..length-1, in this cache's memory (pinned where `pinned`, to cross the link); positions
+        a sequence does not reach are zeros (they must be masked). Every row is copied to the
+        last block: n * ceil(length / T) * T positions per tensor."""
         t, n = self.block_tokens, slots.stop - slots.start
-        here = self.k[layer][0].device
-        staged = here.type == "cpu" and device.type == "cuda"
         out = []
         for blocks in self.blocks(layer, slots, length):
             dense = torch.empty(n, blocks[0].shape[1], len(blocks) * t, blocks[0].shape[-1],
-                                dtype=blocks[0].dtype, device=here, pin_memory=staged)
+                                dtype=blocks[0].dtype, device=blocks[0].device,
+                                pin_memory=pinned)
             for j, block in enumerate(blocks):
                 dense[:block.shape[0], :, j * t:(j + 1) * t] = block
                 dense[block.shape[0]:, :, j * t:(j + 1) * t] = 0
-            out.append(dense.to(device, non_blocking=staged))
+            out.append(dense)
         return out[0], out[1]
+
+    def gather(self, layer: int, slots: slice, length: int, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`gather_host`, on `device`: a CPU cache bound for a GPU is gathered into pinned memory
+        and crosses the link in one asynchronous copy per tensor (on the current stream)."""
+        staged = self.k[layer][0].device.type == "cpu" and device.type == "cuda"
+        k, v = self.gather_host(layer, slots, length, pinned=staged)
+        return k.to(device, non_blocking=staged), v.to(device, non_blocking=staged)

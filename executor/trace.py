@@ -25,7 +25,11 @@ WAIT_TRACK = "weights_wait"
 #: the launching (main) thread's host time: wall-clock spans of its decode work (launch_pre,
 #: handoff_send, attn_wait, handoff_receive, launch_post: executor/engine.py)
 LAUNCH_TRACK = "launcher"
-TRACKS = ("gpu", "cpu_attention", "h2d", "d2h", "copy_thread", WAIT_TRACK, LAUNCH_TRACK)
+#: the compute stream's copies of a CPU KV cache gathered for GPU attention (events around
+#: them, inside the GPU's gpu_attn spans: executor/engine.py `_gather_with_new_token`)
+KV_DMA_TRACK = "kv_dma"
+TRACKS = ("gpu", "cpu_attention", "h2d", "d2h", "copy_thread", WAIT_TRACK, LAUNCH_TRACK,
+          KV_DMA_TRACK)
 
 
 @dataclass(frozen=True)
