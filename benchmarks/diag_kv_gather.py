@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import statistics
 import sys
-import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,51 +30,6 @@ import torch  # noqa: E402
 from executor.kv_cache import KVCache  # noqa: E402
 from executor.weights import read_model  # noqa: E402
 from hrm.io import write_json_atomic  # noqa: E402
-
-MiB = 2**20
-PAGE_BYTES = 16 * MiB
-RING_BYTES = 2048 * MiB
-#: pages queued ahead of the host on the weight stream (the executor keeps a few in flight)
-PAGES_IN_FLIGHT = 8
-
-
-class WeightStream:
-    """16 MiB pinned pages copied to the GPU back to back on their own stream, until stopped."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.host = torch.empty(RING_BYTES, dtype=torch.uint8, pin_memory=True)
-        self.dev = torch.empty(RING_BYTES, dtype=torch.uint8, device=device)
-        self.stream = torch.cuda.Stream(device)
-        self.stop = threading.Event()
-        self.moved_bytes = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        pages, done = RING_BYTES // PAGE_BYTES, []
-        with torch.cuda.stream(self.stream):
-            i = 0
-            while not self.stop.is_set():
-                a = (i % pages) * PAGE_BYTES
-                self.dev[a:a + PAGE_BYTES].copy_(self.host[a:a + PAGE_BYTES], non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(self.stream)
-                done.append(ev)
-                if len(done) > PAGES_IN_FLIGHT:
-                    done.pop(0).synchronize()
-                self.moved_bytes += PAGE_BYTES
-                i += 1
-        self.stream.synchronize()
-
-    def __enter__(self) -> WeightStream:
-        self.thread.start()
-        time.sleep(0.2)
-        self.t0, self.b0 = time.perf_counter(), self.moved_bytes
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.rate_bps = (self.moved_bytes - self.b0) / (time.perf_counter() - self.t0)
-        self.stop.set()
-        self.thread.join()
 
 
 def measure(caches: list[KVCache], batch: int, length: int, device: torch.device, reps: int
@@ -128,32 +82,23 @@ def main() -> None:
     per_token = 2 * spec.num_kv_heads * spec.head_dim * 2
     held_bytes = args.batch * length * per_token
     copied_bytes = args.batch * (-(-length // T)) * T * per_token
-    rows = {}
-    for cond in ("alone", "beside_weight_stream"):
-        if cond == "alone":
-            res, stream_bps = measure(caches, args.batch, length, device, args.reps), None
-        else:
-            with WeightStream(device) as ws:
-                res = measure(caches, args.batch, length, device, args.reps)
-            stream_bps = ws.rate_bps
-        med = {k: statistics.median(v) for k, v in res.items()}
-        rows[cond] = {"median_s": med, "samples_s": res, "weight_stream_bps": stream_bps,
-                      "gather_bps_copied": copied_bytes / med["gather_s"],
-                      "gather_bps_held": held_bytes / med["gather_s"],
-                      "dma_bps": copied_bytes / med["dma_s"]}
-        print(f"{cond}: gather {med['gather_s'] * 1e3:.2f} ms "
-              f"({copied_bytes / med['gather_s'] / 1e9:.1f} GB/s copied, "
-              f"{held_bytes / med['gather_s'] / 1e9:.1f} held), DMA {med['dma_s'] * 1e3:.2f} ms "
-              f"({copied_bytes / med['dma_s'] / 1e9:.1f} GB/s), both "
-              f"{med['gather_then_dma_s'] * 1e3:.2f} ms"
-              + (f"; weight stream {stream_bps / 1e9:.1f} GB/s" if stream_bps else ""),
-              flush=True)
+    res = measure(caches, args.batch, length, device, args.reps)
+    med = {k: statistics.median(v) for k, v in res.items()}
+    row = {"median_s": med, "samples_s": res,
+           "gather_bps_copied": copied_bytes / med["gather_s"],
+           "gather_bps_held": held_bytes / med["gather_s"],
+           "dma_bps": copied_bytes / med["dma_s"]}
+    print(f"alone: gather {med['gather_s'] * 1e3:.2f} ms "
+          f"({copied_bytes / med['gather_s'] / 1e9:.1f} GB/s copied, "
+          f"{held_bytes / med['gather_s'] / 1e9:.1f} held), DMA {med['dma_s'] * 1e3:.2f} ms "
+          f"({copied_bytes / med['dma_s'] / 1e9:.1f} GB/s), both "
+          f"{med['gather_then_dma_s'] * 1e3:.2f} ms", flush=True)
     write_json_atomic(args.out / "diag_kv_gather.json", {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv), "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0), "batch": args.batch, "context": args.context,
         "threads": args.threads, "copied_bytes": copied_bytes, "held_bytes": held_bytes,
-        "results": rows})
+        "alone": row})
 
 
 if __name__ == "__main__":

@@ -327,10 +327,11 @@ class Engine:
     def _gather_with_new_token(self, layer: int, m: int, mb: MicroBatch, context_lens: list[int],
                                k: torch.Tensor, v: torch.Tensor, worker: Any, tracer: Tracer
                                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """GPU attention over the CPU cache without stalling the launching thread: the cached
-        positions come up in one host-staged copy per tensor (KVCache.gather), the new token's
-        k/v are written into that copy on the GPU, and their append to the CPU cache goes to the
-        worker once they have crossed (d2h stream), ready before this micro-batch's next step."""
+        """GPU attention's K/V from the CPU cache without stalling the launching thread: the
+        cached positions come up in one host-staged copy per tensor (KVCache.gather_host, then
+        a DMA on the compute stream), the new token's k/v are written into that copy on the GPU
+        (`L.attend_with_new_token`), and their append to the CPU cache goes to the worker once
+        they have crossed (d2h stream), ready before this micro-batch's next step."""
         previous = self.appends.pop((layer, m), None)
         if previous is not None:
             previous.result()
@@ -340,10 +341,6 @@ class Engine:
         with tracer.span(KV_DMA_TRACK, "kv_h2d", self.streams.compute, layer, m):
             kc, vc = (t.to(self.device, non_blocking=True) for t in (k_host, v_host))
         self.bytes["kv_h2d"] += 2 * kc.numel() * kc.element_size()
-        rows = torch.arange(len(context_lens), device=self.device)
-        at = index_tensor(context_lens, self.device)
-        kc[rows, :, at] = k.to(kc.dtype)
-        vc[rows, :, at] = v.to(vc.dtype)
         k_host, v_host, ready = self._to_host(k, v)
         self.appends[(layer, m)] = worker.submit(self._append_host, layer, mb, context_lens,
                                                  k_host, v_host, ready, tracer)
@@ -392,15 +389,14 @@ class Engine:
             context_lens = [n + len(mb.tokens) - 1 for n in mb.prompt_lens]  # before this token
             if not self.cpu_attention:
                 with tracer.span("gpu", "gpu_attn", compute, layer, m):
+                    at = index_tensor(context_lens, self.device)
                     if mb.cache is self.cpu_cache:
                         kc, vc = self._gather_with_new_token(layer, m, mb, context_lens, k, v,
                                                              worker, tracer)
-                    else:
-                        mb.cache.append(layer, mb.slots, context_lens, k, v)
-                        kc, vc = mb.cache.gather(layer, mb.slots, context_lens[0] + 1,
-                                                 self.device)
-                    lens = index_tensor(context_lens, self.device) + 1
-                    return L.gpu_decode_attention(q, kc.to(q.dtype), vc.to(q.dtype), lens)
+                        return L.attend_with_new_token(q, k, v, kc, vc, at)
+                    mb.cache.append(layer, mb.slots, context_lens, k, v)
+                    kc, vc = mb.cache.gather(layer, mb.slots, context_lens[0] + 1, self.device)
+                    return L.gpu_decode_attention(q, kc.to(q.dtype), vc.to(q.dtype), at + 1)
         with tracer.span(LAUNCH_TRACK, "handoff_send", None, layer, m):
             qkv = torch.cat((q.flatten(1), k.flatten(1), v.flatten(1)), dim=1)
             host, done = self.attn_link.send(m, qkv, tracer, layer)

@@ -115,6 +115,18 @@ def gpu_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.reshape(q.shape[0], -1)
 
 
+def attend_with_new_token(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, at: torch.Tensor
+                          ) -> torch.Tensor:
+    """Decode attention over gathered K/V [B, n_kv, S, D] of the cached positions, this step's
+    k/v [B, n_kv, D] written first at positions `at` [B] (each sequence's context before it).
+    Returns [B, n_q * D]."""
+    rows = torch.arange(q.shape[0], device=q.device)
+    k_cache[rows, :, at] = k.to(k_cache.dtype)
+    v_cache[rows, :, at] = v.to(v_cache.dtype)
+    return gpu_decode_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype), at + 1)
+
+
 def attention_out(x: torch.Tensor, attn: torch.Tensor, layer: DenseLayer,
                   reduce: Reduce = _identity) -> torch.Tensor:
     """Residual + output projection: x + reduce(attn W_o^T). attn: [T, n_q * D] (a rank's heads

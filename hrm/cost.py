@@ -12,15 +12,19 @@ Each stage of one decoder layer (for the whole batch) is a sum over the operator
                 `hrm profile` as gpu.attention_handoff_s)
                 P_g(rows) from curve 'gpu_gemm' (achieved FLOP/s vs GEMM rows), else the peak;
                 launches = the host-issued operations of the executor's layer code (roofline
-                OPS_*); with GPU attention over a CPU KV cache, + (1 - r_c) KV / BW_gather
+                OPS_*); with GPU attention over a CPU KV cache, + (1 - r_c) KV_g / BW_gather
                 (the launching thread gathers the KV blocks into pinned memory; BW_gather the
-                profile's kv_gather_bps, else the pageable -> pinned memcpy rate)
+                profile's kv_gather_bps, else the pageable -> pinned memcpy rate; not slowed by
+                f_h) + (1 - r_c) 2 KV_g / B_pinned in cgopipe (the KV's DMA is queued on the
+                compute stream, which waits for it, and shares the link with the weight pages'
+                stream: STREAMS_SHARING_THE_LINK); KV_g = N ceil(ctx / T) T kv_token, the whole
+                blocks the gather copies (roofline.kv_gathered_tokens)
     CPU attn    t = max(F / P_c, t_kv(KV bytes)), t_kv from curve 'cpu_attention', else B / BW_c
                 (+ 2 o_l / BW_c: the copy thread's DRAM read+write shares the bus, MoE-Lens Eq. 5)
     H2D         t = (1 - r_w) W_e / B_pinned + activations; B_pinned the bulk pinned rate (pages
                 are queued back to back), bw(x) of activations from curve 'h2d' at their size;
-                + (1 - r_c) KV / B_pinned for GPU attention over a CPU KV cache (the gathered
-                KV crosses the same link, on the same copy engine, as the weight pages);
+                + (1 - r_c) KV_g / B_pinned for GPU attention over a CPU KV cache (the
+                gathered KV crosses the same link as the weight pages);
                 + o_l (1 / BW_pageable->pinned - 1 / B_pinned): a staged page crosses at the
                 copy's pace, so the stream takes p_l / B_pinned + o_l / BW_pageable->pinned
                 (the staging memcpy and the pinned pages' DMA share the memory bus: on the
@@ -78,6 +82,7 @@ from hrm.roofline import (
     ACT_DTYPE,
     COMPUTE_DTYPE,
     HANDOFF_OP,
+    KV_BLOCK_TOKENS,
     LOGIT_BYTES,
     Operator,
     attn_out_elements_per_token,
@@ -98,13 +103,16 @@ CPU_USABLE_FRACTION = 0.90
 #: relative slack of memory checks: the MILP solver's feasibility tolerance (CBC, 1e-7) and a
 #: policy's fractions saved to 9 digits can put a policy a few bytes over a binding limit
 MEMORY_CHECK_TOLERANCE = 1e-6
-#: KV cache block (tokens): each sequence's KV is allocated in whole blocks (the executor's
-#: block KV cache, executor/kv_cache.py, and the continuous scheduler use the same)
-KV_BLOCK_TOKENS = 64
 #: the weight stream's two legs: fed by the prefetch, which runs ahead across decode steps (no
 #: fill or drain in cgopipe); the copy thread's memcpy of page p+1 overlaps page p's H2D, and
 #: the link's time (t_h2d) already holds the staged pages at the copy's pace
 WEIGHT_STREAM_STAGES = ("h2d", "copy_thread")
+#: copy streams that share the link while GPU attention's KV crosses in cgopipe (the KV's DMA
+#: on the compute stream, the weight pages on theirs): the KV gets half of it. H200 machine,
+#: 2026-12-02, fourth session: 2.19 ms per 64-sequence micro-batch (50 MB, 23 GB/s) at N=1024,
+#: against 1.05 ms with the link to itself in the layerwise schedule (benchmarks/results/
+#: h200_2026-12-02d/)
+STREAMS_SHARING_THE_LINK = 2.0
 #: pages in the pinned staging ring that the copy thread fills when weights cannot all be pinned
 STAGING_RING_PAGES = 4
 #: the GPU memory term of the two expert staging buffers
@@ -240,11 +248,10 @@ def transfer_time(hw: HardwareProfile, op: Operator) -> Affine:
     per layer in 16 MiB pages at 54.3 GB/s against 55.4 GB/s for one 1 GiB copy); the page size
     matters only on the staging path (`_stage_sums`). A CPU KV cache read by GPU attention
     is gathered by the launching thread into pinned memory ('kv_gather', on the GPU stage:
-    `_stage_of`), then crosses in one DMA per tensor ('kv_h2d', at the bulk pinned rate,
-    sharing the link with the weight pages; H200 machine, 2026-12-01: N=1024 x 136-token
-    contexts ran 6.7 ms per 64-sequence micro-batch, where the pageable H2D rate had put the
-    host's part alone at 5.1 ms; executor/kv_cache.py `gather`). The gather runs at the
-    profile's kv_gather_bps (KVCache.gather itself, measured), else at the pageable -> pinned
+    `_stage_of`), then crosses in one DMA per tensor ('kv_h2d', at the bulk pinned rate on the
+    link; in cgopipe the compute stream also waits for it, `_stage_sums`), both over whole
+    blocks (executor/kv_cache.py `gather_host`). The gather runs at the profile's kv_gather_bps
+    (KVCache.gather_host itself, measured in bytes copied), else at the pageable -> pinned
     memcpy rate, else at the pageable H2D rate. Other copies take the rate of their size (curve
     'h2d')."""
     if op.name == "weight_h2d":
@@ -362,7 +369,13 @@ def _stage_sums(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
     f_g, f_h = factors
     for op in ops:
         stage = _stage_of(op, overlapped)
-        if stage == "gpu" and launcher_stage:
+        if op.name == "kv_h2d" and overlapped:
+            # the gathered KV's DMA is queued on the compute stream, which waits for it, while
+            # the weight pages cross on their own stream: the two share the link
+            stages["gpu"] += transfer_time(hw, op).scaled(STREAMS_SHARING_THE_LINK)
+        if stage == "gpu" and launcher_stage and op.name == "kv_gather":
+            stages["launcher"] += _op_time(hw, op)   # the launching thread's memcpy
+        elif stage == "gpu" and launcher_stage:
             stages["gpu"] += _op_time(hw, op, (f_g, 0.0))
             stages["launcher"] += _op_time(hw, op, (0.0, f_h))
         else:
@@ -422,8 +435,11 @@ def _layer_ops(model: ModelSpec, workload: Workload, policy: Policy, phase: str,
 def _op_time(hw: HardwareProfile, op: Operator,
              gpu_factors: tuple[float, float] = (1.0, 1.0)) -> Affine:
     """An operator's seconds on its resource; `gpu_factors` (f_g, f_h: interference) slow what
-    runs on the GPU stage: kernels and all-reduces by f_g, the launching thread's host work
-    (launches, hand-offs, the KV gather for GPU attention) by f_h."""
+    runs on the GPU stage: kernels and all-reduces by f_g, the launching thread's launches and
+    hand-offs by f_h. The KV gather for GPU attention, a memcpy the profile times with the
+    executor's own code, is not slowed: in the pipeline it took its solo time (H200 machine,
+    2026-12-02, fourth session: 2.30 ms per 64-sequence micro-batch in cgopipe at N=1024 and
+    2.33 ms in the layerwise schedule, 2.20 ms alone; benchmarks/results/h200_2026-12-02d/)."""
     kernel, host = gpu_factors
     if op.device == "gpu":
         return Affine(const=gpu_op_time_s(hw, op, kernel, host))
@@ -431,8 +447,7 @@ def _op_time(hw: HardwareProfile, op: Operator,
         return Affine(const=kernel * allreduce_time_s(hw, op))
     if op.device == "cpu":
         return Affine(const=cpu_op_time_s(hw, op))
-    moved = transfer_time(hw, op)
-    return moved.scaled(host) if _stage_of(op) == "gpu" else moved
+    return transfer_time(hw, op)
 
 
 def _chain_s(hw: HardwareProfile, ops: list[Operator], num_micro_batches: int,

@@ -65,6 +65,7 @@ from hrm.hardware import (
 )
 from hrm.io import write_json_atomic
 from hrm.model import ModelSpec, load_model_spec
+from hrm.roofline import kv_gathered_tokens
 from hrm.units import GiB, KiB, MiB, dtype_bytes, fmt_bytes
 
 STANDIN_NOTE = "no CUDA: GPU tier measured on the CPU stand-in"
@@ -609,30 +610,34 @@ def _cold_kv_caches(spec: ModelSpec, lens: list[int], dtype: str, cold_bytes: fl
     return caches, kv_bytes
 
 
-#: the decode shape of `kv_gather`: sequences x longest context (the validation grid's)
+#: the decode shape of `kv_gather`: sequences x context (the validation grid's)
 KV_GATHER_CALL = (64, 136)
 
 
 def kv_gather(spec: ModelSpec, reps: int, threads: int, cold_bytes: float,
               call: tuple[int, int] = KV_GATHER_CALL) -> Measurement:
-    """KV bytes/s of the launching thread's gather of a CPU KV cache for GPU decode attention
-    (executor.kv_cache.KVCache.gather: the blocks copied into a dense pinned tensor, then one
-    asynchronous DMA per tensor, which is not waited for: the model puts it on the link), on
-    `threads` torch threads (the executor's, executor.schedule.compute_threads), the KV read
-    from DRAM (`cold_bytes` of caches in rotation). The model's 'kv_gather' term."""
+    """Bytes/s of the launching thread's gather of a CPU KV cache for GPU decode attention
+    (executor.kv_cache.KVCache.gather_host: the blocks copied into dense pinned tensors; their
+    DMA the model times on the link), on `threads` torch threads (the executor's,
+    executor.schedule.compute_threads), the KV read from DRAM (`cold_bytes` of caches in
+    rotation). The contexts are of one length, as a batch of equal prompts; the bytes are those
+    copied, whole blocks (hrm.roofline.kv_gathered_tokens). The model's 'kv_gather' term."""
     import torch
 
     batch, context = call
-    lens = ragged_context_lens(batch, context)
-    caches, kv_bytes = _cold_kv_caches(spec, lens, "bf16", cold_bytes)
-    turn, device = itertools.cycle(caches), torch.device("cuda")
+    lens = [context] * batch
+    caches, _ = _cold_kv_caches(spec, lens, "bf16", cold_bytes)
+    copied_bytes = 2.0 * spec.num_kv_heads * spec.head_dim * dtype_bytes("bf16") * batch * \
+        kv_gathered_tokens(context)
+    turn = itertools.cycle(caches)
     with torch_threads(threads):
-        times = time_calls(lambda: next(turn).gather(0, slice(0, batch), lens[0], device),
+        times = time_calls(lambda: next(turn).gather_host(0, slice(0, batch), context, True),
                            reps, "cpu", warmup=2)
     torch.cuda.synchronize()
     return Measurement("kv_gather", {"batch": batch, "context": context, "dtype": "bf16",
-                                     "threads": threads}, x=kv_bytes, work=kv_bytes,
-                       unit="B/s", times_s=times)
+                                     "threads": threads, "contexts": "uniform",
+                                     "bytes": "copied (whole blocks)"},
+                       x=copied_bytes, work=copied_bytes, unit="B/s", times_s=times)
 
 
 def decode_attention_call(spec: ModelSpec, batch: int, context: int, dtype: str,

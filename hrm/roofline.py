@@ -50,11 +50,20 @@ OPS_PER_EXPERT = 13
 #: counts on the device instead of their host copy, and two grouped GEMMs with the split, SiLU
 #: and product between them, whatever the experts touched
 OPS_MOE_GROUPED = 34
+#: decode attention on the GPU: the new token's positions, its k/v written into the gathered
+#: K/V, the mask and SDPA (executor.layers.attend_with_new_token, with the engine's
+#: index_tensor); the CPU cache's gather is timed as a memcpy (kv_gather), and the CUDA-only
+#: copies around it (the gathered K/V's two DMAs, the new k/v's two pinned copies down for the
+#: CPU cache) are not counted
+OPS_GPU_DECODE_ATTENTION = 17
 #: the launching thread's hand-off of one micro-batch's decode attention to the CPU worker and
 #: back (q/k/v down, submit, the output up through its pinned buffer's alias): an operator on the
 #: GPU stage (that thread drives the GPU), `launches` = hand-offs, each costing the profile's
 #: gpu.attention_handoff_s (executor.schedule.AttentionLink; hrm.profile.attention_handoff)
 HANDOFF_OP = "attention_handoff"
+#: KV cache block (tokens): each sequence's KV is allocated in whole blocks (the executor's
+#: block KV cache, executor/kv_cache.py, and the continuous scheduler use the same)
+KV_BLOCK_TOKENS = 64
 #: bytes per logit (the LM head's output is kept in fp32 for sampling)
 LOGIT_BYTES = 4
 
@@ -173,6 +182,13 @@ def kv_bytes_per_token_layer(model: ModelSpec, kv_dtype: str) -> float:
     return model.kv_elements_per_token_per_layer() * dtype_bytes(kv_dtype)
 
 
+def kv_gathered_tokens(context_len: float) -> float:
+    """Positions per sequence that the KV gather for GPU attention copies and sends: whole
+    KV_BLOCK_TOKENS blocks up to the one the context reaches, ceil(ctx / T) T
+    (executor.kv_cache.KVCache.gather_host copies every row of a micro-batch to its last block)."""
+    return math.ceil(context_len / KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS
+
+
 def _gemm(name: str, model_params: float, tokens_per_ub: float, num_ub: int,
           weight_dtype: str, in_width: float, out_width: float, launches_per_ub: float
           ) -> Operator:
@@ -250,7 +266,8 @@ def layer_operators(model: ModelSpec, *, micro_batch_size: int, num_micro_batche
     ops.append(Operator(
         name=f"attention_{phase}", device=attn_device, flops=attn_flops,
         gpu_bytes=kv_read_bytes + io_bytes, cpu_bytes=kv_read_bytes + io_bytes,
-        link_bytes=kv_read_bytes, rows=0.0, launches=n_ub))
+        link_bytes=kv_read_bytes, rows=0.0,
+        launches=n_ub * (OPS_GPU_DECODE_ATTENTION if on_gpu and phase == "decode" else 1)))
     ops.append(_gemm("o_proj", o_params * heads, tokens_ub, n_ub, weight_dtype, out_width, h1,
                      OPS_ATTENTION_OUT))
 
@@ -279,9 +296,10 @@ def layer_operators(model: ModelSpec, *, micro_batch_size: int, num_micro_batche
         ops.append(_transfer("attn_out_h2d", "h2d", tokens * out_width * act, n_ub))
     elif phase == "decode":
         # FlexGen S4: the CPU-resident KV comes to the GPU (gathered into pinned memory on the
-        # host, then one DMA), the new token's entry goes back
-        ops.append(_transfer("kv_gather", "h2d", kv_read_bytes, n_ub))
-        ops.append(_transfer("kv_h2d", "h2d", kv_read_bytes, n_ub))
+        # host, then one DMA), whole blocks; the new token's entry goes back
+        gathered_bytes = mu * n_ub * kv_gathered_tokens(context_len) * kv_token
+        ops.append(_transfer("kv_gather", "h2d", gathered_bytes, n_ub))
+        ops.append(_transfer("kv_h2d", "h2d", gathered_bytes, n_ub))
         ops.append(_transfer("kv_append_d2h", "d2h", tokens * kv_token, n_ub))
     if phase == "prefill":
         if attn_device == "gpu":

@@ -130,10 +130,12 @@ def test_op_counts_match_the_executor():
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import executor.layers as L
+    from executor.schedule import index_tensor
     from executor.weights import random_weights, read_model
     from hrm.roofline import (
         OPS_ATTENTION_IN,
         OPS_ATTENTION_OUT,
+        OPS_GPU_DECODE_ATTENTION,
         OPS_MOE_GROUPED,
         OPS_MOE_ROUTING,
         OPS_PER_EXPERT,
@@ -176,3 +178,15 @@ def test_op_counts_match_the_executor():
         touched = min(spec.num_experts, tokens * spec.top_k)
         assert counts == [OPS_ATTENTION_IN, OPS_ATTENTION_OUT,
                           OPS_MOE_ROUTING + touched * OPS_PER_EXPERT, OPS_MOE_GROUPED]
+        # decode attention on the GPU over K/V gathered from the CPU cache (engine order)
+        q = torch.randn(tokens, spec.num_heads, spec.head_dim, dtype=bf16)
+        k, v = (torch.randn(tokens, spec.num_kv_heads, spec.head_dim, dtype=bf16)
+                for _ in range(2))
+        kc, vc = (torch.zeros(tokens, spec.num_kv_heads, 128, spec.head_dim, dtype=bf16)
+                  for _ in range(2))
+        c_gpu_attn = Count()
+        with c_gpu_attn:
+            at = index_tensor([100 - i for i in range(tokens)], torch.device("cpu"))
+            L.attend_with_new_token(q, k, v, kc, vc, at)
+        if tokens > 1:   # a lone sequence's SDPA dispatches 2 more on the CPU
+            assert c_gpu_attn.n == OPS_GPU_DECODE_ATTENTION
