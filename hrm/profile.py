@@ -636,7 +636,7 @@ def kv_gather(spec: ModelSpec, reps: int, threads: int, cold_bytes: float,
     torch.cuda.synchronize()
     return Measurement("kv_gather", {"batch": batch, "context": context, "dtype": "bf16",
                                      "threads": threads, "contexts": "uniform",
-                                     "bytes": "copied (whole blocks)"},
+                                     "counted": "bytes copied (whole blocks)"},
                        x=copied_bytes, work=copied_bytes, unit="B/s", times_s=times)
 
 
@@ -1609,13 +1609,13 @@ def profile_command(
     if gpus > 1:
         err_console.print(f"all-reduce over {gpus} GPUs (NCCL)")
         measurements += measure_allreduce(gpus, "nccl", "cuda")
-    profile = build_profile(profile_name, measurements, env, skipped)
-    save_profile(profile, output)
-    load_profile(output)  # what was written reads back
-    if raw_json:
+    if raw_json:   # first: a fit that fails loses no samples (`--from-raw` fits them again)
         write_json_atomic(raw_json, {"environment": dataclasses.asdict(env),
                                      "config": dataclasses.asdict(config), "skipped": skipped,
                                      "measurements": [m.to_dict() for m in measurements]})
+    profile = build_profile(profile_name, measurements, env, skipped)
+    save_profile(profile, output)
+    load_profile(output)  # what was written reads back
     _report(profile, env, output, raw_json, skipped, as_json)
 
 
