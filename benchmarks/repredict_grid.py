@@ -44,7 +44,8 @@ def repredict(grid: Path, profile: Path | HardwareProfile) -> dict:
         if not r["ran"]:
             continue
         pred = predicted(spec, hw, config_of_row(r, summary["grid"]))
-        measured = stages[stages.config == r["config"]].set_index("stage")["measured_s"]
+        measured = stages[(stages.config == r["config"])
+                          & (stages.role == r["role"])].set_index("stage")["measured_s"]
         row = {"config": r["config"], "role": r["role"], "measured_tok_s": r["measured_tok_s"],
                "predicted_tok_s": pred["predicted_tok_s"],
                "throughput_error_pct": pct_error(pred["predicted_tok_s"], r["measured_tok_s"]),

@@ -135,8 +135,8 @@ def plot_error_by_config(configs: Any, path: str | Path | None = None) -> Any:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(df)), 4))
     colors = ["C3" if abs(e) > ERROR_BANDS_PCT[1] else "C1" if abs(e) > ERROR_BANDS_PCT[0]
               else "C2" for e in df["throughput_error_pct"]]
-    labels = [c if r == "grid" else "OPTIMIZER" for c, r in zip(df["config"], df["role"],
-                                                                strict=True)]
+    labels = [{"grid": c, "optimizer": "OPTIMIZER"}.get(r, f"{c} ({r})")
+              for c, r in zip(df["config"], df["role"], strict=True)]
     ax.bar(range(len(df)), df["throughput_error_pct"], color=colors)
     for band in ERROR_BANDS_PCT:
         ax.axhline(band, color="k", ls=":", lw=0.7)

@@ -35,6 +35,13 @@ machine, 2026-12-02b, the first configuration measured 0.57 GiB above the model 
 policy later none). On the CPU stand-in both tiers share one heap, so CPU memory is
 not measured there (NaN).
 
+Drift. The machine can change under a grid: on the H200 machine, 2026-12-02d, one lease ran
+CPU attention at 2.2-3.6x its profile for 21 configurations, then at 1.05-1.39x. So the grid's
+first configuration is measured again at the end (role 'repeat', not scored), and the summary's
+`drift` gives its throughput and stage busy times against the first measurement; beyond
+DRIFT_WARN_PCT the command warns that the errors measure the machine's change as well as the
+model.
+
 The data the profile was fitted to (`hrm profile`: microbenchmarks of GEMMs, copies and CPU
 attention, and one short executor run at a shape that is not a grid point,
 hrm.profile.CALIBRATION) and the data validated here (end-to-end executor runs of the grid) are
@@ -214,6 +221,39 @@ def stage_errors(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             for stage, errs in by_stage.items()}
 
 
+#: the grid's first configuration measured again at the end further than this (throughput or
+#: a stage's busy time, %) from its first measurement: the machine changed during the grid
+DRIFT_WARN_PCT = 15.0
+#: stages shorter than this share of the layer are left out of the drift (noise)
+DRIFT_MIN_STAGE_SHARE = 0.05
+
+
+def drift(rows: list[dict[str, Any]], stage_rows: list[dict[str, Any]]
+          ) -> dict[str, Any] | None:
+    """The grid's first configuration measured again at the end (role 'repeat') against its
+    first measurement: ratios (repeat / first) of its throughput and of each stage's busy time
+    per layer (stages of at least DRIFT_MIN_STAGE_SHARE of the layer), and the largest
+    |ratio - 1| in percent; None without a repeat that ran."""
+    again = next((r for r in rows if r["role"] == "repeat" and r["ran"]), None)
+    if again is None:
+        return None
+    first = next(r for r in rows if r["role"] == "grid" and r["config"] == again["config"])
+
+    def busy(role: str) -> dict[str, float]:
+        return {r["stage"]: r["measured_s"] for r in stage_rows
+                if r["config"] == again["config"] and r["role"] == role
+                and math.isfinite(r["measured_s"])}
+
+    before, after = busy("grid"), busy("repeat")
+    layer_s = before.get("layer (overlap)", 0.0)
+    ratios = {"throughput": again["measured_tok_s"] / first["measured_tok_s"]}
+    ratios.update({stage: after[stage] / t for stage, t in before.items()
+                   if stage in after and t > 0 and t >= DRIFT_MIN_STAGE_SHARE * layer_s})
+    worst = max(ratios, key=lambda k: abs(ratios[k] - 1.0))
+    return {"config": again["config"], "ratios": ratios, "worst": worst,
+            "max_pct": 100.0 * abs(ratios[worst] - 1.0), "warn_pct": DRIFT_WARN_PCT}
+
+
 def summarize(rows: list[dict[str, Any]], stage_rows: list[dict[str, Any]],
               optimizer: dict[str, Any] | None, meta: dict[str, Any]) -> dict[str, Any]:
     """The JSON summary from the tidy configuration rows (those that ran) and stage rows."""
@@ -246,7 +286,8 @@ def summarize(rows: list[dict[str, Any]], stage_rows: list[dict[str, Any]],
         "mem_max_abs_pct_error": max(mem) if mem else math.nan,
         "gpu_mem_max_abs_pct_error": _max_abs(ran, "gpu_mem_error_pct"),
         "cpu_mem_max_abs_pct_error": _max_abs(ran, "cpu_mem_error_pct"),
-        "stage_errors": stage_errors(stage_rows),
+        "stage_errors": stage_errors([r for r in stage_rows if r["role"] != "repeat"]),
+        "drift": drift(rows, stage_rows),
         "targets": {"throughput_mape": THROUGHPUT_MAPE_TARGET_PCT,
                     "worst_abs_pct_error": WORST_CONFIG_TARGET_PCT,
                     "optimizer_gap_pct": OPTIMIZER_GAP_TARGET_PCT,
@@ -544,10 +585,11 @@ def optimizer_config(setup: Setup, grid: list[Config]) -> Config:
 
 def run_grid(setup: Setup, configs: list[Config], with_optimizer: bool, progress: Any = None,
              partial_csv: Path | None = None, space: list[Config] | None = None,
-             traced: set[str] = frozenset({"base"})
+             traced: set[str] = frozenset({"base"}), repeat_first: bool = True
              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """Predict and measure every configuration (and the optimizer's policy, searched over the
-    space of `space`, by default of `configs`): tidy rows, stage rows, and the measured spans of
+    space of `space`, by default of `configs`; and, with `repeat_first`, the first
+    configuration again at the end: `drift`): tidy rows, stage rows, and the measured spans of
     the grid configurations named in `traced` (config -> spans, for the traces). The rows so far
     are rewritten to `partial_csv` after each configuration (what an interrupted run leaves)."""
     import pandas as pd
@@ -556,6 +598,8 @@ def run_grid(setup: Setup, configs: list[Config], with_optimizer: bool, progress
     todo = [(c, "grid") for c in configs]
     if with_optimizer:
         todo.append((optimizer_config(setup, space or configs), "optimizer"))
+    if repeat_first and configs:
+        todo.append((configs[0], "repeat"))
     _warm_up_process(shared, setup, configs)
     rows, stage_rows, traces = [], [], {}
     for config, role in _progress(todo, progress):
@@ -718,6 +762,9 @@ def validate_command(
     trace_config: list[str] | None = typer.Option(
         None, "--trace-config", help="also keep the measured timeline of this configuration "
         "(repeatable; base's is always kept), as validation_trace_<config>.json"),
+    drift_check: bool = typer.Option(
+        True, "--drift-check/--no-drift-check", help="measure the first configuration again at "
+        "the end and warn where it moved by more than 15% (the machine changed during the grid)"),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
@@ -780,7 +827,7 @@ def validate_command(
     with Progress(console=console, transient=True, disable=as_json) as progress:
         rows, stage_rows, traces = run_grid(setup, configs, optimizer_check, progress,
                                             output / "validation_partial.csv", grid_configs,
-                                            traced)
+                                            traced, drift_check)
     optimizer = next(({k: r.get(k) for k in ("ran", "error", "batch_size", "micro_batch_size",
                                              "attn_decode_device", "weights_gpu_fraction",
                                              "prompt_len", "gen_len", "predicted_tok_s",
@@ -809,7 +856,8 @@ def validate_command(
                 "measured tok/s", "error"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["config"] if r["role"] == "grid" else "[b]optimizer[/]",
+        table.add_row({"grid": r["config"], "optimizer": "[b]optimizer[/]"}.get(
+                          r["role"], f"[b]{r['config']} ({r['role']})[/]"),
                       str(r["batch_size"]), str(r["micro_batch_size"]),
                       r["attn_decode_device"], f"{r['weights_gpu_fraction']:.3f}",
                       r["schedule"], str(r["prompt_len"]), str(r["gen_len"]),
@@ -822,4 +870,11 @@ def validate_command(
                   f"{summary['worst_abs_pct_error']:.1f}% ({summary['worst_config']['config']}); "
                   f"optimizer gap {summary['optimizer_gap_pct']:+.1f}%; memory max error "
                   f"{summary['mem_max_abs_pct_error']:.1f}%")
+    moved = summary["drift"]
+    if moved is not None and moved["max_pct"] > DRIFT_WARN_PCT:
+        console.print(f"[yellow]warning:[/] {moved['config']} measured again at the end moved "
+                      f"{moved['max_pct']:.0f}% ({moved['worst']}: "
+                      f"{moved['ratios'][moved['worst']]:.2f}x its first measurement): the "
+                      "machine changed during the grid, and the errors above measure that "
+                      "change as well as the model")
     console.print("results: " + ", ".join(str(p) for p in paths.values()))

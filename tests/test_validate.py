@@ -14,9 +14,11 @@ from hrm.hardware import load_profile
 from hrm.model import from_hf_config, load_model_spec
 from hrm.units import GiB
 from hrm.validate import (
+    DRIFT_WARN_PCT,
     FULL,
     QUICK,
     ValidationError,
+    drift,
     optimizer_gap_pct,
     pct_error,
     scaled_gpu_cap_bytes,
@@ -78,6 +80,26 @@ def test_mape_is_the_mean_and_bounded_by_the_worst(pairs: list[tuple[float, floa
     assert s["throughput_mape"] == pytest.approx(sum(errors) / len(errors))
     assert s["throughput_mape"] <= s["worst_abs_pct_error"] + 1e-9
     assert s["worst_abs_pct_error"] == pytest.approx(max(errors))
+
+
+def test_drift_compares_the_repeat_with_the_first_measurement() -> None:
+    """The first configuration measured again at the end: throughput and the busy time of each
+    stage that is not noise against the first run; the repeat is not scored in the MAPE."""
+    def stages(role: str, cpu_s: float) -> list[dict]:
+        return [{"config": "a", "role": role, "stage": stage, "measured_s": t}
+                for stage, t in (("layer (overlap)", 0.05), ("gpu", 0.02), ("cpu_attn", cpu_s),
+                                 ("d2h", 0.0004 if role == "grid" else 0.004))]
+    rows = [_row("a", 100.0, 100.0), _row("b", 90.0, 100.0),
+            _row("a", 100.0, 95.0, role="repeat")]
+    out = drift(rows, stages("grid", 0.01) + stages("repeat", 0.025))
+    assert out["config"] == "a" and out["worst"] == "cpu_attn"
+    assert out["ratios"]["cpu_attn"] == pytest.approx(2.5)
+    assert out["ratios"]["throughput"] == pytest.approx(0.95)
+    assert out["max_pct"] == pytest.approx(150.0) and out["max_pct"] > DRIFT_WARN_PCT
+    assert "d2h" not in out["ratios"]              # under 5% of the layer: noise
+    s = summarize(rows, [], None, {})
+    assert s["n_configs"] == 2 and s["throughput_mape"] == pytest.approx(5.0)
+    assert drift(rows[:2], []) is None                # no repeat, no drift
 
 
 def test_stage_errors_skip_unscored() -> None:
@@ -234,6 +256,11 @@ def test_quick_run_writes_consistent_results(quick_run) -> None:
     assert len(grid) == len(QUICK.configs())
     assert summary["n_configs"] + summary["n_not_run"] == len(grid)
     assert (configs["role"] == "optimizer").sum() == 1
+    # the first configuration again at the end, for the drift check, not scored
+    repeat = configs[configs["role"] == "repeat"]
+    assert list(repeat["config"]) == [grid["config"].iloc[0]]
+    assert summary["drift"]["config"] == grid["config"].iloc[0]
+    assert summary["drift"]["ratios"]["throughput"] > 0
     ran = grid[grid["ran"]]
     assert summary["n_configs"] == len(ran) >= 1
     recomputed = 100 * (ran["predicted_tok_s"] - ran["measured_tok_s"]) / ran["measured_tok_s"]
@@ -245,9 +272,9 @@ def test_quick_run_writes_consistent_results(quick_run) -> None:
     assert tok_s.to_numpy() == pytest.approx(ran["measured_tok_s"].to_numpy())
 
     stages = pd.read_csv(quick_run / "validation_stages.csv")
-    layer = stages[stages["stage"] == "layer (overlap)"].set_index("config")["measured_s"]
+    layer = stages[stages["stage"] == "layer (overlap)"].set_index(["config", "role"])
     for _, row in stages.iterrows():  # a track cannot be busy longer than the layer took
-        assert row["measured_s"] <= layer[row["config"]] * 1.001
+        assert row["measured_s"] <= layer.loc[(row["config"], row["role"]), "measured_s"] * 1.001
     assert (stages.loc[stages["stage"] == "gpu", "measured_s"] > 0).all()
 
     trace = json.loads((quick_run / "validation_trace.json").read_text())
