@@ -500,9 +500,10 @@ def without_weight_stream(stages: dict[str, Any]) -> dict[str, Any]:
 def _stage_of(op: Operator, overlapped: bool = True) -> str:
     """The resource an operator occupies; all-reduces run on the GPU stream, and the host's KV
     gather for GPU attention (`transfer_time`) on the thread that launches the GPU's work. The
-    gathered KV's DMA shares the link with the weight stream in cgopipe; in the serial
-    schedules it runs between the layer's weights and its compute, which waits for it, so it
-    counts with the GPU's time there."""
+    gathered KV's DMA shares the link with the weight stream in cgopipe (where the compute also
+    waits for it: `_stage_sums` adds it to the GPU stage too); in the serial schedules it runs
+    between the layer's weights and its compute, which waits for it, so it counts with the
+    GPU's time there."""
     if op.name == "kv_gather" or (op.name == "kv_h2d" and not overlapped):
         return "gpu"
     return {"cpu": "cpu_attn", "comm": "gpu"}.get(op.device, op.device)

@@ -115,7 +115,8 @@ class LinkTier:
     #: pageable -> pinned staging copy by a CPU thread (bytes/s, reads + writes DRAM)
     pageable_to_pinned_bps: float = 0.0
     #: the launching thread's gather of CPU KV blocks into pinned memory for GPU attention
-    #: (bytes/s of KV); 0 when not measured
+    #: (bytes/s copied, whole blocks; profiles before 2026-12-02d timed a ragged batch in bytes
+    #: held); 0 when not measured
     kv_gather_bps: float = 0.0
 
 
