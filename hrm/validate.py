@@ -209,6 +209,32 @@ def optimizer_gap_pct(optimizer_tok_s: float, grid_tok_s: list[float]) -> float:
     return 100.0 * (best - optimizer_tok_s) / best
 
 
+#: the columns of a configuration row that make two rows the same policy and workload
+POLICY_COLUMNS = ("batch_size", "micro_batch_size", "attn_decode_device", "weights_gpu_fraction",
+                  "schedule", "expert_kernel", "prompt_len", "gen_len")
+
+
+def optimizer_twin(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The grid configuration that is the optimizer's policy and workload, where one is (both
+    ran): the optimizer gap then holds that policy's run-to-run spread, spread_pct = 100 (grid
+    run - optimizer run) / grid run (H200 machine, 2026-12-02d call 1: the same policy measured
+    3,346 and 3,202 tok/s, a gap of +4.3%)."""
+    opt = next((r for r in rows if r["role"] == "optimizer" and r["ran"]), None)
+    if opt is None:
+        return None
+
+    def same(r: dict[str, Any]) -> bool:
+        return all(math.isclose(r[k], opt[k], abs_tol=1e-9) if isinstance(opt[k], float)
+                   else r[k] == opt[k] for k in POLICY_COLUMNS)
+
+    twin = next((r for r in rows if r["role"] == "grid" and r["ran"] and same(r)), None)
+    if twin is None:
+        return None
+    return {"config": twin["config"], "measured_tok_s": twin["measured_tok_s"],
+            "spread_pct": 100.0 * (twin["measured_tok_s"] - opt["measured_tok_s"])
+            / twin["measured_tok_s"]}
+
+
 def stage_errors(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per stage over the configurations that scored it: MAPE, mean signed error (the bias)
     and count. `rows` are the tidy stage rows (stage, error_pct)."""
@@ -283,6 +309,7 @@ def summarize(rows: list[dict[str, Any]], stage_rows: list[dict[str, Any]],
                                                 "throughput_error_pct", "bottleneck")},
         "optimizer_gap_pct": gap,
         "optimizer": optimizer,
+        "optimizer_twin": optimizer_twin(rows),
         "mem_max_abs_pct_error": max(mem) if mem else math.nan,
         "gpu_mem_max_abs_pct_error": _max_abs(ran, "gpu_mem_error_pct"),
         "cpu_mem_max_abs_pct_error": _max_abs(ran, "cpu_mem_error_pct"),
@@ -870,6 +897,11 @@ def validate_command(
                   f"{summary['worst_abs_pct_error']:.1f}% ({summary['worst_config']['config']}); "
                   f"optimizer gap {summary['optimizer_gap_pct']:+.1f}%; memory max error "
                   f"{summary['mem_max_abs_pct_error']:.1f}%")
+    twin = summary["optimizer_twin"]
+    if twin is not None:
+        console.print(f"the optimizer's policy is the grid's {twin['config']}: the same policy "
+                      f"measured {twin['spread_pct']:+.1f}% apart in the two runs, which the gap "
+                      "includes")
     moved = summary["drift"]
     if moved is not None and moved["max_pct"] > DRIFT_WARN_PCT:
         console.print(f"[yellow]warning:[/] {moved['config']} measured again at the end moved "

@@ -20,6 +20,7 @@ from hrm.validate import (
     ValidationError,
     drift,
     optimizer_gap_pct,
+    optimizer_twin,
     pct_error,
     scaled_gpu_cap_bytes,
     select_configs,
@@ -46,6 +47,7 @@ def _row(name: str, pred: float, meas: float, role: str = "grid", prompt: int = 
          gen: int = 16, gpu_err: float = 1.0, cpu_err: float = math.nan) -> dict:
     return {"config": name, "role": role, "ran": True, "batch_size": 8, "micro_batch_size": 4,
             "attn_decode_device": "cpu", "weights_gpu_fraction": 0.0, "schedule": "cgopipe",
+            "expert_kernel": "loop",
             "prompt_len": prompt, "gen_len": gen, "predicted_tok_s": pred,
             "measured_tok_s": meas, "throughput_error_pct": pct_error(pred, meas),
             "bottleneck": "link", "gpu_mem_error_pct": gpu_err, "cpu_mem_error_pct": cpu_err}
@@ -65,6 +67,18 @@ def test_summary_mape_worst_gap_memory() -> None:
     assert s["mem_max_abs_pct_error"] == pytest.approx(7.0)
     assert s["meets_targets"]["mem_max_abs_pct_error"] is False
     assert s["model"] == "m"
+
+
+def test_optimizer_twin_is_the_grid_point_with_the_same_policy() -> None:
+    """Where the optimizer picked a grid point's policy and workload, the gap holds the two
+    runs' spread, and the summary names the twin."""
+    rows = [_row("a", 105.0, 100.0), _row("b", 80.0, 104.0, prompt=512),
+            {**_row("optimizer", 105.0, 96.0, role="optimizer"), "weights_gpu_fraction": 1e-12}]
+    twin = optimizer_twin(rows)
+    assert twin["config"] == "a" and twin["spread_pct"] == pytest.approx(4.0)
+    rows[-1]["micro_batch_size"] = 2                  # another policy: no twin
+    assert optimizer_twin(rows) is None
+    assert optimizer_twin(rows[:2]) is None           # no optimizer row
 
 
 def test_summary_without_runs_is_an_error() -> None:

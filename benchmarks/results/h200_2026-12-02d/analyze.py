@@ -17,6 +17,8 @@ Run from the repository root:
 5. Call 4's grid (profiled and run at a1250e2, the change's test): as run; with the model before
    the change (475b28a, in a temporary git worktree, same profile); at HEAD with the profile's
    executor calibration left out (the microbenchmark's factors).
+6. The optimizer check on every full grid of 2026-12-02 with the expert kernel column: where the
+   optimizer's policy is a grid point (hrm.validate.optimizer_twin), the two runs' spread.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import pandas as pd  # noqa: E402
 
 from benchmarks.repredict_grid import repredict  # noqa: E402
 from hrm.hardware import load_profile  # noqa: E402
+from hrm.validate import optimizer_twin  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 GPU_ATTENTION = ("attn=gpu", "N=64,attn=gpu", "N=1024,attn=gpu", "schedule=layerwise",
@@ -175,6 +178,20 @@ def call4_test() -> None:
           + "".join(f"{v['within_5pct']:24d}" for v in variants.values()))
 
 
+def optimizer_twins() -> None:
+    print("6. the optimizer's policy as a grid point: the same policy's two runs")
+    for grid in sorted(HERE.parent.glob("h200_2026-12-02*/call*/validate/validation_configs.csv")):
+        rows = pd.read_csv(grid).to_dict("records")
+        if "expert_kernel" not in rows[0] or not any(r["role"] == "optimizer" for r in rows):
+            continue
+        gap = json.loads((grid.parent / "validation_summary.json").read_text())[
+            "optimizer_gap_pct"]
+        twin = optimizer_twin(rows)
+        where = grid.parent.parent.relative_to(HERE.parent)
+        print(f"  {str(where):26s} gap {gap:+5.1f}%  " + (
+            f"twin {twin['config']}: spread {twin['spread_pct']:+5.1f}%" if twin else "no twin"))
+
+
 if __name__ == "__main__":
     pd.set_option("display.width", 200)
     diag_gather()
@@ -182,3 +199,4 @@ if __name__ == "__main__":
     call1_repredicted()
     call3_disturbance()
     call4_test()
+    optimizer_twins()
