@@ -17,7 +17,8 @@ Run from the repository root:
 5. Call 4's grid (profiled and run at a1250e2, the change's test): as run; with the model before
    the change (475b28a, in a temporary git worktree, same profile); at HEAD with the profile's
    executor calibration left out (the microbenchmark's factors).
-6. The optimizer check on every full grid of 2026-12-02 with the expert kernel column: where the
+6. The optimizer check on every grid of 2026-12-02 with the expert kernel column (call 3 of
+   2026-12-02c ran 7 configurations, the others the full grid): where the
    optimizer's policy is a grid point (hrm.validate.optimizer_twin), the two runs' spread.
 """
 
