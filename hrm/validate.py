@@ -10,7 +10,9 @@ and the summary reports over the grid
 
     throughput MAPE = mean_c |e_c(tokens/s)|,  the worst configuration, per-stage errors,
     optimizer gap   = 100 (best measured in the grid - measured(optimizer's policy)) / best
-                      (<= 3 is the target; negative: the optimizer beat every grid point),
+                      (<= 3 is the target; negative: the optimizer beat every grid point;
+                      where its policy is a grid point, `optimizer_twin` gives the two runs'
+                      spread, which the gap includes),
     memory error    = max_c |e_c(peak GPU bytes)|, |e_c(peak CPU bytes)|  (<= 5 is the target).
 
 Stage errors compare busy time per decoder layer during decode (the executor's tracer: union of
