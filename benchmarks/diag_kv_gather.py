@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from executor.kv_cache import KVCache  # noqa: E402
 from executor.weights import read_model  # noqa: E402
 from hrm.io import write_json_atomic  # noqa: E402
+from hrm.roofline import whole_block_tokens  # noqa: E402
 
 
 def measure(caches: list[KVCache], batch: int, length: int, device: torch.device, reps: int
@@ -78,10 +79,9 @@ def main() -> None:
     for c in caches:
         for t in c.k[0] + c.v[0]:
             t.normal_()
-    T = caches[0].block_tokens
     per_token = 2 * spec.num_kv_heads * spec.head_dim * 2
     held_bytes = args.batch * length * per_token
-    copied_bytes = args.batch * (-(-length // T)) * T * per_token
+    copied_bytes = args.batch * whole_block_tokens(length) * per_token
     res = measure(caches, args.batch, length, device, args.reps)
     med = {k: statistics.median(v) for k, v in res.items()}
     row = {"median_s": med, "samples_s": res,

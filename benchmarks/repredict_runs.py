@@ -27,10 +27,11 @@ sys.path.insert(0, str(ROOT))
 from executor.scheduler import simulate  # noqa: E402
 from executor.weights import read_model  # noqa: E402
 from hrm.continuous import pass_model, predict_passes  # noqa: E402
-from hrm.cost import KV_BLOCK_TOKENS, predict  # noqa: E402
+from hrm.cost import predict  # noqa: E402
 from hrm.hardware import load_profile  # noqa: E402
 from hrm.io import write_json_atomic  # noqa: E402
 from hrm.policy import Policy  # noqa: E402
+from hrm.roofline import KV_BLOCK_TOKENS  # noqa: E402
 from hrm.units import GiB  # noqa: E402
 from hrm.validate import pct_error  # noqa: E402
 from hrm.workload import Workload, synthetic_workload  # noqa: E402

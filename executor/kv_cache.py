@@ -20,9 +20,9 @@ import torch
 
 from executor.kernels import cpu_decode_attention_paged
 from executor.schedule import index_tensor
-from hrm.cost import KV_BLOCK_TOKENS
 from hrm.errors import InfeasibleError
 from hrm.model import ModelSpec
+from hrm.roofline import KV_BLOCK_TOKENS
 from hrm.units import fmt_bytes
 
 BLOCK_TOKENS = KV_BLOCK_TOKENS
@@ -130,8 +130,9 @@ class KVCache:
 
     def gather(self, layer: int, slots: slice, length: int, device: torch.device
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`gather_host`, on `device`: a CPU cache bound for a GPU is gathered into pinned memory
-        and crosses the link in one asynchronous copy per tensor (on the current stream)."""
-        staged = self.k[layer][0].device.type == "cpu" and device.type == "cuda"
-        k, v = self.gather_host(layer, slots, length, pinned=staged)
-        return k.to(device, non_blocking=staged), v.to(device, non_blocking=staged)
+        """`gather_host` on `device`: for a cache already there (a GPU cache, or the CPU
+        stand-in's), no copy. A CPU cache bound for a GPU goes through
+        `gather_host(pinned=True)` and an asynchronous DMA instead (executor/engine.py
+        `_gather_with_new_token`), which the trace times apart."""
+        k, v = self.gather_host(layer, slots, length, pinned=False)
+        return k.to(device), v.to(device)

@@ -46,7 +46,6 @@ from typing import Any
 from hrm.cost import (
     BOTTLENECK_NAMES,
     GPU_USABLE_FRACTION,
-    KV_BLOCK_TOKENS,
     Affine,
     CostTerms,
     affine_sum,
@@ -64,7 +63,7 @@ from hrm.hardware import HardwareProfile
 from hrm.model import ModelSpec
 from hrm.optimize import MICRO_BATCH_SIZES
 from hrm.policy import Policy
-from hrm.roofline import head_operators, layer_operators
+from hrm.roofline import KV_BLOCK_TOKENS, head_operators, layer_operators
 from hrm.units import GiB, fmt_bytes
 from hrm.workload import Workload
 

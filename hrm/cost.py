@@ -18,7 +18,7 @@ Each stage of one decoder layer (for the whole batch) is a sum over the operator
                 f_h) + (1 - r_c) 2 KV_g / B_pinned in cgopipe (the KV's DMA is queued on the
                 compute stream, which waits for it, and shares the link with the weight pages'
                 stream: STREAMS_SHARING_THE_LINK); KV_g = N ceil(ctx / T) T kv_token, the whole
-                blocks the gather copies (roofline.kv_gathered_tokens)
+                blocks the gather copies (roofline.whole_block_tokens)
     CPU attn    t = max(F / P_c, t_kv(KV bytes)), t_kv from curve 'cpu_attention', else B / BW_c
                 (+ 2 o_l / BW_c: the copy thread's DRAM read+write shares the bus, MoE-Lens Eq. 5)
     H2D         t = (1 - r_w) W_e / B_pinned + activations; B_pinned the bulk pinned rate (pages
@@ -82,7 +82,6 @@ from hrm.roofline import (
     ACT_DTYPE,
     COMPUTE_DTYPE,
     HANDOFF_OP,
-    KV_BLOCK_TOKENS,
     LOGIT_BYTES,
     Operator,
     attn_out_elements_per_token,
@@ -90,6 +89,7 @@ from hrm.roofline import (
     kv_bytes_per_token_layer,
     layer_operators,
     qkv_elements_per_token,
+    whole_block_tokens,
 )
 from hrm.units import GiB, dtype_bytes, fmt_bytes
 from hrm.workload import Workload
@@ -616,7 +616,7 @@ def _memory_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
     routed_bytes = model.routed_expert_bytes(policy.weight_dtype)
     layer_bytes = model.routed_expert_bytes_per_layer(policy.weight_dtype)
     kv_token_layer = kv_bytes_per_token_layer(model, policy.kv_dtype)
-    kv_tokens = math.ceil(workload.max_seq_len / KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS
+    kv_tokens = whole_block_tokens(workload.max_seq_len)
     kv_bytes = n * kv_tokens * model.kv_bytes_per_token(policy.kv_dtype)
     qkv, out = qkv_elements_per_token(model), attn_out_elements_per_token(model)
     widest_ffn = max(2 * model.expert_intermediate_size * k, 2 * model.shared_intermediate_size,

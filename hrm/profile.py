@@ -65,7 +65,7 @@ from hrm.hardware import (
 )
 from hrm.io import write_json_atomic
 from hrm.model import ModelSpec, load_model_spec
-from hrm.roofline import kv_gathered_tokens
+from hrm.roofline import whole_block_tokens
 from hrm.units import GiB, KiB, MiB, dtype_bytes, fmt_bytes
 
 STANDIN_NOTE = "no CUDA: GPU tier measured on the CPU stand-in"
@@ -621,14 +621,14 @@ def kv_gather(spec: ModelSpec, reps: int, threads: int, cold_bytes: float,
     DMA the model times on the link), on `threads` torch threads (the executor's,
     executor.schedule.compute_threads), the KV read from DRAM (`cold_bytes` of caches in
     rotation). The contexts are of one length, as a batch of equal prompts; the bytes are those
-    copied, whole blocks (hrm.roofline.kv_gathered_tokens). The model's 'kv_gather' term."""
+    copied, whole blocks (hrm.roofline.whole_block_tokens). The model's 'kv_gather' term."""
     import torch
 
     batch, context = call
     lens = [context] * batch
     caches, _ = _cold_kv_caches(spec, lens, "bf16", cold_bytes)
     copied_bytes = 2.0 * spec.num_kv_heads * spec.head_dim * dtype_bytes("bf16") * batch * \
-        kv_gathered_tokens(context)
+        whole_block_tokens(context)
     turn = itertools.cycle(caches)
     with torch_threads(threads):
         times = time_calls(lambda: next(turn).gather_host(0, slice(0, batch), context, True),

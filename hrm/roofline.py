@@ -182,11 +182,12 @@ def kv_bytes_per_token_layer(model: ModelSpec, kv_dtype: str) -> float:
     return model.kv_elements_per_token_per_layer() * dtype_bytes(kv_dtype)
 
 
-def kv_gathered_tokens(context_len: float) -> float:
-    """Positions per sequence that the KV gather for GPU attention copies and sends: whole
-    KV_BLOCK_TOKENS blocks up to the one the context reaches, ceil(ctx / T) T
-    (executor.kv_cache.KVCache.gather_host copies every row of a micro-batch to its last block)."""
-    return math.ceil(context_len / KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS
+def whole_block_tokens(tokens: float) -> float:
+    """`tokens` rounded up to whole KV_BLOCK_TOKENS blocks, ceil(tokens / T) T: the positions a
+    sequence's KV takes in the block cache (executor/kv_cache.py), and those the KV gather for
+    GPU attention copies and sends for a context of `tokens` (KVCache.gather_host copies every
+    row of a micro-batch to its last block)."""
+    return math.ceil(tokens / KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS
 
 
 def _gemm(name: str, model_params: float, tokens_per_ub: float, num_ub: int,
@@ -297,7 +298,7 @@ def layer_operators(model: ModelSpec, *, micro_batch_size: int, num_micro_batche
     elif phase == "decode":
         # FlexGen S4: the CPU-resident KV comes to the GPU (gathered into pinned memory on the
         # host, then one DMA), whole blocks; the new token's entry goes back
-        gathered_bytes = mu * n_ub * kv_gathered_tokens(context_len) * kv_token
+        gathered_bytes = mu * n_ub * whole_block_tokens(context_len) * kv_token
         ops.append(_transfer("kv_gather", "h2d", gathered_bytes, n_ub))
         ops.append(_transfer("kv_h2d", "h2d", gathered_bytes, n_ub))
         ops.append(_transfer("kv_append_d2h", "d2h", tokens * kv_token, n_ub))

@@ -261,11 +261,14 @@ def drift(rows: list[dict[str, Any]], stage_rows: list[dict[str, Any]]
     """The grid's first configuration measured again at the end (role 'repeat') against its
     first measurement: ratios (repeat / first) of its throughput and of each stage's busy time
     per layer (stages of at least DRIFT_MIN_STAGE_SHARE of the layer), and the largest
-    |ratio - 1| in percent; None without a repeat that ran."""
+    |ratio - 1| in percent; None unless both runs ran."""
     again = next((r for r in rows if r["role"] == "repeat" and r["ran"]), None)
     if again is None:
         return None
-    first = next(r for r in rows if r["role"] == "grid" and r["config"] == again["config"])
+    first = next((r for r in rows if r["role"] == "grid" and r["config"] == again["config"]
+                  and r["ran"]), None)
+    if first is None:
+        return None
 
     def busy(role: str) -> dict[str, float]:
         return {r["stage"]: r["measured_s"] for r in stage_rows
@@ -793,7 +796,8 @@ def validate_command(
         "(repeatable; base's is always kept), as validation_trace_<config>.json"),
     drift_check: bool = typer.Option(
         True, "--drift-check/--no-drift-check", help="measure the first configuration again at "
-        "the end and warn where it moved by more than 15% (the machine changed during the grid)"),
+        f"the end and warn where it moved by more than {DRIFT_WARN_PCT:g}% (the machine changed "
+        "during the grid)"),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:

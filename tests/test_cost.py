@@ -323,14 +323,14 @@ def test_gpu_attention_over_the_cpu_cache_gathers_on_the_host_then_shares_the_li
     rate: on the link in cgopipe, where the compute stream also waits for it at the half of the
     link the weight pages leave it, and waited for by the compute in the serial schedules."""
     from hrm.cost import STREAMS_SHARING_THE_LINK
-    from hrm.roofline import kv_gathered_tokens
+    from hrm.roofline import whole_block_tokens
 
     hw = load_profile("h200-machine")
     cpu_kv = Policy(batch_size=512, micro_batch_size=128, attn_decode_device="gpu",
                     schedule=schedule)
     gpu_kv = replace(cpu_kv, kv_gpu_fraction=1.0)
     a, b = predict(MIXTRAL, hw, WORK, cpu_kv), predict(MIXTRAL, hw, WORK, gpu_kv)
-    blocks = kv_gathered_tokens(WORK.mean_decode_context)
+    blocks = whole_block_tokens(WORK.mean_decode_context)
     assert blocks % 64 == 0 and WORK.mean_decode_context <= blocks < WORK.mean_decode_context + 64
     kv = 512 * blocks * kv_bytes_per_token_layer(MIXTRAL, "bf16")
     assert hw.link.kv_gather_bps > 0   # measured (KVCache.gather_host), else the memcpy rate

@@ -114,6 +114,8 @@ def test_drift_compares_the_repeat_with_the_first_measurement() -> None:
     s = summarize(rows, [], None, {})
     assert s["n_configs"] == 2 and s["throughput_mape"] == pytest.approx(5.0)
     assert drift(rows[:2], []) is None                # no repeat, no drift
+    first_failed = [{**rows[0], "ran": False}, *rows[1:]]
+    assert drift(first_failed, []) is None            # nothing to compare the repeat with
 
 
 def test_stage_errors_skip_unscored() -> None:
