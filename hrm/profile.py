@@ -803,6 +803,9 @@ def interference(stages: list[Stage], window_s: float,
 #: (benchmarks/results/h200_2026-12-02c/README.md); later grids are its test
 CALIBRATION = {"model": "mixtral-8x7b", "layers": 2, "batch_size": 256, "micro_batch_size": 16,
                "prompt_len": 96, "gen_len": 8}
+#: runs of the calibration, each warmed up, whose median layer sets interference.pipeline: one
+#: run's factor moved 1.41-2.04x between grids of one lease (H200 machine, 2026-12-02d)
+CALIBRATION_RUNS = 3
 
 
 def calibration_case(calibration: dict[str, Any]) -> tuple[Any, Any]:
@@ -817,12 +820,13 @@ def calibration_case(calibration: dict[str, Any]) -> tuple[Any, Any]:
     return policy, Workload(c["batch_size"], c["prompt_len"], c["gen_len"])
 
 
-def pipeline_calibration(device: str, calibration: dict[str, Any] = CALIBRATION
-                         ) -> Measurement:
+def pipeline_calibration(device: str, calibration: dict[str, Any] = CALIBRATION,
+                         runs: int = CALIBRATION_RUNS) -> Measurement:
     """The executor's own CGOPipe decode on `calibration` (random bf16 weights at the model's
-    shapes, as hrm validate runs it: hrm.validate.measure, warmed up): seconds per decode layer,
-    with the busy time of its GPU, link and CPU-attention tracks. build_profile divides the layer
-    by the model's solo GPU stage (hrm.cost.gpu_stage_solo_s) for interference.pipeline."""
+    shapes, as hrm validate runs it: hrm.validate.measure, warmed up), `runs` times on one
+    loaded model: seconds per decode layer of each run, with the busy time of its GPU, link and
+    CPU-attention tracks in the median run. build_profile divides the median layer by the
+    model's solo GPU stage (hrm.cost.gpu_stage_solo_s) for interference.pipeline."""
     import tempfile
 
     import torch
@@ -835,13 +839,14 @@ def pipeline_calibration(device: str, calibration: dict[str, Any] = CALIBRATION
     with tempfile.TemporaryDirectory() as tmp:
         model = _truncated_config(c["model"], c["layers"], Path(tmp) / "calibration.json")
         shared = SharedModel(model, torch.device(device), math.inf, seed=0)
-        result = measure(shared, Config("calibration", policy, workload), math.inf, math.inf,
-                         seed=0)
+        results = [measure(shared, Config("calibration", policy, workload), math.inf, math.inf,
+                           seed=0) for _ in range(runs)]
     del shared
-    busy = result["busy_per_layer_s"]
+    layers_s = [r["measured_layer_s"] for r in results]
+    busy = results[layers_s.index(statistics.median_low(layers_s))]["busy_per_layer_s"]
     return Measurement("pipeline_gpu", {**c, **{f"{track}_busy_s": busy.get(track, 0.0)
                                                 for track in ("gpu", "h2d", "cpu_attention")}},
-                       x=1, work=1.0, unit="layer/s", times_s=(result["measured_layer_s"],))
+                       x=1, work=1.0, unit="layer/s", times_s=tuple(layers_s))
 
 
 def _calibration_if_it_runs(device: str) -> list[Measurement]:
@@ -1471,6 +1476,8 @@ def _with_pipeline_factor(profile: HardwareProfile, run: Measurement, date: str
         f"layers, N={p['batch_size']} in micro-batches of {p['micro_batch_size']}, "
         f"{p['prompt_len']}-token prompts, {p['gen_len']} tokens, per-expert loop, CPU "
         f"attention; hrm.profile.CALIBRATION) took {layer_s * 1e3:.1f} ms per decode layer "
+        f"(median of {len(run.times_s)} runs: "
+        f"{', '.join(f'{t * 1e3:.1f}' for t in run.times_s)} ms) "
         f"against {solo_s * 1e3:.1f} ms of solo GPU stage (kernels + host work); ratio "
         f"{factor:.3f}" + (f"; the link was busy {p['h2d_busy_s'] / layer_s:.0%} of the layer, "
                            "so this is a lower bound" if link_bound else ""))}

@@ -390,8 +390,8 @@ def test_pipeline_calibration_measures_the_executor_and_sets_the_gpu_factor() ->
 
     cal = {"model": "tiny-mixtral", "layers": 2, "batch_size": 8, "micro_batch_size": 2,
            "prompt_len": 8, "gen_len": 3}
-    run = pipeline_calibration("cpu", cal)
-    assert run.bench == "pipeline_gpu" and run.median_s > 0
+    run = pipeline_calibration("cpu", cal, runs=2)
+    assert run.bench == "pipeline_gpu" and len(run.times_s) == 2 and min(run.times_s) > 0
     hw = load_profile("t4")
     calibrated = _with_pipeline_factor(hw, run, "today")
     spec = dataclasses.replace(load_model_spec("tiny-mixtral"), num_layers=2)
@@ -400,7 +400,8 @@ def test_pipeline_calibration_measures_the_executor_and_sets_the_gpu_factor() ->
     assert calibrated.interference.pipeline == pytest.approx(run.median_s / solo)
     assert gpu_factors(calibrated) == (calibrated.interference.pipeline,) * 2
     assert gpu_factors(hw) == (hw.interference.gpu, hw.interference.launch or hw.interference.gpu)
-    assert "executor's CGOPipe decode" in calibrated.sources["interference.pipeline"]
+    source = calibrated.sources["interference.pipeline"]
+    assert "executor's CGOPipe decode" in source and "median of 2 runs" in source
 
 
 def test_a_machine_that_cannot_run_the_calibration_keeps_the_benchmark_factors(

@@ -22,6 +22,8 @@ from hrm.validate import (
     optimizer_gap_pct,
     optimizer_twin,
     pct_error,
+    pooled_optimizer_gap,
+    rerun_rows,
     scaled_gpu_cap_bytes,
     select_configs,
     stage_errors,
@@ -79,6 +81,39 @@ def test_optimizer_twin_is_the_grid_point_with_the_same_policy() -> None:
     rows[-1]["micro_batch_size"] = 2                  # another policy: no twin
     assert optimizer_twin(rows) is None
     assert optimizer_twin(rows[:2]) is None           # no optimizer row
+
+
+def test_reruns_are_the_optimizer_and_the_best_other_policies_of_its_workload() -> None:
+    rows = [_row("a", 1.0, 100.0), {**_row("a2", 1.0, 99.0), "config": "a2"},
+            _row("b", 1.0, 98.0), _row("c", 1.0, 300.0, prompt=512),     # another workload
+            {**_row("d", 1.0, 500.0), "ran": False}, _row("e", 1.0, 90.0),
+            {**_row("optimizer", 1.0, 95.0, role="optimizer"), "micro_batch_size": 2}]
+    rows[2]["micro_batch_size"] = 8        # b: another policy; a2 is a's policy
+    rows[5]["micro_batch_size"] = 1
+    picked = rerun_rows(rows, 2)
+    assert [r["config"] for r in picked] == ["optimizer", "a", "b"]
+    assert [r["config"] for r in rerun_rows(rows, 5)] == ["optimizer", "a", "b", "e"]
+    assert rerun_rows(rows[:-1], 2) == []                                # no optimizer run
+
+
+def test_pooled_gap_takes_each_policys_mean() -> None:
+    """Single runs: the optimizer 4% behind a; with one rerun each, their means are 1.5% apart,
+    and a policy measured once (b) competes with its one run."""
+    opt = {**_row("optimizer", 1.0, 96.0, role="optimizer"), "micro_batch_size": 2}
+    rows = [_row("a", 1.0, 100.0), {**_row("b", 1.0, 97.0), "micro_batch_size": 8}, opt]
+    assert pooled_optimizer_gap(rows) is None                            # no rerun yet
+    rows += [{**opt, "role": "rerun", "measured_tok_s": 101.0}, _row("a", 1.0, 99.0, "rerun")]
+    pooled = pooled_optimizer_gap(rows)
+    assert pooled["optimizer_mean_tok_s"] == pytest.approx(98.5)
+    assert pooled["best_config"] == "a" and pooled["best_mean_tok_s"] == pytest.approx(99.5)
+    assert pooled["gap_pct"] == pytest.approx(100 * (99.5 - 98.5) / 99.5)
+    assert pooled["runs_per_policy"] == {"a": [100.0, 99.0], "b": [97.0],
+                                         "optimizer": [96.0, 101.0]}
+    s = summarize(rows, [], {"ran": True, "prompt_len": 128, "gen_len": 16,
+                             "measured_tok_s": 96.0}, {})
+    assert s["optimizer_gap_pct"] == pytest.approx(pooled["gap_pct"])
+    assert s["optimizer_gap_single_run_pct"] == pytest.approx(4.0)
+    assert s["n_configs"] == 2                                           # reruns not scored
 
 
 def test_summary_without_runs_is_an_error() -> None:
@@ -272,6 +307,12 @@ def test_quick_run_writes_consistent_results(quick_run) -> None:
     assert len(grid) == len(QUICK.configs())
     assert summary["n_configs"] + summary["n_not_run"] == len(grid)
     assert (configs["role"] == "optimizer").sum() == 1
+    # the optimizer's policy and the two best others measured again (default --reruns 2)
+    reruns = configs[configs["role"] == "rerun"]
+    assert reruns["config"].iloc[0] == "optimizer" and 2 <= len(reruns) <= 3
+    pooled = summary["optimizer_gap_pooled"]
+    assert summary["optimizer_gap_pct"] == pytest.approx(pooled["gap_pct"])
+    assert len(pooled["runs_per_policy"][pooled["best_config"]]) >= 1
     # the first configuration again at the end, for the drift check, not scored
     repeat = configs[configs["role"] == "repeat"]
     assert list(repeat["config"]) == [grid["config"].iloc[0]]
