@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gzip
 import json
 import statistics
 import sys
@@ -32,12 +33,12 @@ OLD_OPS = (41, 3, 27, 19)   # OPS_ATTENTION_IN, _OUT, OPS_MOE_ROUTING, OPS_PER_E
 
 
 def events(path: Path) -> tuple[list[dict], list[list[float]]]:
-    doc = json.loads(path.read_text())
+    doc = json.loads(gzip.decompress(path.read_bytes()))
     return [e for e in doc["traceEvents"] if e.get("ph") == "X"], doc["decode_windows_s"]
 
 
 def launcher_spans() -> None:
-    ev, _ = events(HERE / "call1/validate/validation_trace_N=1024.json")
+    ev, _ = events(HERE / "call1/validate/validation_trace_N=1024.json.gz")
     spans = [e for e in ev if e["tid"] == "launcher"]
     for name in ("launch_pre", "handoff_send", "attn_wait", "handoff_receive", "launch_post"):
         durs = [e["dur"] for e in spans if e["name"] == name]
@@ -76,7 +77,7 @@ def launcher_over_model() -> None:
 
 def prefill_gaps() -> None:
     for call in ("call2", "call3"):
-        ev, windows = events(HERE / call / "validate/validation_trace_n_ub=16.json")
+        ev, windows = events(HERE / call / "validate/validation_trace_n_ub=16.json.gz")
         gpu = sorted((e for e in ev if e["tid"] == "gpu" and e["ts"] < windows[0][0] * 1e6),
                      key=lambda e: e["ts"])
         gaps = [b["ts"] - (a["ts"] + a["dur"]) for a, b in zip(gpu, gpu[1:], strict=False)]
