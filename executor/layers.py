@@ -163,11 +163,11 @@ def host_list(t: torch.Tensor) -> list:
     to pinned memory and the wait is an event's, with the GIL released."""
     if t.device.type != "cuda":
         return t.tolist()
+    from executor.schedule import host_wait, record  # schedule imports this module
+
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-    done.synchronize()
+    host_wait(record(torch.cuda.current_stream(t.device)))
     return host.tolist()
 
 

@@ -47,6 +47,12 @@ WEIGHT_BYTES_IN_FLIGHT = 64 * 2**20
 #: event (the copy thread refilling the weight queue, the worker starting attention) waits up to
 #: this long for the GIL, which the main thread holds while it launches kernels
 SWITCH_INTERVAL_S = 0.0005
+#: how a thread waits for a CUDA event: "spin" (CUDA's default for one context: the waiting
+#: thread busy-polls a core) or "sleep" (cudaEventBlockingSync: it sleeps until the event fires,
+#: leaving the core to CPU attention's OpenMP threads); MOE_LIGHTNING_HOST_WAIT overrides it
+HOST_WAIT = os.environ.get("MOE_LIGHTNING_HOST_WAIT", "spin")
+if HOST_WAIT not in ("spin", "sleep"):
+    raise ValueError(f"MOE_LIGHTNING_HOST_WAIT={HOST_WAIT!r}: expected spin or sleep")
 
 
 class Streams:
@@ -69,7 +75,7 @@ def record(stream: Any) -> Any:
     """An event marking all work queued so far on `stream` (None on the CPU)."""
     if stream is None:
         return None
-    event = torch.cuda.Event()
+    event = torch.cuda.Event(blocking=HOST_WAIT == "sleep")
     event.record(stream)
     return event
 
