@@ -31,11 +31,12 @@ NAME=${NAME:-h200-machine}
 LAYERS=${LAYERS:-4}
 PROFILE=${PROFILE:-$W/$NAME.toml}
 mkdir -p "$W"
-{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc;
+{ date -u; lscpu; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc;
   free -g; git rev-parse HEAD; python3 -c 'import torch; print(torch.__version__, torch.version.cuda)'
 } > "$W/machine.txt" 2>&1
 for step in ${STEPS:-profile validate attention}; do
   echo "== $step $(date -u +%T)"
+  grep '^cpu ' /proc/stat | sed "s/^/$step before: /" >> "$W/steal.log"  # steal: 8th number
   case $step in
     profile) timeout "${T_PROFILE:-220}" python3 -m hrm.cli profile -o "$W/$NAME.toml" \
                --name "$NAME" --pin-probe-gib "${PIN_PROBE_GIB:-72}" --raw-json "$W/profile_raw.json" \
@@ -57,6 +58,7 @@ for step in ${STEPS:-profile validate attention}; do
     *) echo "unknown step $step" ;;
   esac
   echo "   exit $? $(date -u +%T)"
+  grep '^cpu ' /proc/stat | sed "s/^/$step after: /" >> "$W/steal.log"
 done
 if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/$(basename "$W").tgz" -C "$(dirname "$W")" "$(basename "$W")"

@@ -51,6 +51,11 @@ first configuration is measured again at the end (role 'repeat', not scored), an
 DRIFT_WARN_PCT the command warns that the errors measure the machine's change as well as the
 model.
 
+CPU steal. On a virtual machine the hypervisor can take the CPUs for other guests; /proc/stat
+counts that time (steal). Each configuration's row has `cpu_steal_pct`, the steal over all CPUs'
+time during its generation, and the summary's `cpu_steal` names the configurations above
+STEAL_WARN_PCT, with the MAPE of the others beside the whole grid's (which stays the headline).
+
 The data the profile was fitted to (`hrm profile`: microbenchmarks of GEMMs, copies and CPU
 attention, and one short executor run at a shape that is not a grid point,
 hrm.profile.CALIBRATION) and the data validated here (end-to-end executor runs of the grid) are
@@ -343,6 +348,29 @@ def drift(rows: list[dict[str, Any]], stage_rows: list[dict[str, Any]]
             "max_pct": 100.0 * abs(ratios[worst] - 1.0), "warn_pct": DRIFT_WARN_PCT}
 
 
+#: a configuration during whose generation the hypervisor took more than this share of the
+#: CPUs' time (steal, %) ran on a machine shared with its neighbours. H200 machine, 2026-12-02
+#: (benchmarks/results/h200_2026-12-02e/): four runs of the same 8 configurations on one lease
+#: had 0.03-0.18% steal and the fourth 2.2%, in which N=1024 measured 1,962 tokens/s against
+#: 3,067-3,915 in the other three
+STEAL_WARN_PCT = 0.5
+
+
+def steal_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The grid configurations that ran with more than STEAL_WARN_PCT CPU steal, the largest
+    steal, and the throughput MAPE of the others (the model against the machine it was
+    profiled on, not against its neighbours); None where steal was not measured."""
+    ran = [r for r in rows if r["ran"] and r["role"] == "grid"
+           and math.isfinite(r.get("cpu_steal_pct", math.nan))]
+    if not ran:
+        return None
+    stolen = [r["config"] for r in ran if r["cpu_steal_pct"] > STEAL_WARN_PCT]
+    calm = [abs(r["throughput_error_pct"]) for r in ran if r["config"] not in stolen]
+    return {"max_pct": max(r["cpu_steal_pct"] for r in ran), "warn_pct": STEAL_WARN_PCT,
+            "configs_over_warn": stolen,
+            "throughput_mape_without_them": statistics.fmean(calm) if calm else math.nan}
+
+
 def summarize(rows: list[dict[str, Any]], stage_rows: list[dict[str, Any]],
               optimizer: dict[str, Any] | None, meta: dict[str, Any]) -> dict[str, Any]:
     """The JSON summary from the tidy configuration rows (those that ran) and stage rows."""
@@ -382,6 +410,7 @@ def summarize(rows: list[dict[str, Any]], stage_rows: list[dict[str, Any]],
         "stage_errors": stage_errors([r for r in stage_rows
                                       if r["role"] not in ("repeat", "rerun")]),
         "drift": drift(rows, stage_rows),
+        "cpu_steal": steal_summary(rows),
         "targets": {"throughput_mape": THROUGHPUT_MAPE_TARGET_PCT,
                     "worst_abs_pct_error": WORST_CONFIG_TARGET_PCT,
                     "optimizer_gap_pct": OPTIMIZER_GAP_TARGET_PCT,
@@ -420,6 +449,26 @@ def scaled_gpu_cap_bytes(full: ModelSpec, truncated: ModelSpec, hw: HardwareProf
 
 
 # ---- measurement -------------------------------------------------------------------------------
+def cpu_jiffies() -> tuple[int, int] | None:
+    """(steal, total) CPU time of all CPUs so far, in clock ticks, from /proc/stat's first line
+    (Linux; None elsewhere). Steal is the time a virtual machine's CPUs were ready to run and
+    the hypervisor ran something else."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice: inside user and nice]
+    return (fields[7], sum(fields[:8])) if len(fields) >= 8 else None
+
+
+def steal_pct(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float:
+    """100 x steal / all CPU time between two `cpu_jiffies` readings; NaN where unknown."""
+    if before is None or after is None or after[1] <= before[1]:
+        return math.nan
+    return 100.0 * (after[0] - before[0]) / (after[1] - before[1])
+
+
 def proc_status_bytes(field: str) -> int | None:
     """A memory field of /proc/self/status (bytes), None where the kernel does not report it."""
     match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
@@ -559,8 +608,10 @@ def measure(shared: SharedModel, config: Config, gpu_limit_bytes: float,
     rss_before = reset_peak_rss()
     engine, weights, prompts = warmed_up_engine(shared, config, gpu_limit_bytes,
                                                 cpu_limit_bytes, seed)
+    jiffies = cpu_jiffies()
     with gpu_oom_is_infeasible():
         gen = engine.generate(prompts, wl.gen_len)
+    stolen_pct = steal_pct(jiffies, cpu_jiffies())
     streamed = sum(t.numel() * t.element_size() for t in weights.experts.cpu)
     peak_rss = proc_status_bytes("VmHWM") if rss_before is not None else None
     if cuda:
@@ -578,6 +629,7 @@ def measure(shared: SharedModel, config: Config, gpu_limit_bytes: float,
               "measured_gpu_mem_bytes": float(peak_gpu),
               "measured_cpu_mem_bytes": float(peak_cpu),
               "realized_weights_gpu_fraction": weights.experts.realized_gpu_fraction(),
+              "cpu_steal_pct": stolen_pct,
               "spans": gen.spans, "decode_windows": gen.decode_windows}
     del engine, weights, gen
     return result
@@ -989,6 +1041,14 @@ def validate_command(
         console.print(f"the optimizer's policy is the grid's {twin['config']}: the same policy "
                       f"measured {twin['spread_pct']:+.1f}% apart in the two runs, which the gap "
                       "includes")
+    stolen = summary["cpu_steal"]
+    if stolen is not None and stolen["configs_over_warn"]:
+        console.print(f"[yellow]warning:[/] {len(stolen['configs_over_warn'])} configurations ran "
+                      f"while the hypervisor took more than {STEAL_WARN_PCT:g}% of the CPUs "
+                      f"(steal, up to {stolen['max_pct']:.1f}%): "
+                      f"{', '.join(stolen['configs_over_warn'])}; their errors measure the "
+                      "machine's neighbours as well as the model (MAPE without them "
+                      f"{stolen['throughput_mape_without_them']:.1f}%)")
     moved = summary["drift"]
     if moved is not None and moved["max_pct"] > DRIFT_WARN_PCT:
         console.print(f"[yellow]warning:[/] {moved['config']} measured again at the end moved "

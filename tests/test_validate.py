@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -24,6 +25,8 @@ from hrm.validate import (
     pct_error,
     pooled_optimizer_gap,
     rerun_rows,
+    steal_pct,
+    steal_summary,
     scaled_gpu_cap_bytes,
     select_configs,
     stage_errors,
@@ -114,6 +117,29 @@ def test_pooled_gap_takes_each_policys_mean() -> None:
     assert s["optimizer_gap_pct"] == pytest.approx(pooled["gap_pct"])
     assert s["optimizer_gap_single_run_pct"] == pytest.approx(4.0)
     assert s["n_configs"] == 2                                           # reruns not scored
+
+
+def test_steal_is_the_share_of_cpu_time_the_hypervisor_took() -> None:
+    from hrm.validate import cpu_jiffies
+
+    assert steal_pct((10, 1000), (30, 2000)) == pytest.approx(2.0)
+    assert math.isnan(steal_pct(None, (30, 2000))) and math.isnan(steal_pct((1, 5), (1, 5)))
+    first = cpu_jiffies()
+    if first is not None:                       # Linux: /proc/stat
+        assert 0 <= first[0] <= first[1]
+        sum(range(3_000_000))                   # a few ticks of CPU time
+        assert 0.0 <= steal_pct(first, cpu_jiffies()) <= 100.0
+
+
+def test_steal_summary_names_configurations_on_a_shared_machine() -> None:
+    rows = [{**_row("a", 110.0, 100.0), "cpu_steal_pct": 0.1},
+            {**_row("b", 150.0, 100.0), "cpu_steal_pct": 2.0},
+            {**_row("c", 96.0, 100.0), "cpu_steal_pct": 0.0}]
+    s = steal_summary(rows)
+    assert s["configs_over_warn"] == ["b"] and s["max_pct"] == pytest.approx(2.0)
+    assert s["throughput_mape_without_them"] == pytest.approx(7.0)
+    assert summarize(rows, [], None, {})["cpu_steal"] == s
+    assert steal_summary([_row("a", 1.0, 1.0)]) is None            # not measured
 
 
 def test_summary_without_runs_is_an_error() -> None:
@@ -320,6 +346,9 @@ def test_quick_run_writes_consistent_results(quick_run) -> None:
     assert summary["drift"]["ratios"]["throughput"] > 0
     ran = grid[grid["ran"]]
     assert summary["n_configs"] == len(ran) >= 1
+    if Path("/proc/stat").exists():              # the hypervisor's share, per configuration
+        assert ran["cpu_steal_pct"].between(0, 100).all()
+        assert summary["cpu_steal"]["max_pct"] == pytest.approx(ran["cpu_steal_pct"].max())
     recomputed = 100 * (ran["predicted_tok_s"] - ran["measured_tok_s"]) / ran["measured_tok_s"]
     assert recomputed.to_numpy() == pytest.approx(ran["throughput_error_pct"].to_numpy())
     assert summary["throughput_mape"] == pytest.approx(ran["throughput_error_pct"].abs().mean())
