@@ -25,11 +25,11 @@ from hrm.validate import (
     pct_error,
     pooled_optimizer_gap,
     rerun_rows,
-    steal_pct,
-    steal_summary,
     scaled_gpu_cap_bytes,
     select_configs,
     stage_errors,
+    steal_pct,
+    steal_summary,
     summarize,
 )
 

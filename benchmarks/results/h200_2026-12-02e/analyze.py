@@ -1,0 +1,133 @@
+"""The derived figures of this folder's README, from its committed files (measures nothing).
+Run from the repository root:
+
+    python benchmarks/results/h200_2026-12-02e/analyze.py
+
+1. The two full grids (calls 1 and 3): MAPE, configurations within 5% / 10%, the worst, those
+   outside 12%, the optimizer gap over per-policy means and over first runs, memory, CPU steal,
+   and the pipeline calibration's runs.
+2. Call 1 against call 3 (two leases): per stage, measured busy time per decode layer.
+3. The host-wait A/B (call 2): measured tokens/s of each configuration in the four runs, and the
+   CPU steal of each run (/proc/stat, steal.log).
+4. Continuous vs static (call 4): measured and predicted tokens/s, continuous / static in useful
+   tokens; the static runs' staging copy rate against the profile's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+
+
+def grid(call: str) -> None:
+    summary = json.loads((HERE / call / "validate/validation_summary.json").read_text())
+    rows = pd.read_csv(HERE / call / "validate/validation_configs.csv")
+    ran = rows[(rows.role == "grid") & rows.ran]
+    err = ran.throughput_error_pct
+    worst = summary["worst_config"]
+    print(f"  {call}: MAPE {summary['throughput_mape']:.1f}% over {summary['n_configs']}, "
+          f"{(err.abs() <= 5).sum()} within 5%, {(err.abs() <= 10).sum()} within 10%; worst "
+          f"{worst['config']} {worst['throughput_error_pct']:+.1f}%")
+    for _, r in ran[err.abs() > 12].iterrows():
+        print(f"     outside 12%: {r.config} predicted {r.predicted_tok_s:,.0f} measured "
+              f"{r.measured_tok_s:,.0f} ({r.throughput_error_pct:+.1f}%)")
+    pooled = summary["optimizer_gap_pooled"]
+    print(f"     optimizer gap {summary['optimizer_gap_pct']:+.1f}% over means (first runs "
+          f"{summary['optimizer_gap_single_run_pct']:+.1f}%), best {pooled['best_config']}; runs:")
+    for name, runs in pooled["runs_per_policy"].items():
+        if len(runs) > 1:
+            print(f"       {name}: {', '.join(f'{t:,.0f}' for t in runs)}")
+    print(f"     memory max {summary['mem_max_abs_pct_error']:.1f}% (GPU "
+          f"{summary['gpu_mem_max_abs_pct_error']:.1f}%, CPU "
+          f"{summary['cpu_mem_max_abs_pct_error']:.1f}%)")
+    steal = summary.get("cpu_steal")
+    print("     CPU steal: " + ("not measured (before 2053750)" if steal is None else
+                                f"max {steal['max_pct']:.2f}%, over {steal['warn_pct']}%: "
+                                f"{steal['configs_over_warn'] or 'none'}"))
+    drift = summary["drift"]
+    print(f"     drift (base again at the end): throughput {drift['ratios']['throughput']:.2f}x,"
+          f" largest {drift['worst']} {drift['ratios'][drift['worst']]:.2f}x")
+    source = (HERE / call / "h200-session.toml").read_text()
+    cal = re.search(r"took ([\d.]+) ms per decode layer \(median of 3 runs: ([^)]*)\) against "
+                    r"([\d.]+) ms", source)
+    print(f"     calibration: runs {cal.group(2)}, solo {cal.group(3)} ms, pipeline factor "
+          f"{float(cal.group(1)) / float(cal.group(3)):.3f}")
+
+
+def stages() -> None:
+    both = []
+    for call in ("call1", "call3"):
+        s = pd.read_csv(HERE / call / "validate/validation_stages.csv")
+        s = s[s.role == "grid"].set_index(["config", "stage"]).measured_s.rename(call)
+        both.append(s)
+    table = pd.concat(both, axis=1)
+    table["call1/call3"] = table.call1 / table.call3
+    picked = ["base", "attn=gpu", "schedule=layerwise", "schedule=cgopipe-serial", "n_ub=16",
+              "N=1024"]
+    keep = table.loc[picked].reset_index()
+    keep = keep[keep.stage.isin(["gpu", "cpu_attn", "h2d", "launcher (host, measured)",
+                                 "layer (overlap)"])]
+    keep[["call1", "call3"]] *= 1e3
+    print(keep.round(2).to_string(index=False))
+
+
+def ab() -> None:
+    runs = ("spin.1", "sleep.1", "spin.2", "sleep.2")
+    table = pd.DataFrame({run: pd.read_csv(HERE / "call2" / run / "validation_configs.csv")
+                         .set_index("config").measured_tok_s for run in runs})
+    print(table.round(0).to_string())
+    lines = (HERE / "call2/steal.log").read_text().splitlines()
+    for i, run in enumerate(runs):
+        before, after = ([int(x) for x in line.split("cpu ")[1].split()]
+                         for line in lines[2 * i:2 * i + 2])
+        total = sum(after[:8]) - sum(before[:8])
+        print(f"  {run}: steal {100 * (after[7] - before[7]) / total:.2f}% of all CPU time")
+
+
+def continuous() -> None:
+    runs = {}
+    for part in ("mtbench_rag", "reasoning"):
+        doc = json.loads((HERE / "call4" / part / "continuous/continuous_bench_1layers.json")
+                         .read_text())
+        runs.update({r["name"]: r for r in doc["runs"]})
+
+    def err(r: dict) -> float:
+        return 100 * (r["predicted_throughput_tok_s"] / r["throughput_tok_s"] - 1)
+
+    for w in ("mtbench", "rag", "reasoning"):
+        c, s = runs[f"continuous_{w}"], runs[f"static_{w}"]
+        print(f"  {w}: static {s['throughput_tok_s']:,.0f} (predicted "
+              f"{s['predicted_throughput_tok_s']:,.0f}, {err(s):+.1f}%), continuous "
+              f"{c['throughput_tok_s']:,.0f} ({c['predicted_throughput_tok_s']:,.0f}, "
+              f"{err(c):+.1f}%); continuous/static useful "
+              f"{c['useful_throughput_tok_s'] / s['useful_throughput_tok_s']:.2f}x")
+        steps = s["workload"]["gen_len"] - 1          # static: one weight pass per decode step
+        staged_gbps = (s["realized"]["pageable_weight_bytes"] * steps
+                       / s["decode_busy_s"]["copy_thread"] / 1e9)
+        print(f"     static: the copy thread staged {staged_gbps:.1f} GB/s while busy; decode "
+              f"step {1e3 * s['decode_s'] / steps:.1f} ms")
+    profile = (HERE / "call3/h200-session.toml").read_text()
+    p2p = re.search(r"\[link.pageable_to_pinned_bps\]\nvalue = ([\d.e+]+)", profile)
+    print("  the profile's staging copy (pageable -> pinned): "
+          f"{float(p2p.group(1)) / 1e9:.1f} GB/s")
+
+
+def main() -> None:
+    print("1. grids")
+    for call in ("call1", "call3"):
+        grid(call)
+    print("2. measured busy time per decode layer (ms), call 1 vs call 3")
+    stages()
+    print("3. host-wait A/B (call 2), measured tokens/s")
+    ab()
+    print("4. continuous vs static (call 4)")
+    continuous()
+
+
+if __name__ == "__main__":
+    main()
