@@ -1032,8 +1032,9 @@ def validate_command(
                   f"{summary['mem_max_abs_pct_error']:.1f}%")
     pooled = summary["optimizer_gap_pooled"]
     if pooled is not None:
-        console.print(f"optimizer gap over each policy's mean of {reruns + 1} policies measured "
-                      f"again: {pooled['gap_pct']:+.1f}% (first runs only: "
+        again = len([r for r in rows if r["role"] == "rerun"])
+        console.print(f"optimizer gap over each policy's mean, {again} policies measured again: "
+                      f"{pooled['gap_pct']:+.1f}% (first runs only: "
                       f"{summary['optimizer_gap_single_run_pct']:+.1f}%; best "
                       f"{pooled['best_config']}, {pooled['best_mean_tok_s']:.1f} tokens/s)")
     twin = summary["optimizer_twin"]
@@ -1047,8 +1048,10 @@ def validate_command(
                       f"while the hypervisor took more than {STEAL_WARN_PCT:g}% of the CPUs "
                       f"(steal, up to {stolen['max_pct']:.1f}%): "
                       f"{', '.join(stolen['configs_over_warn'])}; their errors measure the "
-                      "machine's neighbours as well as the model (MAPE without them "
-                      f"{stolen['throughput_mape_without_them']:.1f}%)")
+                      "machine's neighbours as well as the model (" + (
+                          f"MAPE without them {stolen['throughput_mape_without_them']:.1f}%)"
+                          if math.isfinite(stolen["throughput_mape_without_them"])
+                          else "no configuration ran without)"))
     moved = summary["drift"]
     if moved is not None and moved["max_pct"] > DRIFT_WARN_PCT:
         console.print(f"[yellow]warning:[/] {moved['config']} measured again at the end moved "
