@@ -615,13 +615,21 @@ KV_GATHER_CALL = (64, 136)
 
 
 def kv_gather(spec: ModelSpec, reps: int, threads: int, cold_bytes: float,
-              call: tuple[int, int] = KV_GATHER_CALL) -> Measurement:
+              call: tuple[int, int] = KV_GATHER_CALL, device: str = "cuda") -> Measurement:
     """Bytes/s of the launching thread's gather of a CPU KV cache for GPU decode attention
-    (executor.kv_cache.KVCache.gather_host: the blocks copied into dense pinned tensors; their
-    DMA the model times on the link), on `threads` torch threads (the executor's,
-    executor.schedule.compute_threads), the KV read from DRAM (`cold_bytes` of caches in
-    rotation). The contexts are of one length, as a batch of equal prompts; the bytes are those
-    copied, whole blocks (hrm.roofline.whole_block_tokens). The model's 'kv_gather' term."""
+    (executor.kv_cache.KVCache.gather_host: the blocks copied into dense pinned tensors), on
+    `threads` torch threads (the executor's, executor.schedule.compute_threads), the KV read
+    from DRAM (`cold_bytes` of caches in rotation). As in the executor, each gather's two
+    tensors then cross to the GPU (a DMA each, on a side stream, waited for before the next
+    gather); only the gather is timed, the DMA the model times on the link. The contexts are of
+    one length, as a batch of equal prompts; the bytes are those copied, whole blocks
+    (hrm.roofline.whole_block_tokens). The model's 'kv_gather' term.
+
+    Timed with the DMA after each gather (benchmarks/diag_kv_gather.py), the gather took 2.20 ms
+    alone and 2.30 ms in the pipeline (H200 machine, 2026-12-02d call 1). Timed without it
+    (2026-12-02d to 2026-12-02e), the profile measured 28-51 GB/s copied while the pipeline's
+    gathers ran at 22.3 GB/s (the trace of 2026-12-02e call 3, profiled at 41.2). On the CPU
+    stand-in (`device` cpu) nothing is pinned and nothing crosses."""
     import torch
 
     batch, context = call
@@ -630,13 +638,27 @@ def kv_gather(spec: ModelSpec, reps: int, threads: int, cold_bytes: float,
     copied_bytes = 2.0 * spec.num_kv_heads * spec.head_dim * dtype_bytes("bf16") * batch * \
         whole_block_tokens(context)
     turn = itertools.cycle(caches)
+    stream = torch.cuda.Stream() if device == "cuda" else None
+
+    def gather_then_dma() -> float:
+        start = time.perf_counter()
+        k, v = next(turn).gather_host(0, slice(0, batch), context, pinned=stream is not None)
+        gathered = time.perf_counter()
+        if stream is not None:
+            with torch.cuda.stream(stream):
+                for host in (k, v):
+                    host.to(device, non_blocking=True)
+            stream.synchronize()
+        return gathered - start
+
     with torch_threads(threads):
-        times = time_calls(lambda: next(turn).gather_host(0, slice(0, batch), context, True),
-                           reps, "cpu", warmup=2)
-    torch.cuda.synchronize()
+        for _ in range(2):
+            gather_then_dma()
+        times = tuple(gather_then_dma() for _ in range(reps))
     return Measurement("kv_gather", {"batch": batch, "context": context, "dtype": "bf16",
                                      "threads": threads, "contexts": "uniform",
-                                     "counted": "bytes copied (whole blocks)"},
+                                     "counted": "bytes copied (whole blocks)",
+                                     "dma": "after each gather, waited for"},
                        x=copied_bytes, work=copied_bytes, unit="B/s", times_s=times)
 
 
@@ -1351,7 +1373,8 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
         if gathers:
             link_rates["kv_gather_bps"] = gathers[0].rate
             sources["link.kv_gather_bps"] = (f"{source_of(gathers[0], date)}, "
-                                             "executor.kv_cache.KVCache.gather into pinned memory")
+                                             "executor.kv_cache.KVCache.gather_host into pinned "
+                                             "memory, each gather's DMA after it")
         h2d_series = _select(ms, "copy", direction="h2d", pinned=True)
     pinned_max = math.inf
     probes = [m for m in ms if m.bench == "pin_probe"]

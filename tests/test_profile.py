@@ -380,6 +380,20 @@ def test_cold_attention_calls_rotate_over_enough_kv_caches(monkeypatch):
     assert len(set(read[:3])) == 3 and read[3] == read[0]    # ceil(2.5) = 3 caches in turn
 
 
+def test_kv_gather_times_the_executors_gather_in_bytes_copied() -> None:
+    """The gather of the executor's KV cache (CPU stand-in: nothing pinned, no DMA), counted in
+    whole blocks copied: 2 Hkv D bytes x batch x ceil(context / T) T."""
+    from hrm.profile import kv_gather
+    from hrm.roofline import KV_BLOCK_TOKENS
+
+    spec = dataclasses.replace(load_model_spec("tiny-mixtral"), num_layers=1)
+    m = kv_gather(spec, reps=3, threads=1, cold_bytes=0.0, call=(4, 20), device="cpu")
+    assert m.bench == "kv_gather" and len(m.times_s) == 3 and m.rate > 0
+    blocks = -(-20 // KV_BLOCK_TOKENS)
+    assert m.work == 2 * spec.num_kv_heads * spec.head_dim * 2 * 4 * blocks * KV_BLOCK_TOKENS
+    assert m.params["dma"] == "after each gather, waited for"
+
+
 def test_pipeline_calibration_measures_the_executor_and_sets_the_gpu_factor() -> None:
     """The calibration runs the executor's decode (CPU stand-in, tiny model) and build_profile's
     factor is its layer over the model's solo GPU stage, which the cost model then uses for

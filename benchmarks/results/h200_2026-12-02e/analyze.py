@@ -11,15 +11,29 @@ Run from the repository root:
    CPU steal of each run (/proc/stat, steal.log).
 4. Continuous vs static (call 4): measured and predicted tokens/s, continuous / static in useful
    tokens; the static runs' staging copy rate against the profile's.
+5. The KV gather for GPU attention: call 3's attn=gpu trace (launcher spans `kv_gather`) against
+   its profile's rate, and, as a diagnostic only (the trace's rate is the validation data), the
+   call 3 grid re-predicted at HEAD with that rate in place of the profile's.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
 import json
 import re
+import statistics
+import sys
 from pathlib import Path
 
-import pandas as pd
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT))
+
+import pandas as pd  # noqa: E402
+
+from benchmarks.repredict_grid import repredict  # noqa: E402
+from hrm.hardware import load_profile  # noqa: E402
+from hrm.roofline import whole_block_tokens  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -117,6 +131,33 @@ def continuous() -> None:
           f"{float(p2p.group(1)) / 1e9:.1f} GB/s")
 
 
+def gather() -> None:
+    grid = HERE / "call3/validate"
+    trace = json.loads(gzip.decompress((grid / "validation_trace_attn=gpu.json.gz").read_bytes()))
+    spans = [e["dur"] * 1e-6 for e in trace["traceEvents"]
+             if e.get("ph") == "X" and e["name"] == "kv_gather"]
+    rows = pd.read_csv(grid / "validation_configs.csv").set_index("config")
+    context = int(rows.loc["attn=gpu", "prompt_len"] + rows.loc["attn=gpu", "gen_len"])
+    per_token = 2 * 8 * 128 * 2                       # Mixtral-8x7B: K and V, 8 KV heads, bf16
+    copied = 64 * whole_block_tokens(context) * per_token
+    traced_bps = copied / statistics.median(spans)
+    hw = load_profile(HERE / "call3/h200-session.toml")
+    print(f"  attn=gpu trace: {len(spans)} gathers of {copied / 1e6:.1f} MB, median "
+          f"{statistics.median(spans) * 1e3:.2f} ms = {traced_bps / 1e9:.1f} GB/s; the profile "
+          f"{hw.link.kv_gather_bps / 1e9:.1f} GB/s")
+    as_traced = dataclasses.replace(hw, link=dataclasses.replace(hw.link,
+                                                                 kv_gather_bps=traced_bps))
+    before, after = repredict(grid, hw), repredict(grid, as_traced)
+    print(f"  diagnostic, the grid re-predicted with the traced rate: MAPE "
+          f"{before['throughput_mape']:.1f}% -> {after['throughput_mape']:.1f}%, worst "
+          f"{after['worst_config']} {after['worst_abs_pct_error']:.1f}%")
+    old = {r["config"]: r["throughput_error_pct"] for r in before["rows"] if r["role"] == "grid"}
+    for r in after["rows"]:
+        if r["role"] == "grid" and abs(r["throughput_error_pct"] - old[r["config"]]) > 0.05:
+            print(f"     {r['config']}: {old[r['config']]:+.1f}% -> "
+                  f"{r['throughput_error_pct']:+.1f}%")
+
+
 def main() -> None:
     print("1. grids")
     for call in ("call1", "call3"):
@@ -127,6 +168,8 @@ def main() -> None:
     ab()
     print("4. continuous vs static (call 4)")
     continuous()
+    print("5. the KV gather for GPU attention (call 3)")
+    gather()
 
 
 if __name__ == "__main__":
