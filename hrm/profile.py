@@ -628,7 +628,7 @@ def kv_gather(spec: ModelSpec, reps: int, threads: int, cold_bytes: float,
     Timed with the DMA after each gather (benchmarks/diag_kv_gather.py), the gather took 2.20 ms
     alone and 2.30 ms in the pipeline (H200 machine, 2026-12-02d call 1). Timed without it
     (2026-12-02d to 2026-12-02e), the profile measured 28-51 GB/s copied while the pipeline's
-    gathers ran at 22.3 GB/s (the trace of 2026-12-02e call 3, profiled at 41.2). On the CPU
+    gathers ran at 22.5 GB/s (the trace of 2026-12-02e call 3, profiled at 41.2). On the CPU
     stand-in (`device` cpu) nothing is pinned and nothing crosses."""
     import torch
 

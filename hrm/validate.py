@@ -351,7 +351,7 @@ def drift(rows: list[dict[str, Any]], stage_rows: list[dict[str, Any]]
 #: a configuration during whose generation the hypervisor took more than this share of the
 #: CPUs' time (steal, %) ran on a machine shared with its neighbours. H200 machine, 2026-12-02
 #: (benchmarks/results/h200_2026-12-02e/): four runs of the same 8 configurations on one lease
-#: had 0.03-0.18% steal and the fourth 2.2%, in which N=1024 measured 1,962 tokens/s against
+#: had 0.03-0.15% steal and the fourth 2.2%, in which N=1024 measured 1,962 tokens/s against
 #: 3,067-3,915 in the other three
 STEAL_WARN_PCT = 0.5
 
