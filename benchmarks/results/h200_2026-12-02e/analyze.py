@@ -14,6 +14,9 @@ Run from the repository root:
 5. The KV gather for GPU attention: call 3's attn=gpu trace (launcher spans `kv_gather`) against
    its profile's rate, and, as a diagnostic only (the trace's rate is the validation data), the
    call 3 grid re-predicted at HEAD with that rate in place of the profile's.
+6. The launch-bound loop configurations in micro-batches of 16 (n_ub=16, N=1024,prompt=512,
+   N=2048,prompt=512: 16, 64, 128 micro-batches per layer) on the grids of seven leases: decode
+   layer time per micro-batch, measured and predicted as run.
 """
 
 from __future__ import annotations
@@ -158,6 +161,24 @@ def gather() -> None:
                   f"{r['throughput_error_pct']:+.1f}%")
 
 
+def per_micro_batch() -> None:
+    shapes = {"n_ub=16": 16, "N=1024,prompt=512": 64, "N=2048,prompt=512": 128}
+    results = HERE.parent
+    grids = {"12-02b c1": "h200_2026-12-02b/call1", "12-02b c3": "h200_2026-12-02b/call3",
+             "12-02c c4": "h200_2026-12-02c/call4", "12-02d c1": "h200_2026-12-02d/call1",
+             "12-02d c4": "h200_2026-12-02d/call4", "12-02e c1": "h200_2026-12-02e/call1",
+             "12-02e c3": "h200_2026-12-02e/call3"}
+    for name, path in grids.items():
+        stages = pd.read_csv(results / path / "validate/validation_stages.csv")
+        layer = stages[(stages.role == "grid") & (stages.stage == "layer (overlap)")]
+        layer = layer.set_index("config")
+        measured = [1e3 * layer.loc[c, "measured_s"] / n for c, n in shapes.items()]
+        predicted = [1e3 * layer.loc[c, "predicted_s"] / n for c, n in shapes.items()]
+        print(f"  {name}: measured ms per micro-batch at 16/64/128 "
+              f"{' / '.join(f'{m:.2f}' for m in measured)}, predicted "
+              f"{' / '.join(f'{p:.2f}' for p in predicted)}")
+
+
 def main() -> None:
     print("1. grids")
     for call in ("call1", "call3"):
@@ -170,6 +191,8 @@ def main() -> None:
     continuous()
     print("5. the KV gather for GPU attention (call 3)")
     gather()
+    print("6. decode layer per micro-batch of 16, launch-bound loop configurations")
+    per_micro_batch()
 
 
 if __name__ == "__main__":
