@@ -46,10 +46,10 @@ not measured there (NaN).
 
 Drift. The machine can change under a grid: on the H200 machine, 2026-12-02d, one lease ran
 CPU attention at 2.2-3.6x its profile for 21 configurations, then at 1.05-1.39x. So the grid's
-first configuration is measured again at the end (role 'repeat', not scored), and the summary's
-`drift` gives its throughput and stage busy times against the first measurement; beyond
-DRIFT_WARN_PCT the command warns that the errors measure the machine's change as well as the
-model.
+first configuration that ran is measured again at the end (role 'repeat', not scored), and the
+summary's `drift` gives its throughput and stage busy times against the first measurement;
+beyond DRIFT_WARN_PCT the command warns that the errors measure the machine's change as well as
+the model.
 
 CPU steal. On a virtual machine the hypervisor can take the CPUs for other guests; /proc/stat
 counts that time (steal). Each configuration's row has `cpu_steal_pct`, the steal over all CPUs'
@@ -737,10 +737,10 @@ def run_grid(setup: Setup, configs: list[Config], with_optimizer: bool, progress
     """Predict and measure every configuration (and the optimizer's policy, searched over the
     space of `space`, by default of `configs`; with `reruns` K, the optimizer's policy and the K
     best other policies of its workload once more: `pooled_optimizer_gap`; and, with
-    `repeat_first`, the first configuration again at the end: `drift`): tidy rows, stage rows,
-    and the measured spans of the grid configurations named in `traced` (config -> spans, for
-    the traces). The rows so far are rewritten to `partial_csv` after each configuration (what
-    an interrupted run leaves)."""
+    `repeat_first`, the first configuration that ran again at the end: `drift`): tidy rows,
+    stage rows, and the measured spans of the grid configurations named in `traced` (config ->
+    spans, for the traces). The rows so far are rewritten to `partial_csv` after each
+    configuration (what an interrupted run leaves)."""
     import pandas as pd
 
     shared = SharedModel(setup.model, setup.device, setup.pin_budget_bytes, setup.seed)
@@ -770,7 +770,8 @@ def run_grid(setup: Setup, configs: list[Config], with_optimizer: bool, progress
     run(todo, "validating")
     by_name = {config.name: config for config, _ in todo}
     again = [(by_name[r["config"]], "rerun") for r in rerun_rows(rows, reruns)] if reruns else []
-    run(again + ([(configs[0], "repeat")] if repeat_first and configs else []), "measuring again")
+    first = next((by_name[r["config"]] for r in rows if r["role"] == "grid" and r["ran"]), None)
+    run(again + ([(first, "repeat")] if repeat_first and first else []), "measuring again")
     return rows, stage_rows, traces
 
 

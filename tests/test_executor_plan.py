@@ -395,3 +395,19 @@ def test_grouped_experts_run_in_decode_where_a_layer_is_not_split(monkeypatch, r
                           cpu_mem_bytes=2**32)
     engine.generate(prompts, 4)
     assert calls == {"grouped": grouped_calls, "loop": 32 - grouped_calls}
+
+
+def test_host_wait_mode_is_checked_at_import() -> None:
+    """MOE_LIGHTNING_HOST_WAIT picks how threads wait for CUDA events; a typo is an error, not
+    the default silently."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import executor.schedule as s; print(s.HOST_WAIT)"
+    env = {**os.environ, "MOE_LIGHTNING_HOST_WAIT": "sleep"}
+    ok = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.strip() == "sleep"
+    env["MOE_LIGHTNING_HOST_WAIT"] = "nap"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "expected spin or sleep" in bad.stderr

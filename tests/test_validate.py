@@ -444,3 +444,32 @@ def test_each_configuration_is_warmed_up_before_it_is_timed(shared, monkeypatch)
     result = measure(shared, config, gpu_limit_bytes=2**32, cpu_limit_bytes=2**34, seed=0)
     assert calls == [(2, 4)]
     assert result["measured_tok_s"] > 0
+
+
+def test_run_grid_order_reruns_and_the_repeat_of_the_first_that_ran(monkeypatch) -> None:
+    """The grid, the optimizer, then the reruns (the optimizer's policy, the best others) and
+    the repeat of the first configuration that ran (here the second: the first did not)."""
+    import hrm.validate as V
+
+    configs = QUICK.configs()[:4]
+    tok_s = {c.name: 100.0 + 10 * i for i, c in enumerate(configs)}
+    optimizer = V.Config("optimizer", configs[3].policy, configs[3].workload)
+
+    def run_one(shared, setup, config, role):
+        ran = config.name != configs[0].name
+        row = {**V.config_row(config, role), "ran": ran, "error": "" if ran else "refused",
+               "measured_tok_s": tok_s.get(config.name, 130.0), "predicted_tok_s": 1.0,
+               "throughput_error_pct": 0.0}
+        return row, [], None
+
+    monkeypatch.setattr(V, "SharedModel", lambda *args: None)
+    monkeypatch.setattr(V, "_warm_up_process", lambda *args: None)
+    monkeypatch.setattr(V, "optimizer_config", lambda setup, space: optimizer)
+    monkeypatch.setattr(V, "_run_one", run_one)
+    setup = V.Setup("m", None, None, None, 0.0, 0.0, 0.0, 0)
+    rows, _, _ = V.run_grid(setup, configs, with_optimizer=True, reruns=1)
+    order = [(r["config"], r["role"]) for r in rows]
+    assert order[:5] == [(c.name, "grid") for c in configs] + [("optimizer", "optimizer")]
+    # one workload; the optimizer's policy is r_w=0.5's, so the best other policy is n_ub=4's
+    assert [c.name for c in configs] == ["base", "N=32", "n_ub=4", "r_w=0.5"]
+    assert order[5:] == [("optimizer", "rerun"), ("n_ub=4", "rerun"), ("N=32", "repeat")]
