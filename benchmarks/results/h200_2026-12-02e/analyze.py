@@ -17,6 +17,10 @@ Run from the repository root:
 6. The launch-bound loop configurations in micro-batches of 16 (n_ub=16, N=1024,prompt=512,
    N=2048,prompt=512: 16, 64, 128 micro-batches per layer) on the grids of seven leases: decode
    layer time per micro-batch, measured and predicted as run.
+7. The weight stream with a staging ring: the series rule p / B_pinned + o / B_copy per decode
+   step with the copy rate the run's copy thread reached and with its profile's, against the
+   measured step: this session's static mtbench (1 layer) and 2026-12-02b call 4's CGOPipe
+   (2 layers, issue 5).
 """
 
 from __future__ import annotations
@@ -179,6 +183,31 @@ def per_micro_batch() -> None:
               f"{' / '.join(f'{p:.2f}' for p in predicted)}")
 
 
+def staged_stream() -> None:
+    e = json.loads((HERE / "call4/mtbench_rag/continuous/continuous_bench_1layers.json")
+                   .read_text())
+    b = json.loads((HERE.parent / "h200_2026-12-02b/call4/executor/executor_bench_2layers.json")
+                   .read_text())
+    cases = {"12-02e static mtbench, 1 layer": (
+                 next(r for r in e["runs"] if r["name"] == "static_mtbench"),
+                 HERE / "call3/h200-session.toml"),
+             "12-02b CGOPipe gen 64, 2 layers": (
+                 next(r for r in b["runs"] if r["name"] == "cgopipe_g64"),
+                 HERE.parent / "h200_2026-12-02b/call4/h200-session.toml")}
+    for name, (run, profile) in cases.items():
+        hw = load_profile(profile)
+        steps = run["workload"]["gen_len"] - 1
+        pinned, staged = (run["realized"][k] for k in ("pinned_weight_bytes",
+                                                        "pageable_weight_bytes"))
+        copy_bps = staged * steps / run["decode_busy_s"]["copy_thread"]
+        pinned_s = pinned / hw.link.h2d_pinned_bps
+        print(f"  {name}: step {1e3 * run['decode_s'] / steps:.0f} ms measured; series rule "
+              f"{1e3 * (pinned_s + staged / copy_bps):.0f} ms with the run's copy rate "
+              f"({copy_bps / 1e9:.1f} GB/s), "
+              f"{1e3 * (pinned_s + staged / hw.link.pageable_to_pinned_bps):.0f} ms with the "
+              f"profile's ({hw.link.pageable_to_pinned_bps / 1e9:.1f} GB/s)")
+
+
 def main() -> None:
     print("1. grids")
     for call in ("call1", "call3"):
@@ -193,6 +222,8 @@ def main() -> None:
     gather()
     print("6. decode layer per micro-batch of 16, launch-bound loop configurations")
     per_micro_batch()
+    print("7. the weight stream through the staging ring, per decode step")
+    staged_stream()
 
 
 if __name__ == "__main__":
