@@ -110,6 +110,8 @@ def test_pooled_gap_takes_each_policys_mean() -> None:
     assert pooled["optimizer_mean_tok_s"] == pytest.approx(98.5)
     assert pooled["best_config"] == "a" and pooled["best_mean_tok_s"] == pytest.approx(99.5)
     assert pooled["gap_pct"] == pytest.approx(100 * (99.5 - 98.5) / 99.5)
+    assert pooled["best_other_config"] == "a"
+    assert pooled["margin_pct"] == pytest.approx(100 * (98.5 - 99.5) / 99.5)
     assert pooled["runs_per_policy"] == {"a": [100.0, 99.0], "b": [97.0],
                                          "optimizer": [96.0, 101.0]}
     s = summarize(rows, [], {"ran": True, "prompt_len": 128, "gen_len": 16,
