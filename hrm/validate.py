@@ -18,8 +18,10 @@ and the summary reports over the grid
                       (role 'rerun', not scored), and every run of one policy (POLICY_COLUMNS)
                       counts; on the H200 machine one policy's runs spread 4-6% within a lease
                       (2026-12-02d), more than the 3% target, so one run per policy cannot
-                      decide it. `optimizer_gap_pct` is the pooled gap where reruns ran, and
-                      `optimizer_gap_single_run_pct` the first runs' gap,
+                      decide it. The optimizer's own policy is among the means, so this gap
+                      is >= 0 (0: its policy measured best), and `margin_pct` gives its lead
+                      over the best other policy. `optimizer_gap_pct` is the pooled gap where
+                      reruns ran, and `optimizer_gap_single_run_pct` the first runs' gap,
     memory error    = max_c |e_c(peak GPU bytes)|, |e_c(peak CPU bytes)|  (<= 5 is the target).
 
 Stage errors compare busy time per decoder layer during decode (the executor's tracer: union of
