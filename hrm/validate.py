@@ -1022,7 +1022,7 @@ def validate_command(
         return
     table = Table(title=f"hrm validate: {spec.name} on {hw.name} ({grid} grid, {device_name})")
     for col in ("config", "N", "mu", "attn", "r_w", "schedule", "s", "n", "predicted tok/s",
-                "measured tok/s", "error"):
+                "measured tok/s", "error", "steal"):
         table.add_column(col)
     for r in rows:
         table.add_row({"grid": r["config"], "optimizer": "[b]optimizer[/]"}.get(
@@ -1032,7 +1032,9 @@ def validate_command(
                       r["schedule"], str(r["prompt_len"]), str(r["gen_len"]),
                       f"{r.get('predicted_tok_s', math.nan):.2f}",
                       f"{r['measured_tok_s']:.2f}" if r["ran"] else "-",
-                      f"{r['throughput_error_pct']:+.1f}%" if r["ran"] else r["error"][:60])
+                      f"{r['throughput_error_pct']:+.1f}%" if r["ran"] else r["error"][:60],
+                      f"{r['cpu_steal_pct']:.2f}%" if math.isfinite(r.get("cpu_steal_pct",
+                                                                           math.nan)) else "-")
     console.print(table)
     console.print(f"throughput MAPE {summary['throughput_mape']:.1f}% over "
                   f"{summary['n_configs']} configurations, worst "
