@@ -463,9 +463,15 @@ def cpu_jiffies() -> tuple[int, int] | None:
     the hypervisor ran something else."""
     try:
         with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
+            return cpu_jiffies_of(f.readline())
     except (OSError, ValueError):
         return None
+
+
+def cpu_jiffies_of(line: str) -> tuple[int, int] | None:
+    """(steal, total) clock ticks from a /proc/stat `cpu` line (as logged, with anything before
+    its `cpu ` label); None where it has no steal field."""
+    fields = [int(x) for x in line.split("cpu ", 1)[1].split()]
     # user nice system idle iowait irq softirq steal [guest guest_nice: inside user and nice]
     return (fields[7], sum(fields[:8])) if len(fields) >= 8 else None
 

@@ -122,9 +122,12 @@ def test_pooled_gap_takes_each_policys_mean() -> None:
 
 
 def test_steal_is_the_share_of_cpu_time_the_hypervisor_took() -> None:
-    from hrm.validate import cpu_jiffies
+    from hrm.validate import cpu_jiffies, cpu_jiffies_of
 
     assert steal_pct((10, 1000), (30, 2000)) == pytest.approx(2.0)
+    # a logged line (device_session.sh): user nice system idle iowait irq softirq steal guest..
+    assert cpu_jiffies_of("validate before: cpu  1 2 3 4 5 6 7 8 9 10") == (8, 36)
+    assert cpu_jiffies_of("cpu  1 2 3") is None
     assert math.isnan(steal_pct(None, (30, 2000))) and math.isnan(steal_pct((1, 5), (1, 5)))
     first = cpu_jiffies()
     if first is not None:                       # Linux: /proc/stat

@@ -41,7 +41,7 @@ import pandas as pd  # noqa: E402
 from benchmarks.repredict_grid import repredict  # noqa: E402
 from hrm.hardware import load_profile  # noqa: E402
 from hrm.roofline import whole_block_tokens  # noqa: E402
-from hrm.validate import pooled_optimizer_gap  # noqa: E402
+from hrm.validate import cpu_jiffies_of, pooled_optimizer_gap, steal_pct  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -108,10 +108,8 @@ def ab() -> None:
     print(table.round(0).to_string())
     lines = (HERE / "call2/steal.log").read_text().splitlines()
     for i, run in enumerate(runs):
-        before, after = ([int(x) for x in line.split("cpu ")[1].split()]
-                         for line in lines[2 * i:2 * i + 2])
-        total = sum(after[:8]) - sum(before[:8])
-        print(f"  {run}: steal {100 * (after[7] - before[7]) / total:.2f}% of all CPU time")
+        before, after = (cpu_jiffies_of(line) for line in lines[2 * i:2 * i + 2])
+        print(f"  {run}: steal {steal_pct(before, after):.2f}% of all CPU time")
 
 
 def continuous() -> None:
