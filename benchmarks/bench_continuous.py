@@ -154,8 +154,29 @@ def main() -> None:
                     res["useful_throughput_tok_s"] * args.layers / FULL_LAYERS
             bench.results.append(res)
             bench.save()
+        if not args.dry_run:
+            print(compare(kind, bench.results))
     bench.save()
     print(f"wrote {bench.summary_path}")
+
+
+def compare(kind: str, runs: list[dict]) -> str:
+    """One workload's continuous / static line: useful tokens/s of the static run against the
+    continuous run's whole job and its steady state (the passes between ramp-up and drain,
+    `hrm.continuous.steady_window`: what a job of many times the running set sustains)."""
+    by = {r.get("scheduler"): r for r in runs if r.get("workload_kind") == kind
+          and "useful_throughput_tok_s" in r}
+    if set(by) != {"static", "continuous"}:
+        return f"[{kind}] no comparison: a run failed"
+    static, cont = by["static"]["useful_throughput_tok_s"], by["continuous"]
+    job = cont["useful_throughput_tok_s"]
+    line = f"[{kind}] static {static:,.0f} tok/s; continuous job {job:,.0f} ({job / static:.2f}x)"
+    steady = cont.get("steady")
+    if steady:
+        line += (f", steady state {steady['throughput_tok_s']:,.0f} "
+                 f"({steady['throughput_tok_s'] / static:.2f}x; passes {steady['passes'][0]}-"
+                 f"{steady['passes'][1]} of {cont['continuous']['passes']})")
+    return line
 
 
 if __name__ == "__main__":

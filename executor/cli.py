@@ -337,6 +337,14 @@ def run_command(
     console.print(f"{policy.schedule}: {result['throughput_tok_s']:.2f} tok/s measured, "
                   + (f"{pred:.2f} tok/s predicted" if pred else "no prediction (no --hardware)")
                   + f"; prefill {gen.prefill_s:.2f} s, decode {gen.decode_s:.2f} s -> {output}")
+    steady = result.get("steady")
+    if steady:
+        first, last = steady["passes"]
+        steady_pred = steady.get("predicted_throughput_tok_s")
+        console.print(f"  steady state, passes {first}-{last} of "
+                      f"{result['continuous']['passes']}: {steady['throughput_tok_s']:.2f} tok/s "
+                      "measured"
+                      + (f", {steady_pred:.2f} predicted" if steady_pred else ""))
 
 
 def _detokenizer(tokenizer_dir: Path | None) -> Any:

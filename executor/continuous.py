@@ -39,7 +39,14 @@ from executor.schedule import LayerWeightsInFlight, index_tensor, pipeline_threa
 from executor.scheduler import ContinuousScheduler, ScheduledPass, blocks_for, simulate
 from executor.trace import Tracer
 from executor.weights import read_model, resident_experts_per_layer, torch_dtype
-from hrm.continuous import PREFILL_CHUNK_TOKENS, PassShape, pass_model, predict_passes
+from hrm.continuous import (
+    PREFILL_CHUNK_TOKENS,
+    PassShape,
+    generated_tokens,
+    pass_model,
+    predict_passes,
+    steady_window,
+)
 from hrm.cost import CPU_USABLE_FRACTION, prefill_workspace_bytes
 from hrm.errors import HRMError, InfeasibleError, PolicyError
 from hrm.hardware import HardwareProfile
@@ -161,9 +168,23 @@ class ContinuousStats:
     kv_blocks: int
     peak_running_seqs: int
     shapes: tuple[PassShape, ...]
+    #: seconds from the run's start to the end of each pass (its tokens read back)
+    pass_end_s: tuple[float, ...] = ()
 
     def counters(self) -> dict[str, int]:
-        return {k: v for k, v in asdict(self).items() if k != "shapes"}
+        return {k: v for k, v in asdict(self).items() if k not in ("shapes", "pass_end_s")}
+
+    def steady(self) -> dict[str, Any] | None:
+        """The measured steady state (`hrm.continuous.steady_window`): its passes [first,
+        last], generated tokens, seconds and tokens/s; None without pass times."""
+        window = steady_window(self.shapes)
+        if not window or len(self.pass_end_s) != len(self.shapes):
+            return None
+        start_s = self.pass_end_s[window.start - 1] if window.start else 0.0
+        seconds = self.pass_end_s[window.stop - 1] - start_s
+        tokens = sum(generated_tokens(self.shapes[i]) for i in window)
+        return {"passes": [window.start, window.stop - 1], "generated_tokens": tokens,
+                "seconds": seconds, "throughput_tok_s": tokens / seconds if seconds else 0.0}
 
 
 class ContinuousEngine(Engine):
@@ -192,6 +213,7 @@ class ContinuousEngine(Engine):
         pool = BlockPool(self.spec, num_blocks, block_tokens, torch_dtype(self.policy.kv_dtype))
         outputs: list[list[int]] = [[] for _ in prompts]
         shapes: list[PassShape] = []
+        ends: list[float] = []
         tracer = Tracer(self.device)
         layers = self.spec.num_layers
         with pipeline_threads(self.w.experts, self.streams, tracer) as (link, worker), \
@@ -217,6 +239,7 @@ class ContinuousEngine(Engine):
                                 if self.eos is not None and outputs[s][-1] == self.eos)
                 for seq in sched.complete(scheduled, eos):
                     pool.release(seq)
+                ends.append(tracer.now_s() - t0)   # the tokens were read back: the pass is done
             self._sync()
             t1 = tracer.now_s()
             self.bytes["weights_h2d_pinned"] = link.bytes_pinned_path
@@ -225,7 +248,8 @@ class ContinuousEngine(Engine):
             passes=sched.stats.passes, preemptions=sched.stats.preemptions,
             recomputed_tokens=sched.stats.recomputed_tokens,
             peak_kv_blocks=sched.stats.peak_blocks, kv_blocks=num_blocks,
-            peak_running_seqs=sched.stats.peak_running, shapes=tuple(shapes))
+            peak_running_seqs=sched.stats.peak_running, shapes=tuple(shapes),
+            pass_end_s=tuple(ends))
         # prefill and decode share every pass: the whole run is reported as one window
         return Generation(outputs, 0.0, t1 - t0, tracer.spans(), [(t0, t1)],
                           dict(self.bytes)), stats
@@ -333,18 +357,22 @@ def run_continuous(model: str, policy: Policy, *, device: torch.device, prompts:
         torch.cuda.reset_peak_memory_stats(device)
     gen, stats = engine.generate_continuous(prompts, gen_lens, num_blocks=blocks)
     extra: dict[str, Any] = {"continuous": stats.counters(), "load_s": load_s,
-                             "prediction": None}
+                             "prediction": None, "steady": stats.steady()}
     if hw is not None:
         workload = Workload.from_lens([len(p) for p in prompts], gen_lens)
         # the r_w the run realized (whole experts per layer), as the prediction's
         realized = policy.in_whole_experts(engine.spec.num_layers, engine.spec.num_experts)
         try:
-            traced = predict_passes(pass_model(engine.spec, hw, workload, realized),
-                                    stats.shapes)
+            passes = pass_model(engine.spec, hw, workload, realized)
+            traced = predict_passes(passes, stats.shapes)
             extra["prediction"] = {"throughput_tok_s": traced.throughput_tok_s,
                                    "prefill_s": 0.0, "decode_s": traced.total_s,
                                    "passes": traced.num_passes,
                                    "binding_passes": traced.bottlenecks}
+            if extra["steady"] is not None:   # the same passes, predicted
+                window = steady_window(stats.shapes)
+                steady = predict_passes(passes, stats.shapes[window.start:window.stop])
+                extra["steady"]["predicted_throughput_tok_s"] = steady.throughput_tok_s
         except HRMError as exc:
             extra["prediction"] = {"throughput_tok_s": None, "prefill_s": None,
                                    "decode_s": None, "error": str(exc)}

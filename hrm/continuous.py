@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -400,13 +400,34 @@ def predict_passes(passes: PassModel, shapes: Iterable[PassShape]) -> PassesPred
             cache[shape] = passes.time(shape)
         t = cache[shape]
         total_s += t.pass_s
-        tokens += round(shape.decode_seqs + shape.prefill_seqs)
+        tokens += generated_tokens(shape)
         prefill += shape.prefill_tokens
         n += 1
         binding[t.bottleneck] = binding.get(t.bottleneck, 0) + 1
     return PassesPrediction(total_s=total_s, generated_tokens=tokens,
                             throughput_tok_s=tokens / total_s if total_s else 0.0,
                             num_passes=n, prefill_tokens=prefill, bottlenecks=binding)
+
+
+#: a pass is in a run's steady state when it decodes at least this share of the run's largest
+#: running set: the passes between ramp-up and drain (`steady_window`)
+STEADY_FRACTION = 0.9
+
+
+def steady_window(shapes: Sequence[PassShape]) -> range:
+    """The passes of a run between its ramp-up and its drain: from the first to the last pass
+    whose decoding sequences reach STEADY_FRACTION of the run's most. A job of many times its
+    running set spends nearly all its passes here, so their tokens/s is the steady-state
+    `throughput` above (a short job's ramp-up and drain dilute its whole-run figure). Empty when
+    no pass decodes."""
+    peak = max((s.decode_seqs for s in shapes), default=0.0)
+    full = [i for i, s in enumerate(shapes) if peak and s.decode_seqs >= STEADY_FRACTION * peak]
+    return range(full[0], full[-1] + 1) if full else range(0)
+
+
+def generated_tokens(shape: PassShape) -> int:
+    """Tokens a pass generates: one per scheduled sequence, decoding or (re-)prefilled."""
+    return round(shape.decode_seqs + shape.prefill_seqs)
 
 
 # ---- the optimizer for this mode -------------------------------------------------------------

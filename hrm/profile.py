@@ -17,7 +17,9 @@ Microbenchmarks (each a small function returning `Measurement`s):
   overlap    interference       link, GPU stage (Python-launched small kernels + an expert GEMM)
                                 and CPU attention each alone, then all three at once from three
                                 threads; slowdown = solo rate / together rate; the GPU
-                                thread's launches timed on their own (interference.launch)
+                                thread's launches timed on their own (interference.launch);
+                                the staging copy alone, beside all three and beside the link
+                                alone (interference.staging_copy, .staging_copy_serial)
   executor   pipeline_calibration  a few seconds of the executor's own CGOPipe decode (CUDA) at
                                 CALIBRATION's shape; over the model's solo GPU stage it gives
                                 interference.pipeline, the GPU stage's factor where present
@@ -318,18 +320,27 @@ def expert_shape(spec: ModelSpec, projection: str) -> tuple[int, int]:
     return (h1, h2) if projection == "up" else (h2, h1)
 
 
+#: a CPU GEMM call slower than this (median, seconds) ends its series: larger rows are only
+#: slower. CPUs without native bf16 emulate it: 1.4 GFLOP/s on a Zen 1 EPYC (2-core CI kind,
+#: 2026-12-02), where the stand-in's 512-row Mixtral expert GEMM took 43 s a call
+CPU_GEMM_CALL_LIMIT_S = 0.5
+
+
 def gemm_series(bench: str, k: int, n: int, rows: Iterable[int], dtype: str, device: str,
                 reps: int, tags: dict[str, Any]) -> list[Measurement]:
-    """Achieved FLOP/s of x[rows, k] @ W[k, n] (2 rows k n FLOPs) for each rows."""
+    """Achieved FLOP/s of x[rows, k] @ W[k, n] (2 rows k n FLOPs) for each rows (ascending); on
+    the CPU up to the first call slower than CPU_GEMM_CALL_LIMIT_S."""
     import torch
 
     weight = random_tensor((k, n), dtype, device)
     out = []
-    for m in rows:
+    for m in sorted(rows):
         x = random_tensor((m, k), dtype, device)
         times = time_calls(lambda x=x: torch.matmul(x, weight), reps, device, queued=True)
         out.append(Measurement(bench, {**tags, "rows": m, "k": k, "n": n, "dtype": dtype},
                                x=m, work=2.0 * m * k * n, unit="FLOP/s", times_s=times))
+        if device == "cpu" and out[-1].median_s > CPU_GEMM_CALL_LIMIT_S:
+            break
     return out
 
 
@@ -485,29 +496,43 @@ def paged_copy_series(total_bytes: int, page_sizes: Iterable[int], device: str, 
 
 #: page size of the staging-copy benchmark (the executor's default weight page)
 STAGING_PAGE_BYTES = 16 * MiB
+#: the staging copy's stage in the interference benchmark
+STAGING_STAGE = "staging_copy"
 
 
-def staging_copy(nbytes: int, reps: int) -> Measurement:
-    """Pageable -> pinned host memcpy as the executor's copy thread does it: page by page, each
-    page split over COPY_THREADS memmove threads (executor.schedule.host_copy), into a ring of
-    RING_SLOTS pinned pages (executor.schedule.WeightLink), which stays in the last-level cache.
-    The staging copy feeds the H2D transfers of weights that cannot all be pinned. Bytes copied
-    per second. (Until 2026-11-30 this timed torch's copy_ on all threads: 41.9 GB/s on the H200
-    host, while the executor's copy thread moved about 20 GB/s; until 2026-12-01 it copied into
-    one pinned buffer as large as the source: 11.4 GB/s on the H200 host, while the executor's
-    copy thread moved 18.4 GB/s.)"""
+@contextlib.contextmanager
+def staging_copy_op(nbytes: int, pinned: bool = True
+                    ) -> Iterator[tuple[Callable[[], None], int]]:
+    """(op, page bytes): op() copies `nbytes` pageable bytes as the executor's copy thread
+    does, page by page, each page split over COPY_THREADS memmove threads
+    (executor.schedule.host_copy), into a ring of RING_SLOTS pages (executor.schedule.WeightLink;
+    `pinned` on CUDA), which stays in the last-level cache."""
     from concurrent.futures import ThreadPoolExecutor
 
     from executor.schedule import COPY_THREADS, RING_SLOTS, host_copy
 
     page = min(STAGING_PAGE_BYTES, nbytes)
-    src, ring = _host_buffer(nbytes, False), _host_buffer(RING_SLOTS * page, True)
+    src, ring = _host_buffer(nbytes, False), _host_buffer(RING_SLOTS * page, pinned)
     with ThreadPoolExecutor(COPY_THREADS) as pool:
         def copy() -> None:
             for i, start in enumerate(range(0, nbytes, page)):
                 end, slot = min(start + page, nbytes), (i % RING_SLOTS) * page
                 host_copy(ring[slot:slot + end - start], src[start:end], pool, COPY_THREADS)
 
+        yield copy, page
+
+
+def staging_copy(nbytes: int, reps: int) -> Measurement:
+    """Pageable -> pinned host memcpy as the executor's copy thread does it (`staging_copy_op`).
+    The staging copy feeds the H2D transfers of weights that cannot all be pinned. Bytes copied
+    per second. (Until 2026-11-30 this timed torch's copy_ on all threads: 41.9 GB/s on the H200
+    host, while the executor's copy thread moved about 20 GB/s; until 2026-12-01 it copied into
+    one pinned buffer as large as the source: 11.4 GB/s on the H200 host, while the executor's
+    copy thread moved 18.4 GB/s.) Beside the pipeline's other stages it is slower again: the
+    interference benchmark's staging_copy stage (interference.staging_copy)."""
+    from executor.schedule import COPY_THREADS, RING_SLOTS
+
+    with staging_copy_op(nbytes) as (copy, page):
         times = time_calls(copy, reps, "cpu")
     return Measurement("pageable_to_pinned", {"bytes": nbytes, "page_bytes": page,
                                               "threads": COPY_THREADS, "ring_pages": RING_SLOTS,
@@ -791,15 +816,19 @@ def _run_concurrently(stages: list[Stage], window_s: float) -> dict[str, tuple[i
 
 
 def interference(stages: list[Stage], window_s: float,
-                 pairs: Iterable[tuple[str, str]] = ()) -> list[Measurement]:
+                 pairs: Iterable[tuple[str, str]] = (), beside: Stage | None = None
+                 ) -> list[Measurement]:
     """Each stage alone, then all together, each for `window_s`: one Measurement per stage and
     mode whose rate is work done / time. Slowdown of a stage = solo rate / together rate. A
     stage that times its launches (`Stage.launches`) also gives an 'interference_launch'
     Measurement per mode: launches per host second. Each of `pairs` (stage names) also runs on
-    its own, mode 'a+b' (benchmarks/diag_interference.py: which stage slows which)."""
+    its own, mode 'a+b' (benchmarks/diag_interference.py: which stage slows which). `beside`, a
+    stage that runs only in some schedules (the staging copy), runs alone and beside all of
+    `stages` (mode 'beside'), and is not part of 'together'."""
     out = []
-    by_name = {s.name: s for s in stages}
-    runs = ([("solo", [s]) for s in stages] + [("together", stages)]
+    by_name = {s.name: s for s in [*stages, *([beside] if beside else [])]}
+    runs = ([("solo", [s]) for s in by_name.values()] + [("together", stages)]
+            + ([("beside", [*stages, beside])] if beside else [])
             + [(f"{a}+{b}", [by_name[a], by_name[b]]) for a, b in pairs])
     for mode, group in runs:
         for name, (count, elapsed_s) in _run_concurrently(group, window_s).items():
@@ -1142,10 +1171,14 @@ def benchmark_plan(config: ProfileConfig, env: Environment, spec: ModelSpec,
             executor_attention_threads(env.threads), config.attn_cold_bytes,
             config.attn_gap_s)))
     def overlap() -> list[Measurement]:
-        # CPU attention on the executor's threads, as its solo curve above is measured
-        with torch_threads(executor_attention_threads(env.threads)):
+        # CPU attention on the executor's threads, as its solo curve above is measured; the
+        # staging copy beside the three stages (cgopipe) and beside the link alone (serial)
+        nbytes = config.interference_copy_bytes
+        with torch_threads(executor_attention_threads(env.threads)), \
+                staging_copy_op(nbytes, pinned=cuda) as (copy, _):
             return interference(interference_stages(config, spec, dev),
-                                config.interference_window_s)
+                                config.interference_window_s, [(STAGING_STAGE, "link")],
+                                Stage(STAGING_STAGE, copy, nbytes, "B/s"))
 
     plan.append(("overlap interference", overlap))
     if cuda:
@@ -1400,6 +1433,20 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
             f"measured {date}: {stage} alone {_fmt_rate(solo.rate, solo.unit)}, with the other "
             f"two stages {_fmt_rate(together.rate, together.unit)} ({solo.median_s:.1f} s "
             f"windows); ratio {slowdown_raw[stage]:.3f}, floored at 1")
+    copy_runs = {m.params["mode"]: m for m in ms
+                 if m.bench == "interference" and m.params["stage"] == STAGING_STAGE}
+    for field_name, mode, beside in (("staging_copy", "beside", "the other three stages"),
+                                     ("staging_copy_serial", f"{STAGING_STAGE}+link",
+                                      "the link's pinned copies alone")):
+        if {"solo", mode} <= copy_runs.keys():
+            solo, with_others = copy_runs["solo"], copy_runs[mode]
+            slowdown_raw[field_name] = solo.rate / with_others.rate
+            slowdown[field_name] = max(1.0, slowdown_raw[field_name])
+            sources[f"interference.{field_name}"] = (
+                f"measured {date}: the staging copy ({fmt_bytes(solo.x)} per op, "
+                f"executor.schedule.host_copy) alone {_fmt_rate(solo.rate, solo.unit)}, beside "
+                f"{beside} {_fmt_rate(with_others.rate, with_others.unit)}; ratio "
+                f"{slowdown_raw[field_name]:.3f}, floored at 1")
     launch_runs = {m.params["mode"]: m for m in ms if m.bench == "interference_launch"}
     if {"solo", "together"} <= launch_runs.keys():
         solo, together = launch_runs["solo"], launch_runs["together"]
@@ -1562,6 +1609,8 @@ def _summary_rows(profile: HardwareProfile) -> list[tuple[str, str]]:
              ("interference link / gpu / cpu attn / launch",
               f"{i.link:.2f} / {i.gpu:.2f} / {i.cpu_attention:.2f} / "
               + (f"{i.launch:.2f}" if i.launch else "not measured")),
+             ("interference staging copy (cgopipe / serial)",
+              f"{i.staging_copy:.2f} / {i.staging_copy_serial:.2f}"),
              ("attention hand-off / KV gather",
               f"{profile.gpu.attention_handoff_s * 1e6:.0f} us / "
               + (_fmt_rate(lk.kv_gather_bps, "B/s") if lk.kv_gather_bps else "not measured"))]

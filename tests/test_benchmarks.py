@@ -44,6 +44,19 @@ def test_bench_continuous_dry_run_plans_both_schedulers(tmp_path) -> None:
         assert f"[static {kind}]" in proc.stdout and f"[continuous {kind}]" in proc.stdout
 
 
+def test_bench_continuous_compares_job_and_steady_state() -> None:
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.bench_continuous import compare
+
+    runs = [{"scheduler": "static", "workload_kind": "rag", "useful_throughput_tok_s": 1000.0},
+            {"scheduler": "continuous", "workload_kind": "rag", "useful_throughput_tok_s": 1500.0,
+             "continuous": {"passes": 300},
+             "steady": {"passes": [100, 180], "throughput_tok_s": 2500.0}}]
+    assert compare("rag", runs) == ("[rag] static 1,000 tok/s; continuous job 1,500 (1.50x), "
+                                    "steady state 2,500 (2.50x; passes 100-180 of 300)")
+    assert "a run failed" in compare("rag", runs[:1])
+
+
 def test_attention_bench_times_every_kernel_on_small_shapes() -> None:
     """bench_executor --attention's measurement on shapes a 2-core machine runs in seconds,
     including a context that ends mid-block (the KV cache holds whole blocks)."""

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from executor.scheduler import simulate
 from hrm.continuous import (
+    STEADY_FRACTION,
     LengthStats,
     PassShape,
     block_passes,
@@ -20,6 +21,7 @@ from hrm.continuous import (
     pass_model,
     predict_continuous,
     predict_passes,
+    steady_window,
 )
 from hrm.cost import GPU_USABLE_FRACTION, cost_terms
 from hrm.errors import InfeasibleError, PolicyError
@@ -132,6 +134,27 @@ def test_steady_state_matches_the_schedulers_dry_run(kind):
     assert stats.preemptions == 0
     assert traced.throughput_tok_s == pytest.approx(pred.job_throughput_tok_s, rel=0.10)
     assert traced.throughput_tok_s < pred.throughput_tok_s * 1.02
+
+
+@given(st.lists(st.integers(0, 64), max_size=40))
+def test_steady_window_spans_the_full_passes(decoding):
+    """The window runs from the first to the last pass at >= STEADY_FRACTION of the most
+    decoding sequences, so it holds every such pass and begins and ends on one."""
+    shapes = [PassShape(d, 10.0 * d, 0, 0) for d in decoding]
+    window = steady_window(shapes)
+    peak = max(decoding, default=0)
+    full = [i for i, d in enumerate(decoding) if peak and d >= STEADY_FRACTION * peak]
+    assert set(full) <= set(window)
+    if full:
+        assert window.start == full[0] and window.stop - 1 == full[-1]
+    else:
+        assert not window
+
+
+def test_steady_window_leaves_out_ramp_up_and_drain():
+    running = [1, 2, 4, 8, 10, 10, 9, 10, 10, 6, 3, 1]
+    window = steady_window([PassShape(r, 0, 0, 0) for r in running])
+    assert (window.start, window.stop) == (4, 9)
 
 
 def test_optimizer_takes_the_largest_r_w_that_fits():

@@ -100,6 +100,13 @@ def test_hrm_run_scheduler_continuous(tmp_path, hrm_cli):
     assert result["scheduler"] == "continuous" and result["generated_tokens"] == 16 * 6
     assert result["continuous"]["passes"] == result["prediction"]["passes"]
     assert result["predicted_throughput_tok_s"] > 0
+    steady = result["steady"]   # the passes between ramp-up and drain, measured and predicted
+    first, last = steady["passes"]
+    assert 0 <= first <= last < result["continuous"]["passes"]
+    assert 0 < steady["generated_tokens"] <= result["generated_tokens"]
+    assert steady["throughput_tok_s"] == pytest.approx(steady["generated_tokens"]
+                                                       / steady["seconds"])
+    assert steady["predicted_throughput_tok_s"] > 0
     outputs = {name: (tmp_path / f"{name}_result.outputs.jsonl").read_text()
                for name in ("static", "continuous")}
     assert outputs["static"] == outputs["continuous"]

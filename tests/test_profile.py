@@ -4,6 +4,7 @@ real `hrm profile --quick --device cpu` run through the CLI."""
 import dataclasses
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -34,6 +35,8 @@ CPU_GEMM_CURVE = SaturatingCurve(peak=1.4e12, half=64.0)
 SLOWDOWN = {"link": 1.25, "gpu": 0.9, "cpu_attention": 1.1}
 #: the GPU stage's kernel launches, together / alone
 LAUNCH_SLOWDOWN = 1.3
+#: the staging copy alone / beside the three stages, and / beside the link alone
+COPY_SLOWDOWN, COPY_SLOWDOWN_SERIAL = 1.6, 1.3
 
 
 def _m(bench, params, x, work, rate, unit="B/s", reps=5):
@@ -107,6 +110,10 @@ def synthetic_measurements(standin=False):
         for mode, rate in (("solo", solo_rate), ("together", solo_rate / SLOWDOWN[stage])):
             ms.append(Measurement("interference", {"stage": stage, "mode": mode, "ops": 100},
                                   x=1e6, work=rate * 2.0, unit=unit, times_s=(2.0,)))
+    for mode, rate in (("solo", 27e9), ("beside", 27e9 / COPY_SLOWDOWN),
+                       ("staging_copy+link", 27e9 / COPY_SLOWDOWN_SERIAL)):
+        ms.append(Measurement("interference", {"stage": "staging_copy", "mode": mode, "ops": 10},
+                              x=64 * MiB, work=rate * 2.0, unit="B/s", times_s=(2.0,)))
     for mode, per_op_s in (("solo", 8e-6), ("together", 8e-6 * LAUNCH_SLOWDOWN)):
         ms.append(Measurement("interference_launch", {"stage": "gpu", "mode": mode, "ops": 6400},
                               x=1, work=6400.0, unit="op/s", times_s=(6400 * per_op_s,)))
@@ -186,6 +193,9 @@ def test_build_profile_maps_measurements_onto_fields():
     inter = profile.interference
     assert (inter.link, inter.gpu, inter.cpu_attention) == pytest.approx((1.25, 1.0, 1.1))
     assert inter.launch == pytest.approx(LAUNCH_SLOWDOWN)
+    assert inter.staging_copy == pytest.approx(COPY_SLOWDOWN)
+    assert inter.staging_copy_serial == pytest.approx(COPY_SLOWDOWN_SERIAL)
+    assert "beside the other three stages" in profile.sources["interference.staging_copy"]
     assert "launches" in profile.sources["interference.launch"]
     assert profile.measurements["derived"]["interference_ratio"]["gpu"] == pytest.approx(0.9)
     for key, truth in (("gpu_gemm", GEMM_CURVE), ("h2d", H2D_CURVE),
@@ -350,14 +360,51 @@ def test_interference_runs_cpu_attention_on_the_executors_threads(monkeypatch):
 
     seen = []
     monkeypatch.setattr(prof, "interference",
-                        lambda stages, window_s: seen.append(torch.get_num_threads()) or [])
+                        lambda stages, window_s, pairs, beside:
+                        seen.append((torch.get_num_threads(), pairs, beside.name)) or [])
     env = _env("cpu")
     plan = dict(prof.benchmark_plan(prof.QUICK.for_standin(), env,
                                     load_model_spec("tiny-mixtral"), 0))
     before = torch.get_num_threads()
     plan["overlap interference"]()
-    assert seen == [executor_attention_threads(env.threads)]
+    assert seen == [(executor_attention_threads(env.threads), [("staging_copy", "link")],
+                     "staging_copy")]
     assert torch.get_num_threads() == before
+
+
+def test_a_slow_cpu_gemm_ends_its_series(monkeypatch):
+    """A CPU GEMM call over CPU_GEMM_CALL_LIMIT_S (emulated bf16) ends the series; the rows
+    measured before it stay."""
+    import hrm.profile as prof
+
+    monkeypatch.setattr(prof, "time_calls", lambda fn, reps, device, **kw:
+                        (prof.CPU_GEMM_CALL_LIMIT_S * 2,) * reps)
+    series = prof.gemm_series("cpu_gemm", 8, 8, [64, 1, 8], "fp32", "cpu", 3, {})
+    assert [m.x for m in series] == [1]
+    monkeypatch.setattr(prof, "time_calls", lambda fn, reps, device, **kw: (1e-3,) * reps)
+    assert [m.x for m in prof.gemm_series("cpu_gemm", 8, 8, [64, 1, 8], "fp32", "cpu", 3,
+                                          {})] == [1, 8, 64]
+
+
+def test_interference_runs_the_beside_stage_alone_beside_all_and_in_pairs():
+    """The staging copy runs alone, beside the three stages ('beside') and beside the link
+    ('staging_copy+link'); 'together' stays the three pipeline stages, whatever else is
+    measured."""
+    import hrm.profile as prof
+
+    def stage(name):
+        return prof.Stage(name, lambda: time.sleep(0.001), 1.0, "op/s")
+
+    ms = prof.interference([stage("link"), stage("gpu")], 0.02, [("staging_copy", "link")],
+                           stage("staging_copy"))
+    runs = {}
+    for m in ms:
+        runs.setdefault(m.params["mode"], set()).add(m.params["stage"])
+    assert runs == {"solo": {"link", "gpu", "staging_copy"}, "together": {"link", "gpu"},
+                    "beside": {"link", "gpu", "staging_copy"},
+                    "staging_copy+link": {"staging_copy", "link"}}
+    assert all(m.work > 0 for m in ms)
+    assert sum(m.params["mode"] == "solo" for m in ms) == 3
 
 
 def test_cold_attention_calls_rotate_over_enough_kv_caches(monkeypatch):
