@@ -848,11 +848,14 @@ def interference(stages: list[Stage], window_s: float,
 #: the executor run that calibrates the pipeline's GPU stage (`pipeline_calibration`): the first
 #: layers of a model, every expert streamed from pinned memory, CPU decode attention, the
 #: per-expert loop, N sequences in micro-batches of mu, prompt and generated tokens. Not a point
-#: of hrm validate's grid (its n_ub=16 is the nearest: 4 layers, 128-token prompts, 16 tokens).
-#: The shape (micro-batches of 16, enough of them to be bound by the GPU stage) was chosen on the
-#: grids of 2026-12-02, where it predicted the launch-bound configurations of each lease best
-#: (benchmarks/results/h200_2026-12-02c/README.md); later grids are its test
-CALIBRATION = {"model": "mixtral-8x7b", "layers": 2, "batch_size": 256, "micro_batch_size": 16,
+#: of hrm validate's grid (4 layers, 128-token prompts, 16 tokens; its nearest are n_ub=16,
+#: N=256 in 16 micro-batches of 16, and N=512 in 8 of 64). Micro-batches of 16 were chosen on
+#: the grids of 2026-12-02, where they predicted the launch-bound configurations of each lease
+#: best (benchmarks/results/h200_2026-12-02c/README.md). 16 of them (N=256) were bound by the
+#: link on the lease of 2026-12-02f (51.2 ms a layer, the link busy 95%; the factor 1.47 then
+#: only an upper bound, and the launch-bound configurations came out 19-20% slow): 32 of them
+#: queue about twice the GPU stage's work on the same weights. Later grids are its test
+CALIBRATION = {"model": "mixtral-8x7b", "layers": 2, "batch_size": 512, "micro_batch_size": 16,
                "prompt_len": 96, "gen_len": 8}
 #: runs of the calibration, each warmed up, whose median layer sets interference.pipeline: one
 #: run's factor moved 1.41-2.04x between grids of one lease (H200 machine, 2026-12-02d)
@@ -1435,18 +1438,23 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
             f"windows); ratio {slowdown_raw[stage]:.3f}, floored at 1")
     copy_runs = {m.params["mode"]: m for m in ms
                  if m.bench == "interference" and m.params["stage"] == STAGING_STAGE}
+    copy_bps = link_rates.get("pageable_to_pinned_bps", 0.0)
     for field_name, mode, beside in (("staging_copy", "beside", "the other three stages"),
                                      ("staging_copy_serial", f"{STAGING_STAGE}+link",
                                       "the link's pinned copies alone")):
-        if {"solo", mode} <= copy_runs.keys():
+        if {"solo", mode} <= copy_runs.keys() and copy_bps > 0:
+            # over link.pageable_to_pinned_bps (a copy from 1 GiB, as the weights are: DRAM),
+            # not over this benchmark's own solo rate (a 64 MiB source, partly cached)
             solo, with_others = copy_runs["solo"], copy_runs[mode]
-            slowdown_raw[field_name] = solo.rate / with_others.rate
+            slowdown_raw[field_name] = copy_bps / with_others.rate
             slowdown[field_name] = max(1.0, slowdown_raw[field_name])
             sources[f"interference.{field_name}"] = (
-                f"measured {date}: the staging copy ({fmt_bytes(solo.x)} per op, "
-                f"executor.schedule.host_copy) alone {_fmt_rate(solo.rate, solo.unit)}, beside "
-                f"{beside} {_fmt_rate(with_others.rate, with_others.unit)}; ratio "
-                f"{slowdown_raw[field_name]:.3f}, floored at 1")
+                f"measured {date}: the staging copy (executor.schedule.host_copy, "
+                f"{fmt_bytes(solo.x)} per op) beside {beside} "
+                f"{_fmt_rate(with_others.rate, with_others.unit)} (alone "
+                f"{_fmt_rate(solo.rate, solo.unit)}); link.pageable_to_pinned_bps "
+                f"{_fmt_rate(copy_bps, 'B/s')} over it: {slowdown_raw[field_name]:.3f}, floored "
+                "at 1")
     launch_runs = {m.params["mode"]: m for m in ms if m.bench == "interference_launch"}
     if {"solo", "together"} <= launch_runs.keys():
         solo, together = launch_runs["solo"], launch_runs["together"]
@@ -1531,7 +1539,7 @@ def _with_pipeline_factor(profile: HardwareProfile, run: Measurement, date: str
                           ) -> HardwareProfile:
     """interference.pipeline = the calibration's decode layer / the model's solo GPU stage on
     this profile (hrm.cost.gpu_stage_solo_s). Where the link was busy most of the layer, the
-    layer was the link's and the ratio a lower bound of the GPU stage's: said in the source."""
+    layer was the link's and the ratio an upper bound of the GPU stage's: said in the source."""
     from hrm.cost import gpu_stage_solo_s
 
     p = run.params
@@ -1550,7 +1558,7 @@ def _with_pipeline_factor(profile: HardwareProfile, run: Measurement, date: str
         f"{', '.join(f'{t * 1e3:.1f}' for t in run.times_s)} ms) "
         f"against {solo_s * 1e3:.1f} ms of solo GPU stage (kernels + host work); ratio "
         f"{factor:.3f}" + (f"; the link was busy {p['h2d_busy_s'] / layer_s:.0%} of the layer, "
-                           "so this is a lower bound" if link_bound else ""))}
+                           "so this is an upper bound" if link_bound else ""))}
     return dataclasses.replace(
         profile, interference=dataclasses.replace(profile.interference, pipeline=factor),
         sources=sources)
