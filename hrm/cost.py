@@ -27,14 +27,18 @@ Each stage of one decoder layer (for the whole batch) is a sum over the operator
                 gathered KV crosses the same link as the weight pages);
                 + o_l (1 / BW_copy - 1 / B_pinned): a staged page crosses at the
                 copy's pace, so the stream takes p_l / B_pinned + o_l / BW_copy
-                (the staging memcpy and the pinned pages' DMA share the memory bus: on the
-                H200 host, 2026-12-01, a 16 MiB page's memcpy took 1.1-1.4 ms while pinned
-                pages crossed and 0.7 ms alone, and a layer took about the sum)
+                (on the H200 host, 2026-12-01, a 16 MiB page's memcpy took 1.1-1.4 ms in the
+                pipeline and 0.7 ms alone, and a layer took about the sum; not the memory bus:
+                beside the link's pinned copies alone the copy keeps its solo rate, 2026-12-02f,
+                while beside CPU attention and the launching thread it loses a third)
     D2H         t = q/k/v per micro-batch (+ (1 - r_c) KV offload)
-    copy thread t = o_l / BW_copy, o_l = pinned overflow of one layer;
-                BW_copy = BW_pageable->pinned / f_copy, f_copy the profile's slowdown of the
-                staging memcpy beside the other stages (interference.staging_copy in cgopipe;
-                .staging_copy_serial, beside the link alone, in the serial schedules)
+    copy thread t = o_l / BW_copy, o_l = pinned overflow of one layer, BW_copy the profile's
+                pageable -> pinned rate (link.pageable_to_pinned_bps), measured alone. Beside
+                the three pipeline stages the copy runs slower (hrm profile's interference
+                benchmark: 1.4-1.6x on the H200 host, 2026-12-02f), but taking that rate made
+                the 12 staged runs of that session 10-30% slow, against within 10% on 10 of 12
+                with the solo rate (benchmarks/results/h200_2026-12-02f/): the series rule below
+                already holds what the copy loses beside the other stages
     all-reduce  t = calls * t_lat + 2 (G - 1) / G * S / BW_bus   (ring, G > 1 GPUs; on the GPU
                 stream, so added to the GPU stage; S = tokens * h1 * 2 bytes, 2 calls per layer)
 
@@ -384,11 +388,7 @@ def _stage_sums(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
         else:
             stages[stage] += _op_time(hw, op, factors)
     if overflow_per_layer:
-        # B_copy / f_copy: the copy always runs beside the weight DMA (WeightLink interleaves
-        # them), in cgopipe beside the GPU stage and CPU attention too
-        inter = hw.interference
-        p2p_bps = hw.link.pageable_to_pinned_bps / (inter.staging_copy if overlapped
-                                                     else inter.staging_copy_serial)
+        p2p_bps = hw.link.pageable_to_pinned_bps
         if p2p_bps > 0:
             stages["copy_thread"] += Affine(overflow=overflow_per_layer / p2p_bps)
             if num_gpus == 1:

@@ -135,11 +135,6 @@ class Interference:
     #: Where measured, it is the GPU stage's factor for kernels and host work alike
     #: (hrm.cost.gpu_factors)
     pipeline: float = 0.0
-    #: the copy thread's staging memcpy beside the other three stages (cgopipe), and beside the
-    #: link's pinned copies alone (serial schedules: the copy interleaves with the weight DMA in
-    #: every schedule); 1 where not measured
-    staging_copy: float = 1.0
-    staging_copy_serial: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -307,8 +302,7 @@ def profile_from_dict(data: dict[str, Any], origin: str = "<dict>") -> HardwareP
         inter = data.get("interference", {})
         interference = Interference(
             **{k: _number(inter, k, "interference", sources, False, 1.0)
-               for k in ("link", "gpu", "cpu_attention", "staging_copy",
-                         "staging_copy_serial")},
+               for k in ("link", "gpu", "cpu_attention")},
             launch=_number(inter, "launch", "interference", sources, False, 0.0),
             pipeline=_number(inter, "pipeline", "interference", sources, False, 0.0))
         ic = data.get("interconnect", {})

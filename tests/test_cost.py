@@ -179,25 +179,6 @@ def test_pinned_overflow_goes_through_the_copy_thread():
     assert half.pinned_overflow_bytes == 0 and half.decode_layer.copy_thread_s == 0
 
 
-def test_the_staging_copy_is_slowed_by_its_interference_factor():
-    """B_copy / f_copy on both legs of the staged stream (copy thread and the link's stall):
-    interference.staging_copy in cgopipe, .staging_copy_serial in the serial schedules."""
-    policy = Policy(batch_size=256, micro_batch_size=128)
-    serial = replace(policy, schedule="cgopipe-serial")
-    slow = replace(H100, interference=Interference(staging_copy=1.6, staging_copy_serial=1.3))
-    per_layer = (32 * W_LAYER - 60e9) / 32
-    for pol, f_copy in ((policy, 1.6), (serial, 1.3)):
-        a, b = predict(MIXTRAL, H100, WORK, pol), predict(MIXTRAL, slow, WORK, pol)
-        assert b.decode_layer.copy_thread_s == pytest.approx(f_copy * a.decode_layer.copy_thread_s)
-        assert b.decode_layer.h2d_s - a.decode_layer.h2d_s == pytest.approx(
-            per_layer * (f_copy - 1) / 42e9)
-        assert b.throughput_tok_s < a.throughput_tok_s
-    # nothing staged: the factor changes nothing
-    half = replace(policy, weights_gpu_fraction=0.5)
-    assert predict(MIXTRAL, slow, WORK, half).throughput_tok_s == \
-        predict(MIXTRAL, H100, WORK, half).throughput_tok_s
-
-
 def test_fitted_curves_replace_the_peaks():
     policy = Policy(batch_size=512, micro_batch_size=128)
     slow_gemm = replace(T4, curves={"gpu_gemm": SaturatingCurve(peak=20e12, half=64.0)})
