@@ -370,8 +370,8 @@ def run_continuous(model: str, policy: Policy, *, device: torch.device, prompts:
                                    "passes": traced.num_passes,
                                    "binding_passes": traced.bottlenecks}
             if extra["steady"] is not None:   # the same passes, predicted
-                window = steady_window(stats.shapes)
-                steady = predict_passes(passes, stats.shapes[window.start:window.stop])
+                first, last = extra["steady"]["passes"]
+                steady = predict_passes(passes, stats.shapes[first:last + 1])
                 extra["steady"]["predicted_throughput_tok_s"] = steady.throughput_tok_s
         except HRMError as exc:
             extra["prediction"] = {"throughput_tok_s": None, "prefill_s": None,

@@ -37,8 +37,8 @@ Each stage of one decoder layer (for the whole batch) is a sum over the operator
                 the three pipeline stages the copy runs slower (hrm profile's interference
                 benchmark: 1.4-1.6x on the H200 host, 2026-12-02f), but taking that rate made
                 the 12 staged runs of that session 10-30% slow, against within 10% on 10 of 12
-                with the solo rate (benchmarks/results/h200_2026-12-02f/): the series rule below
-                already holds what the copy loses beside the other stages
+                with the solo rate (benchmarks/results/h200_2026-12-02f/): the H2D stage's
+                series rule above already holds what the copy loses beside the other stages
     all-reduce  t = calls * t_lat + 2 (G - 1) / G * S / BW_bus   (ring, G > 1 GPUs; on the GPU
                 stream, so added to the GPU stage; S = tokens * h1 * 2 bytes, 2 calls per layer)
 

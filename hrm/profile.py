@@ -1178,7 +1178,7 @@ def benchmark_plan(config: ProfileConfig, env: Environment, spec: ModelSpec,
             config.attn_gap_s)))
     def overlap() -> list[Measurement]:
         # CPU attention on the executor's threads, as its solo curve above is measured; the
-        # staging copy beside the three stages (cgopipe) and beside the link alone (serial)
+        # staging copy beside the three stages and beside the link alone (recorded: hrm.cost)
         nbytes = config.interference_copy_bytes
         with torch_threads(executor_attention_threads(env.threads)), \
                 staging_copy_op(nbytes, pinned=cuda) as (copy, _):
@@ -1443,7 +1443,8 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
     # interference_ratio), not applied (hrm.cost: the copy thread's rate is the solo one)
     copy_runs = {m.params["mode"]: m for m in ms
                  if m.bench == "interference" and m.params["stage"] == STAGING_STAGE}
-    for key, mode in ((STAGING_STAGE, "beside"), *((f"{STAGING_STAGE}+link",) * 2,)):
+    for key, mode in ((STAGING_STAGE, "beside"),
+                      (f"{STAGING_STAGE}+link", f"{STAGING_STAGE}+link")):
         if {"solo", mode} <= copy_runs.keys():
             slowdown_raw[key] = copy_runs["solo"].rate / copy_runs[mode].rate
     launch_runs = {m.params["mode"]: m for m in ms if m.bench == "interference_launch"}
@@ -1608,7 +1609,6 @@ def _summary_rows(profile: HardwareProfile) -> list[tuple[str, str]]:
              ("interference link / gpu / cpu attn / launch",
               f"{i.link:.2f} / {i.gpu:.2f} / {i.cpu_attention:.2f} / "
               + (f"{i.launch:.2f}" if i.launch else "not measured")),
-
              ("attention hand-off / KV gather",
               f"{profile.gpu.attention_handoff_s * 1e6:.0f} us / "
               + (_fmt_rate(lk.kv_gather_bps, "B/s") if lk.kv_gather_bps else "not measured"))]
