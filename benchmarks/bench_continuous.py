@@ -41,6 +41,7 @@ from benchmarks.bench_executor import (  # noqa: E402
     layer_gpu_bytes,
     run_cli,
 )
+from executor.cli import pin_budget_bytes  # noqa: E402
 from hrm.continuous import optimize_continuous  # noqa: E402
 from hrm.hardware import load_profile  # noqa: E402
 from hrm.model import load_model_spec  # noqa: E402
@@ -102,7 +103,8 @@ def main() -> None:
     cpu_full = min(host_bytes, hw.cpu.memory_bytes)
     bench = layer_bench(config, args.layers, hw, host_bytes, args.out, "continuous")
     limits = bench.limits
-    hw_full = hw.with_memory(gpu_memory_bytes=args.gpu_mem * GiB, cpu_memory_bytes=cpu_full)
+    hw_full = hw.with_memory(gpu_memory_bytes=args.gpu_mem * GiB, cpu_memory_bytes=cpu_full,
+                             pinned_max_bytes=pin_budget_bytes(hw, host_bytes))
 
     started = time.perf_counter()
     for kind in args.workloads:

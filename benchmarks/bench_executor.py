@@ -35,6 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from executor.cli import host_memory_bytes, pin_budget_bytes  # noqa: E402
 from hrm.hardware import HardwareProfile, load_profile, save_profile  # noqa: E402
 from hrm.io import write_json_atomic  # noqa: E402
 from hrm.model import load_model_spec  # noqa: E402
@@ -104,8 +105,6 @@ def host_memory(host_mem_gib: float | None, hw: HardwareProfile
     """Host bytes the full model may use (--host-mem, else what the OS reports) and the profile
     with that CPU memory when --host-mem is given (the profile's CPU memory is what the host
     showed when it was profiled)."""
-    from executor.cli import host_memory_bytes
-
     if not host_mem_gib:
         return host_memory_bytes(), hw
     return host_mem_gib * GiB, hw.with_memory(cpu_memory_bytes=host_mem_gib * GiB)
@@ -115,7 +114,7 @@ def layer_bench(config: dict, layers: int, hw: HardwareProfile, host_bytes: floa
                 name: str) -> LayerBench:
     """Write the L-layer config into a fresh work dir and size the L-layer limits."""
     limits = scaled_limits(layers, min(host_bytes, hw.cpu.memory_bytes),
-                           min(hw.link.pinned_max_bytes, 0.45 * host_bytes))
+                           pin_budget_bytes(hw, host_bytes))
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     layer_config = workdir / f"mixtral-8x7b-{layers}layers.json"
     layer_config.write_text(json.dumps(dict(config, num_hidden_layers=layers,
@@ -379,8 +378,10 @@ def main() -> None:
     host_bytes, hw = host_memory(args.host_mem, load_profile(args.hardware))
     bench = layer_bench(config, args.layers, hw, host_bytes, args.out, "executor")
     limits, workdir, results = bench.limits, bench.workdir, bench.results
+    # the optimizer sees the pinned budget the runs get (bench.limits' is its L/32 share)
     hw_full = hw.with_memory(gpu_memory_bytes=args.gpu_mem * GiB,
-                             cpu_memory_bytes=min(host_bytes, hw.cpu.memory_bytes))
+                             cpu_memory_bytes=min(host_bytes, hw.cpu.memory_bytes),
+                             pinned_max_bytes=pin_budget_bytes(hw, host_bytes))
     common = ["--model", str(bench.layer_config), "--dummy-weights", "--device", "cuda",
               "--pin-mem", f"{limits['pin_bytes'] / GiB:.4f}", "--ignore-eos",
               "--synthetic", "mtbench"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import platform
 import random
@@ -26,6 +27,7 @@ from typing import Any
 import typer
 
 from hrm.errors import HardwareProfileError, HRMError, InfeasibleError, PolicyError
+from hrm.hardware import HardwareProfile, load_profile
 from hrm.io import write_json_atomic, write_text_atomic
 from hrm.units import GiB
 from hrm.workload import Workload, synthetic_workload
@@ -98,6 +100,21 @@ def host_memory_bytes() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+#: share of host memory the executor pins when no probed limit is known (the GPU machine pins
+#: one 60 GB allocation of its 125 GiB and fails at 70 GB: shared/hardware/h100-machine.md)
+DEFAULT_PIN_SHARE = 0.45
+
+
+def pin_budget_bytes(hw: HardwareProfile | None, host_bytes: float | None = None) -> float:
+    """Bytes the executor may pin: the profile's probed limit (`hrm profile`'s pin probe) when
+    it has one, else DEFAULT_PIN_SHARE of host memory (`host_bytes`, default what the OS
+    reports). The one budget that `hrm run`, `hrm validate` and the benchmarks give both the
+    optimizer and the run."""
+    if hw is not None and math.isfinite(hw.link.pinned_max_bytes):
+        return hw.link.pinned_max_bytes
+    return DEFAULT_PIN_SHARE * (host_memory_bytes() if host_bytes is None else host_bytes)
+
+
 def run_command(
     model: str = typer.Option("mixtral-8x7b", "--model", help="shipped model name or config.json"),
     dummy_weights: bool = typer.Option(False, "--dummy-weights",
@@ -159,7 +176,6 @@ def run_command(
     from executor.trace import chrome_trace, decode_busy_s
     from executor.weights import read_model
     from hrm.cli import console, emit_json
-    from hrm.hardware import load_profile
     from hrm.policy import Policy
 
     if scheduler not in ("static", "continuous"):
@@ -212,12 +228,7 @@ def run_command(
     if hw is not None:
         hw = hw.with_memory(gpu_memory_bytes=gpu_limit if gpu_limit < float("inf") else None,
                             cpu_memory_bytes=cpu_limit)
-    if pin_mem is not None:
-        pin_budget = pin_mem * GiB
-    elif hw is not None and hw.link.pinned_max_bytes < float("inf"):
-        pin_budget = hw.link.pinned_max_bytes
-    else:
-        pin_budget = 0.45 * host_memory_bytes()
+    pin_budget = pin_mem * GiB if pin_mem is not None else pin_budget_bytes(hw)
     if hw is not None:  # the optimizer and the prediction see the pinned budget the run uses
         hw = hw.with_memory(pinned_max_bytes=pin_budget)
     if optimize_policy:

@@ -70,6 +70,7 @@ from hrm.errors import HRMError, InfeasibleError, PolicyError
 from hrm.model import ModelSpec
 from hrm.policy import Policy
 from hrm.units import fmt_bytes
+from hrm.workload import Workload
 
 
 @dataclass(frozen=True)
@@ -98,24 +99,13 @@ class MemoryPlan:
                                       f"{where.lower()}-mem")
 
 
-def prefill_tokens_per_micro_batch(prompt_lens: list[int], micro_batch_size: int) -> int:
-    """Most prompt tokens any micro-batch prefills (sequences run longest first)."""
-    lens = sorted(prompt_lens, reverse=True)
-    return max(sum(lens[s:s + micro_batch_size]) for s in range(0, len(lens), micro_batch_size))
-
-
-def slot_capacities(prompt_lens: list[int], gen_len: int, batch_size: int) -> list[int]:
-    """Tokens each KV slot must hold: sequences run longest prompt first, in rounds of
-    batch_size, so slot r holds at most the r-th longest prompt + gen_len."""
-    return [n + gen_len for n in sorted(prompt_lens, reverse=True)[:batch_size]]
-
-
 def plan_memory(spec: ModelSpec, policy: Policy, resident: list[int], prompt_lens: list[int],
                 gen_len: int, kv_block_tokens: int = BLOCK_TOKENS) -> MemoryPlan:
     """Memory of weights (dense + resident experts + 2 staging buffers on the GPU, streamed
     experts in CPU memory), KV cache (the first r_c of the micro-batches on the GPU, each slot
-    sized by `slot_capacities`) and GPU workspace."""
-    capacities = slot_capacities(prompt_lens, gen_len, policy.batch_size)
+    sized by `Workload.slot_capacities`, the cost model's rule) and GPU workspace."""
+    workload = Workload.from_lens(prompt_lens, gen_len)
+    capacities = workload.slot_capacities(policy.batch_size)
     w_elem = int(torch.empty((), dtype=torch_dtype(policy.weight_dtype)).element_size())
     kv_dtype = torch_dtype(policy.kv_dtype)
     expert = spec.expert_params() * w_elem
@@ -123,7 +113,7 @@ def plan_memory(spec: ModelSpec, policy: Policy, resident: list[int], prompt_len
     n_gpu_mb = round(policy.kv_gpu_fraction * policy.num_micro_batches) \
         if policy.attn_decode_device == "gpu" else 0
     gpu_slots = n_gpu_mb * policy.micro_batch_size
-    prefill_tokens = prefill_tokens_per_micro_batch(prompt_lens, policy.micro_batch_size)
+    prefill_tokens = workload.prefill_tokens_per_micro_batch(policy.micro_batch_size)
     gpu = {"dense weights": spec.dense_params() * w_elem,
            "resident experts": sum(resident) * expert,
            "weight staging (2 buffers)": 2 * max(streamed, default=0),
@@ -536,7 +526,8 @@ class Engine:
         """Generate `gen_len` tokens for every prompt; outputs in input order (cut after EOS)."""
         if not prompts or any(not p for p in prompts):
             raise HRMError("every prompt needs at least one token")
-        caps = slot_capacities([len(p) for p in prompts], gen_len, self.policy.batch_size)
+        caps = Workload.from_lens([len(p) for p in prompts], gen_len).slot_capacities(
+            self.policy.batch_size)
         if any(need > cap for need, cap in zip(caps, self.plan.capacities, strict=False)):
             raise HRMError("these prompts + gen_len do not fit the KV slots the engine was "
                            "built for; build it for these prompt lengths and gen_len")

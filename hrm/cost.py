@@ -623,8 +623,12 @@ def _memory_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
     routed_bytes = model.routed_expert_bytes(policy.weight_dtype)
     layer_bytes = model.routed_expert_bytes_per_layer(policy.weight_dtype)
     kv_token_layer = kv_bytes_per_token_layer(model, policy.kv_dtype)
-    kv_tokens = whole_block_tokens(workload.max_seq_len)
-    kv_bytes = n * kv_tokens * model.kv_bytes_per_token(policy.kv_dtype)
+    # the KV slots as the executor sizes them (Workload.slot_capacities), in whole blocks; with
+    # GPU attention the GPU holds the longest r_c of them, bounded by r_c N (s_max + n) tokens
+    kv_token = model.kv_bytes_per_token(policy.kv_dtype)
+    kv_bytes = sum(whole_block_tokens(c) for c in workload.slot_capacities(n)) * kv_token
+    kv_gpu_bytes = n * whole_block_tokens(workload.max_seq_len) * kv_token
+    prefill_tokens = workload.prefill_tokens_per_micro_batch(mu)
     qkv, out = qkv_elements_per_token(model), attn_out_elements_per_token(model)
     widest_ffn = max(2 * model.expert_intermediate_size * k, 2 * model.shared_intermediate_size,
                      2 * model.dense_intermediate_size)
@@ -645,7 +649,7 @@ def _memory_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
         weights[STAGING_TERM] = (
             one_minus(2.0 * layer_bytes * expert_share, "r_w")
             + Affine(const=2.0 * expert_rounding))
-    kv_gpu = ({"KV cache": Affine(r_c=kv_bytes * kv_share)}
+    kv_gpu = ({"KV cache": Affine(r_c=kv_gpu_bytes * kv_share)}
               if policy.attn_decode_device == "gpu" else {})
 
     # decode: the batch's residual stream + one micro-batch's activations + logits
@@ -654,15 +658,14 @@ def _memory_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
     if policy.attn_decode_device == "gpu":   # double-buffered KV of a micro-batch from the CPU
         gpu_decode["KV staging"] = one_minus(
             2.0 * mu * workload.max_seq_len * kv_token_layer * kv_share, "r_c")
-    # prefill: the largest micro-batch, mu * s_max tokens, as the executor sizes it
-    prefill_ws = prefill_workspace_bytes(model, policy, mu * workload.max_prompt_len,
-                                         workload.max_seq_len, act)
+    # prefill: the largest micro-batch (its mu longest prompts), as the executor sizes it
+    prefill_ws = prefill_workspace_bytes(model, policy, prefill_tokens, workload.max_seq_len, act)
     gpu_prefill = {**weights, **kv_gpu, "activations": Affine(const=prefill_ws)}
 
     # pinned CPU buffers, all allocated up front (`pinned_slot_bytes`), by each of the G
     # processes for its 1/G of the heads
     buffers = g * sum(pinned_slot_bytes(
-        model, mu, n_ub, mu * workload.max_prompt_len, policy.attn_decode_device == "cpu",
+        model, mu, n_ub, prefill_tokens, policy.attn_decode_device == "cpu",
         dtype_bytes(policy.kv_dtype), act, head_share=1.0 / g).values())
     finite_pin = math.isfinite(hw.link.pinned_max_bytes)
     ring = (g * STAGING_RING_PAGES * pinned_allocation_bytes(policy.weight_page_bytes)

@@ -949,7 +949,7 @@ def validate_command(
     from rich.progress import Progress
     from rich.table import Table
 
-    from executor.cli import _truncated_config, host_memory_bytes, machine_info
+    from executor.cli import _truncated_config, host_memory_bytes, machine_info, pin_budget_bytes
     from executor.weights import read_model
     from hrm.cli import console, emit_json
     from hrm.hardware import load_profile
@@ -994,8 +994,7 @@ def validate_command(
     hw = hw.with_memory(gpu_memory_bytes=gpu_limit, cpu_memory_bytes=cpu_limit)
     if device.type == "cuda" and gpu_limit < gpu_total:
         torch.cuda.set_per_process_memory_fraction(gpu_limit / gpu_total, device)
-    pin = hw.link.pinned_max_bytes if math.isfinite(hw.link.pinned_max_bytes) \
-        else 0.45 * host_memory_bytes()
+    pin = pin_budget_bytes(hw)
     setup = Setup(model_arg, spec, hw, device, gpu_limit, cpu_limit, pin, seed)
     checked = check_profile(hw, spec, device_name, console, quiet=as_json) if spot_check else None
 

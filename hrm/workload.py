@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -70,6 +71,24 @@ class Workload:
     def max_seq_len(self) -> int:
         """Longest context any sequence reaches (tokens): the KV cache is sized for it."""
         return self.max_prompt_len + self.gen_len
+
+    @cached_property
+    def prompt_lens_longest_first(self) -> tuple[int, ...]:
+        """Every sequence's prompt length (tokens), longest first: the order a static batch runs
+        them in (executor.engine.Engine.generate)."""
+        return tuple(sorted(self.prompt_lens, reverse=True)) if self.prompt_lens \
+            else (self.prompt_len,) * self.num_seqs
+
+    def slot_capacities(self, batch_size: int) -> list[int]:
+        """Tokens each KV slot of a static batch must hold: sequences run longest prompt first,
+        in rounds of `batch_size`, so slot r holds at most the r-th longest prompt + gen_len. The
+        one sizing rule of the cost model's KV term and the executor's memory plan."""
+        return [p + self.gen_len for p in self.prompt_lens_longest_first[:batch_size]]
+
+    def prefill_tokens_per_micro_batch(self, micro_batch_size: int) -> int:
+        """Most prompt tokens any prefill micro-batch holds: with prompts longest first, the
+        first `micro_batch_size` of them."""
+        return sum(self.prompt_lens_longest_first[:micro_batch_size])
 
     @property
     def mean_decode_context(self) -> float:

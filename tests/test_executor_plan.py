@@ -8,12 +8,13 @@ torch = pytest.importorskip("torch")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from executor.engine import plan_memory, slot_capacities  # noqa: E402
+from executor.engine import plan_memory  # noqa: E402
 from executor.kv_cache import KVCache, kv_cache_bytes  # noqa: E402
 from executor.weights import resident_experts_per_layer  # noqa: E402
 from hrm.errors import InfeasibleError  # noqa: E402
 from hrm.model import load_model_spec  # noqa: E402
 from hrm.policy import Policy  # noqa: E402
+from hrm.workload import Workload  # noqa: E402
 
 MIXTRAL = load_model_spec("mixtral-8x7b")
 
@@ -35,7 +36,7 @@ def test_resident_experts_realize_r_w_in_whole_experts(r_w: float) -> None:
 @given(prompt_lens=st.lists(st.integers(1, 300), min_size=1, max_size=40),
        gen_len=st.integers(1, 64), block=st.sampled_from([16, 64]))
 def test_kv_cache_is_sized_exactly_in_blocks(prompt_lens, gen_len, block) -> None:
-    caps = slot_capacities(prompt_lens, gen_len, batch_size=len(prompt_lens))
+    caps = Workload.from_lens(prompt_lens, gen_len).slot_capacities(len(prompt_lens))
     blocks = sum(-(-c // block) for c in caps)
     per_token = MIXTRAL.kv_bytes_per_token("bf16")  # all layers, K and V
     assert kv_cache_bytes(MIXTRAL, caps, torch.bfloat16, block) == blocks * block * per_token
@@ -72,7 +73,6 @@ def test_plan_and_cost_model_count_the_same_pinned_slots(mu, n_ub, prompt, attn)
     sizes torch's pinned allocator gives them are the cost model's activation buffers."""
     from hrm.cost import memory_footprint
     from hrm.hardware import load_profile
-    from hrm.workload import Workload
 
     policy = Policy(batch_size=mu * n_ub, micro_batch_size=mu, attn_decode_device=attn)
     plan = plan_memory(MIXTRAL, policy, resident_experts_per_layer(MIXTRAL, 0.0),
@@ -84,6 +84,36 @@ def test_plan_and_cost_model_count_the_same_pinned_slots(mu, n_ub, prompt, attn)
     # a 48 x 100-token parking slot asks for 37.5 MiB and takes 64
     if (mu, prompt) == (48, 100):
         assert plan.cpu["prefill parking (pinned)"] == n_ub * 64 * 2**20
+
+
+@settings(max_examples=40, deadline=None)
+@given(prompt_lens=st.lists(st.integers(1, 600), min_size=1, max_size=300),
+       gen_len=st.integers(1, 256), mu=st.integers(1, 64), n_ub=st.integers(1, 8),
+       attn=st.sampled_from(["cpu", "gpu"]))
+def test_cost_model_sizes_ragged_kv_and_prefill_as_the_executor(prompt_lens, gen_len, mu, n_ub,
+                                                                 attn) -> None:
+    """With ragged prompts the cost model's CPU KV cache, prefill workspace and pinned slots are
+    the executor plan's bytes: both size slot r for the r-th longest prompt + gen_len and the
+    prefill micro-batch for the mu longest prompts (not N or mu times the longest)."""
+    from hrm.cost import cost_terms, memory_footprint
+    from hrm.hardware import load_profile
+
+    hw = load_profile("h100-machine")
+    batch_size = mu * n_ub
+    policy = Policy(batch_size=batch_size, micro_batch_size=mu, attn_decode_device=attn)
+    workload = Workload.from_lens(prompt_lens, gen_len)
+    plan = plan_memory(MIXTRAL, policy, resident_experts_per_layer(MIXTRAL, 0.0), prompt_lens,
+                       gen_len)
+    model = memory_footprint(MIXTRAL, hw, workload, policy)
+    assert model.cpu_breakdown["KV cache"] == pytest.approx(plan.cpu["KV cache"], rel=1e-12)
+    pinned = sum(v for k, v in plan.cpu.items() if k.endswith("(pinned)"))
+    assert model.cpu_breakdown["activation buffers"] == pytest.approx(pinned, rel=1e-12)
+    prefill_ws = cost_terms(MIXTRAL, hw, workload, policy).gpu_memory["prefill"][
+        "activations"](0.0, 0.0, 0.0)
+    assert prefill_ws == pytest.approx(plan.gpu["activation workspace"], rel=1e-12)
+    # the sorted order never sizes a slot or a micro-batch below what it holds
+    assert plan.capacities[0] == max(prompt_lens) + gen_len
+    assert sum(plan.capacities) <= min(batch_size, len(prompt_lens)) * plan.capacities[0]
 
 
 @pytest.mark.parametrize(("model", "hardware", "gpu_gib", "prompt", "gen"), [
@@ -100,7 +130,6 @@ def test_the_optimizers_policy_passes_the_executors_memory_plan(model, hardware,
     from hrm.hardware import load_profile
     from hrm.optimize import optimize
     from hrm.units import GiB
-    from hrm.workload import Workload
 
     spec = load_model_spec(model)
     hw = load_profile(hardware).with_memory(
