@@ -6,10 +6,10 @@ GPU. Of the routed experts, r_w = weights_gpu_fraction is realized in whole expe
 experts, plus one for i < R mod l), so the realized fraction R / (l * n_e) is within 1 / (2 l n_e)
 of r_w. The other experts of a layer live in one flat CPU buffer, [w13_e | w2_e] per expert, cut
 into pages of `weight_page_bytes` that stream to the GPU. The buffers are page-locked in place
-while the pinned budget lasts: whole layers first, then the whole pages of one more layer that
-still fit (`pin_plan`), so the bytes left pageable are what the cost model's pinned overflow
-o = max(0, streamed bytes - pinnable) counts. Pageable pages go through the pinned staging ring
-of the link (executor/schedule.py).
+while the pinned budget lasts, in whole pages spread so that every layer leaves the same bytes
+pageable (`pin_plan`): the bytes left pageable are what the cost model's pinned overflow
+o = max(0, streamed bytes - pinnable) counts, o / l_moe of them in each layer. Pageable pages go
+through the pinned staging ring of the link (executor/schedule.py).
 
 Weights come from a local Hugging Face checkpoint (config.json + *.safetensors, read lazily
 tensor by tensor straight into the pages) or are random at the real shapes: a random tile is
@@ -23,6 +23,7 @@ tensors (router, norms, embeddings, LM head) are equal across ranks.
 
 from __future__ import annotations
 
+import heapq
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -233,17 +234,25 @@ def _allocate_store(spec: ModelSpec, dtype: torch.dtype, device: torch.device,
 
 def pin_plan(layer_elements: list[int], element_bytes: int, budget_bytes: float,
              page_elements: int) -> list[int]:
-    """Elements to page-lock at the start of each layer's streamed buffer under `budget_bytes`:
-    whole layers in order while they fit, then the whole pages of the next layer that still
-    fit; nothing after that."""
-    plan, left = [], budget_bytes
-    for n in layer_elements:
-        if n * element_bytes <= left:
-            take = n
-        else:
-            take = min(n, int(left // (page_elements * element_bytes)) * page_elements)
-        plan.append(take)
-        left = left - take * element_bytes if take == n else 0.0
+    """Elements to page-lock at the start of each layer's streamed buffer under `budget_bytes`,
+    in whole pages (a layer's last page may be short), so that every layer leaves the same
+    pageable overflow to within a page: page by page, the layer with the most unpinned elements
+    gets its next page while it fits. Balanced, every layer's weight stream overlaps its pinned
+    DMA with its copy-thread staging, the per-layer o / l_moe of hrm.cost; pinning whole layers
+    first would leave the overflow to the last layers, whose copies then stall the pipeline."""
+    left = int(budget_bytes // element_bytes)
+    plan = [0] * len(layer_elements)
+    heap = [(-n, layer) for layer, n in enumerate(layer_elements) if n]
+    heapq.heapify(heap)
+    while heap:
+        _, layer = heapq.heappop(heap)
+        page = min(page_elements, layer_elements[layer] - plan[layer])
+        if page > left:
+            continue  # this layer's next page does not fit; a shorter last page may
+        plan[layer] += page
+        left -= page
+        if plan[layer] < layer_elements[layer]:
+            heapq.heappush(heap, (plan[layer] - layer_elements[layer], layer))
     return plan
 
 
