@@ -8,8 +8,8 @@ of r_w. The other experts of a layer live in one flat CPU buffer, [w13_e | w2_e]
 into pages of `weight_page_bytes` that stream to the GPU. The buffers are page-locked in place
 while the pinned budget lasts, in whole pages spread so that every layer leaves the same bytes
 pageable (`pin_plan`): the bytes left pageable are what the cost model's pinned overflow
-o = max(0, streamed bytes - pinnable) counts, o / l_moe of them in each layer. Pageable pages go
-through the pinned staging ring of the link (executor/schedule.py).
+o = max(0, streamed bytes - pinnable) counts, o / l_moe of them in each layer where the layers
+stream alike. Pageable pages go through the pinned staging ring of the link (executor/schedule.py).
 
 Weights come from a local Hugging Face checkpoint (config.json + *.safetensors, read lazily
 tensor by tensor straight into the pages) or are random at the real shapes: a random tile is
@@ -236,10 +236,11 @@ def pin_plan(layer_elements: list[int], element_bytes: int, budget_bytes: float,
              page_elements: int) -> list[int]:
     """Elements to page-lock at the start of each layer's streamed buffer under `budget_bytes`,
     in whole pages (a layer's last page may be short), so that every layer leaves the same
-    pageable overflow to within a page: page by page, the layer with the most unpinned elements
-    gets its next page while it fits. Balanced, every layer's weight stream overlaps its pinned
-    DMA with its copy-thread staging, the per-layer o / l_moe of hrm.cost; pinning whole layers
-    first would leave the overflow to the last layers, whose copies then stall the pipeline."""
+    pageable overflow to within a page (a layer streaming less than that stays wholly pageable):
+    page by page, the layer with the most unpinned elements gets its next page while it fits.
+    Balanced, every layer's weight stream overlaps its pinned DMA with its copy-thread staging,
+    the per-layer o / l_moe of hrm.cost; pinning whole layers first would leave the overflow to
+    the last layers, whose copies then stall the pipeline."""
     left = int(budget_bytes // element_bytes)
     plan = [0] * len(layer_elements)
     heap = [(-n, layer) for layer, n in enumerate(layer_elements) if n]
