@@ -22,21 +22,32 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager, nullcontext
+from concurrent.futures import wait as futures_wait
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 
 from executor.trace import Tracer
 from executor.weights import ExpertStore
+from hrm.cost import STAGING_RING_SLOTS, STAGING_SLOT_PAGES
 
-#: pinned staging-ring slots (pages) for weights that could not be pinned
-RING_SLOTS = 4
 #: threads of the copy thread's host memcpy (each moves about 10 GB/s)
 COPY_THREADS = 4
+#: staged chunks being memcpy'd into the ring at once: with two, the memcpy threads find the
+#: next chunk's jobs queued when they finish one, instead of idling while the link thread (which
+#: waits for the GIL behind the launching thread) queues the finished chunk's H2D
+STAGE_AHEAD = 2
+#: pinned pages per H2D copy on the weights stream (fewer, larger copies: each Python call of
+#: the link thread may wait for the GIL)
+PINNED_PAGES_PER_COPY = 2
+#: how long the link thread sleeps, at most, on a staged chunk's memcpy while pinned pages wait
+#: for room on the link
+POLL_S = 0.0002
 #: weight bytes queued on the weights stream at once. The GPU's copy engine serves the queued
 #: copies of every stream in order, so a whole layer queued at once (about 2.8 GB, 50 ms for
 #: Mixtral-8x7B) holds back the small activation copies behind it, and with them the FFNs of the
@@ -193,22 +204,48 @@ def host_wait(event: Any) -> None:
         event.synchronize()
 
 
-def host_copy(dst: torch.Tensor, src: torch.Tensor, pool: ThreadPoolExecutor, parts: int
-              ) -> None:
-    """dst[:] = src for contiguous host tensors of one dtype, as `parts` memmoves on `pool`
-    (ctypes releases the GIL). Unlike torch's copy_, this stays out of torch's OpenMP pool, which
-    the CPU-attention worker is using at the same time: two threads entering OpenMP regions at
-    once oversubscribe the cores and slow both."""
+def memmove_jobs(dst: torch.Tensor, src: torch.Tensor, pool: ThreadPoolExecutor, parts: int
+                 ) -> list[Future]:
+    """dst[:] = src for contiguous host tensors of one dtype, as `parts` memmoves submitted to
+    `pool` (ctypes releases the GIL); each future yields the wall-clock second its part ended.
+    Unlike torch's copy_, this stays out of torch's OpenMP pool, which the CPU-attention worker
+    is using at the same time: two threads entering OpenMP regions at once oversubscribe the
+    cores and slow both."""
     nbytes = src.numel() * src.element_size()
     chunk = -(-nbytes // parts)
-    jobs = [pool.submit(ctypes.memmove, dst.data_ptr() + off, src.data_ptr() + off,
+    return [pool.submit(_memmove, dst.data_ptr() + off, src.data_ptr() + off,
                         min(chunk, nbytes - off)) for off in range(0, nbytes, chunk)]
-    for job in jobs:
+
+
+def _memmove(dst: int, src: int, nbytes: int) -> float:
+    ctypes.memmove(dst, src, nbytes)
+    return time.perf_counter()
+
+
+def host_copy(dst: torch.Tensor, src: torch.Tensor, pool: ThreadPoolExecutor, parts: int
+              ) -> None:
+    """dst[:] = src as `memmove_jobs`, waited for."""
+    for job in memmove_jobs(dst, src, pool, parts):
         job.result()
 
 
+def element_runs(start: int, end: int, size: int) -> deque[tuple[int, int]]:
+    """[start, end) cut into [a, b) runs of `size` elements (the last may be short)."""
+    return deque((a, min(a + size, end)) for a in range(start, end, size))
+
+
 class WeightLink:
-    """Streams the non-resident experts of a layer into a staging buffer, on the copy thread."""
+    """Streams the non-resident experts of a layer into a staging buffer, on the copy thread.
+
+    Pinned pages go straight to the GPU, PINNED_PAGES_PER_COPY per copy, at most
+    WEIGHT_BYTES_IN_FLIGHT queued at a time. Pageable pages go in chunks of STAGING_SLOT_PAGES
+    through a ring of STAGING_RING_SLOTS pinned slots: COPY_THREADS memmove threads fill a slot
+    (up to STAGE_AHEAD chunks at once), then the chunk crosses on the weights stream. The link
+    thread only queues work, so the memcpy of the pageable bytes runs all the time the pinned
+    bytes cross: a layer of p pinned and o pageable bytes takes max((p + o) / B_h2d,
+    o / B_copy), the weight stream of hrm.cost. (Until 2026-12-03 the link thread did each
+    page's memcpy itself, then queued pinned pages: the copy threads idled while it did, and a
+    layer took about p / B_h2d + o / B_copy.)"""
 
     def __init__(self, store: ExpertStore, streams: Streams, tracer: Tracer) -> None:
         self.store, self.streams, self.tracer = store, streams, tracer
@@ -216,9 +253,11 @@ class WeightLink:
         self.memcpy = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="weight-memcpy")
         cuda = store.device.type == "cuda"
         needs_ring = not all(store.fully_pinned(i) for i in range(len(store.cpu)))
-        self.ring = [torch.empty(store.page_elements, dtype=store.dtype, pin_memory=cuda)
-                     for _ in range(RING_SLOTS)] if needs_ring else []
+        self.slot_elements = STAGING_SLOT_PAGES * store.page_elements
+        self.ring = [torch.empty(self.slot_elements, dtype=store.dtype, pin_memory=cuda)
+                     for _ in range(STAGING_RING_SLOTS)] if needs_ring else []
         self.ring_events: list[Any] = [None] * len(self.ring)
+        self.next_slot = 0
         self.bytes_pinned_path = 0
         self.bytes_staged_path = 0
 
@@ -229,56 +268,60 @@ class WeightLink:
         return self.pool.submit(self._copy, layer, buffer, after)
 
     def _copy(self, layer: int, buffer: int, after: Any) -> Any:
-        """The layer's pages into staging buffer `buffer`; returns the event marking the whole
-        layer staged. Pinned pages go straight to the GPU, at most WEIGHT_BYTES_IN_FLIGHT queued
-        at a time; pageable ones through the ring (memcpy on the copy threads, then H2D). The
-        two are interleaved: whenever the link holds its fill of pinned pages, the copy threads
-        stage the next pageable page instead of waiting, aiming at max((p + o) / B_h2d,
-        o / B_copy) for p pinned and o pageable bytes, the weight stream of hrm.cost."""
+        """The layer's pages into staging buffer `buffer` (class docstring); returns the event
+        marking the whole layer staged. Each turn queues what can go now, in this order: the
+        next pageable chunk's memcpy (a ring slot is free), a memcpy'd chunk's H2D, pinned
+        pages (the link has room); with nothing to queue it sleeps until something may be."""
         src = self.store.cpu[layer]
         if src.numel() == 0:
             return None
-        dst, stream = self.store.staging[buffer], self.streams.weights
+        dst, stream, nbytes = self.store.staging[buffer], self.streams.weights, src.element_size()
         wait(stream, after)
         pinned_end = self.store.pinned_elements[layer]
-        pinned = deque(page for page in self.store.pages(layer) if page[1] <= pinned_end)
-        staged = deque(page for page in self.store.pages(layer) if page[1] > pinned_end)
+        pinned = element_runs(0, pinned_end, PINNED_PAGES_PER_COPY * self.store.page_elements)
+        staged = element_runs(pinned_end, src.numel(), self.slot_elements)
+        copying: deque[tuple[int, int, int, float, list[Future]]] = deque()
         queued: deque[tuple[Any, int]] = deque()   # (event, bytes) of the copies on the link
-        in_flight, slot, in_run = 0, 0, False
-        with ExitStack() as pinned_run:   # one h2d span per run of consecutive pinned pages
-            while pinned or staged:
-                while queued and (queued[0][0] is None or queued[0][0].query()):
-                    in_flight -= queued.popleft()[1]
-                if pinned and in_flight < WEIGHT_BYTES_IN_FLIGHT:
-                    if not in_run:
-                        pinned_run.enter_context(on(stream))
-                        pinned_run.enter_context(
-                            self.tracer.span("h2d", "weights_h2d", stream, layer))
-                        in_run = True
-                    start, end = pinned.popleft()
+        in_flight = 0
+        while pinned or staged or copying:
+            while queued and (queued[0][0] is None or queued[0][0].query()):
+                in_flight -= queued.popleft()[1]
+            slot = self.next_slot
+            if staged and len(copying) < STAGE_AHEAD and _done(self.ring_events[slot]):
+                start, end = staged.popleft()
+                copying.append((slot, start, end, self.tracer.now_s(), memmove_jobs(
+                    self.ring[slot][:end - start], src[start:end], self.memcpy, COPY_THREADS)))
+                self.next_slot = (slot + 1) % len(self.ring)
+                continue
+            if copying and all(job.done() for job in copying[0][4]):
+                slot, start, end, began_s, jobs = copying.popleft()
+                self.tracer.add("copy_thread", "stage_weights",
+                                began_s, self.tracer.since_start(max(j.result() for j in jobs)),
+                                layer)
+                self._send_staged(layer, self.ring[slot][:end - start], dst[start:end], slot)
+                self.bytes_staged_path += (end - start) * nbytes
+            elif pinned and in_flight < WEIGHT_BYTES_IN_FLIGHT:
+                start, end = pinned.popleft()
+                with on(stream), self.tracer.span("h2d", "weights_h2d", stream, layer):
                     dst[start:end].copy_(src[start:end], non_blocking=True)
-                    self.bytes_pinned_path += (end - start) * src.element_size()
-                elif staged:
-                    pinned_run.close()
-                    in_run = False
-                    start, end = staged.popleft()
-                    self._stage_page(layer, src[start:end], dst[start:end], stream, slot)
-                    slot = (slot + 1) % len(self.ring)
-                    self.bytes_staged_path += (end - start) * src.element_size()
-                else:   # only pinned pages left and the link is full
-                    host_wait(queued[0][0])
-                    continue
-                queued.append((record(stream), (end - start) * src.element_size()))
-                in_flight += queued[-1][1]
+                self.bytes_pinned_path += (end - start) * nbytes
+            elif copying:   # nothing to queue: the oldest memcpy (or room on the link) next
+                futures_wait(copying[0][4], timeout=POLL_S if pinned else None)
+                continue
+            elif pinned:
+                host_wait(queued[0][0])
+                continue
+            else:           # pageable chunks left, every ring slot still crossing the link
+                host_wait(self.ring_events[slot])
+                continue
+            queued.append((record(stream), (end - start) * nbytes))
+            in_flight += queued[-1][1]
         return record(stream)
 
-    def _stage_page(self, layer: int, page: torch.Tensor, dst: torch.Tensor, stream: Any,
-                    slot: int) -> None:
-        """One pageable page: memcpy into ring slot `slot` on the copy threads, then H2D."""
-        host_wait(self.ring_events[slot])  # the slot's previous H2D has finished reading it
-        staged = self.ring[slot][:page.numel()]
-        with self.tracer.span("copy_thread", "stage_weights", None, layer):
-            host_copy(staged, page, self.memcpy, COPY_THREADS)
+    def _send_staged(self, layer: int, staged: torch.Tensor, dst: torch.Tensor, slot: int
+                     ) -> None:
+        """A memcpy'd ring slot over the link; the slot is free again when its event fires."""
+        stream = self.streams.weights
         with on(stream), self.tracer.span("h2d", "weights_h2d", stream, layer):
             if stream is None:  # CPU stand-in: the link is a host memcpy
                 host_copy(dst, staged, self.memcpy, COPY_THREADS)
@@ -289,6 +332,11 @@ class WeightLink:
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         self.memcpy.shutdown(wait=True)
+
+
+def _done(event: Any) -> bool:
+    """Whether `event` (a CUDA event, or None: nothing pending) has completed."""
+    return event is None or event.query()
 
 
 class StagedLayer:

@@ -80,6 +80,17 @@ class Tracer:
             with self._lock:
                 self._wall.append(Span(track, name, start_s, self.now_s(), layer, micro_batch))
 
+    def since_start(self, perf_counter_s: float) -> float:
+        """A `time.perf_counter()` reading as seconds since the tracer started."""
+        return perf_counter_s - self._t0
+
+    def add(self, track: str, name: str, start_s: float, end_s: float,
+            layer: int | None = None) -> None:
+        """A wall-clock span timed by the caller (seconds since the tracer started), for work
+        that other threads ran (the copy thread's memmoves)."""
+        with self._lock:
+            self._wall.append(Span(track, name, start_s, end_s, layer))
+
     def spans(self) -> list[Span]:
         """All spans, sorted by start; the caller must have synchronized the device."""
         resolved = [Span(track, name, self._base.elapsed_time(start) / 1e3,

@@ -120,8 +120,10 @@ WEIGHT_STREAM_STAGES = ("h2d", "copy_thread")
 #: against 1.05 ms with the link to itself in the layerwise schedule (benchmarks/results/
 #: h200_2026-12-02d/)
 STREAMS_SHARING_THE_LINK = 2.0
-#: pages in the pinned staging ring that the copy thread fills when weights cannot all be pinned
-STAGING_RING_PAGES = 4
+#: the pinned staging ring that the copy thread fills when weights cannot all be pinned: slots
+#: of STAGING_SLOT_PAGES weight pages, each one pinned allocation (executor.schedule.WeightLink)
+STAGING_RING_SLOTS = 4
+STAGING_SLOT_PAGES = 4
 #: the GPU memory term of the two expert staging buffers
 STAGING_TERM = "expert staging (2 layers)"
 
@@ -390,14 +392,9 @@ def _stage_sums(hw: HardwareProfile, ops: list[Operator], page_bytes: float,
     if overflow_per_layer:
         p2p_bps = hw.link.pageable_to_pinned_bps
         if p2p_bps > 0:
+            # the copy thread memcpys the staged chunks while the pinned ones cross, so the
+            # weight stream is max((p + o) / B_pinned, o / B_copy): h2d already carries o
             stages["copy_thread"] += Affine(overflow=overflow_per_layer / p2p_bps)
-            if num_gpus == 1:
-                # the link carries a staged page at the copy's pace: the staging and the pinned
-                # pages' DMA share the memory bus, so a layer's stream takes p / B_pinned +
-                # o / B_copy, not their max (measured with one GPU; with several, unmeasured,
-                # the two legs are taken to overlap)
-                stall = 1.0 / p2p_bps - 1.0 / hw.link.h2d_pinned_bps
-                stages["h2d"] += Affine(overflow=overflow_per_layer * max(stall, 0.0))
             if any(op.device == "cpu" for op in ops):
                 stages["cpu_attn"] += Affine(
                     overflow=2.0 * overflow_per_layer / hw.cpu.dram_bandwidth_bps)
@@ -668,7 +665,8 @@ def _memory_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
         model, mu, n_ub, prefill_tokens, policy.attn_decode_device == "cpu",
         dtype_bytes(policy.kv_dtype), act, head_share=1.0 / g).values())
     finite_pin = math.isfinite(hw.link.pinned_max_bytes)
-    ring = (g * STAGING_RING_PAGES * pinned_allocation_bytes(policy.weight_page_bytes)
+    ring = (g * STAGING_RING_SLOTS
+            * pinned_allocation_bytes(STAGING_SLOT_PAGES * policy.weight_page_bytes)
             if finite_pin and routed_bytes else 0.0)
     # the weights alone count against the pinned budget (executor.weights.pin_plan)
     overflow = (Affine(const=routed_bytes - hw.link.pinned_max_bytes, r_w=-routed_bytes)

@@ -506,23 +506,34 @@ STAGING_STAGE = "staging_copy"
 @contextlib.contextmanager
 def staging_copy_op(nbytes: int, pinned: bool = True
                     ) -> Iterator[tuple[Callable[[], None], int]]:
-    """(op, page bytes): op() copies `nbytes` pageable bytes as the executor's copy thread
-    does, page by page, each page split over COPY_THREADS memmove threads
-    (executor.schedule.host_copy), into a ring of RING_SLOTS pages (executor.schedule.WeightLink;
-    `pinned` on CUDA), which stays in the last-level cache."""
+    """(op, slot bytes): op() copies `nbytes` pageable bytes as the executor's copy thread
+    does (executor.schedule.WeightLink): in chunks of STAGING_SLOT_PAGES pages, each split over
+    COPY_THREADS memmove threads (executor.schedule.memmove_jobs), STAGE_AHEAD chunks at once,
+    into a ring of STAGING_RING_SLOTS slots (`pinned` on CUDA), which stays in the last-level
+    cache."""
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    from executor.schedule import COPY_THREADS, RING_SLOTS, host_copy
+    from executor.schedule import COPY_THREADS, STAGE_AHEAD, memmove_jobs
+    from hrm.cost import STAGING_RING_SLOTS, STAGING_SLOT_PAGES
 
-    page = min(STAGING_PAGE_BYTES, nbytes)
-    src, ring = _host_buffer(nbytes, False), _host_buffer(RING_SLOTS * page, pinned)
+    slot = min(STAGING_SLOT_PAGES * STAGING_PAGE_BYTES, nbytes)
+    src, ring = _host_buffer(nbytes, False), _host_buffer(STAGING_RING_SLOTS * slot, pinned)
     with ThreadPoolExecutor(COPY_THREADS) as pool:
         def copy() -> None:
-            for i, start in enumerate(range(0, nbytes, page)):
-                end, slot = min(start + page, nbytes), (i % RING_SLOTS) * page
-                host_copy(ring[slot:slot + end - start], src[start:end], pool, COPY_THREADS)
+            chunks: deque[list[Any]] = deque()
+            for i, start in enumerate(range(0, nbytes, slot)):
+                if len(chunks) == STAGE_AHEAD:
+                    for job in chunks.popleft():
+                        job.result()
+                end, at = min(start + slot, nbytes), (i % STAGING_RING_SLOTS) * slot
+                chunks.append(memmove_jobs(ring[at:at + end - start], src[start:end], pool,
+                                           COPY_THREADS))
+            for jobs in chunks:
+                for job in jobs:
+                    job.result()
 
-        yield copy, page
+        yield copy, slot
 
 
 def staging_copy(nbytes: int, reps: int) -> Measurement:
@@ -531,15 +542,18 @@ def staging_copy(nbytes: int, reps: int) -> Measurement:
     per second. (Until 2026-11-30 this timed torch's copy_ on all threads: 41.9 GB/s on the H200
     host, while the executor's copy thread moved about 20 GB/s; until 2026-12-01 it copied into
     one pinned buffer as large as the source: 11.4 GB/s on the H200 host, while the executor's
-    copy thread moved 18.4 GB/s.) Beside the pipeline's other stages it is slower again: the
-    interference benchmark's staging_copy stage (derived interference_ratio)."""
-    from executor.schedule import COPY_THREADS, RING_SLOTS
+    copy thread moved 18.4 GB/s; until 2026-12-03 page by page, one page at a time.) Beside the
+    pipeline's other stages it is slower again: the interference benchmark's staging_copy stage
+    (derived interference_ratio)."""
+    from executor.schedule import COPY_THREADS, STAGE_AHEAD
+    from hrm.cost import STAGING_RING_SLOTS
 
-    with staging_copy_op(nbytes) as (copy, page):
+    with staging_copy_op(nbytes) as (copy, slot):
         times = time_calls(copy, reps, "cpu")
-    return Measurement("pageable_to_pinned", {"bytes": nbytes, "page_bytes": page,
-                                              "threads": COPY_THREADS, "ring_pages": RING_SLOTS,
-                                              "copy": "executor.schedule.host_copy"},
+    return Measurement("pageable_to_pinned", {"bytes": nbytes, "slot_bytes": slot,
+                                              "threads": COPY_THREADS, "ahead": STAGE_AHEAD,
+                                              "ring_slots": STAGING_RING_SLOTS,
+                                              "copy": "executor.schedule.memmove_jobs"},
                        x=nbytes, work=nbytes, unit="B/s", times_s=times)
 
 
@@ -1404,8 +1418,11 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
                     f">= 1/{BULK_SIZE_SPAN} of the largest")
         staging = _largest(ms, "pageable_to_pinned")
         link_rates["pageable_to_pinned_bps"] = staging.rate
-        how = (f"the executor's copy thread ({staging.params['threads']} memmove threads per "
-               f"{fmt_bytes(staging.params['page_bytes'])} page)" if "copy" in staging.params
+        sp = staging.params
+        how = (f"the executor's copy thread ({sp['threads']} memmove threads, {sp['ahead']} "
+               f"chunks of {fmt_bytes(sp['slot_bytes'])} at once)" if "slot_bytes" in sp
+               else f"the executor's copy thread until 2026-12-03 ({sp['threads']} memmove "
+               f"threads per {fmt_bytes(sp['page_bytes'])} page)" if "copy" in sp
                else f"torch copy_ on {env.threads} threads")
         sources["link.pageable_to_pinned_bps"] = f"{source_of(staging, date)}, {how}"
         gathers = [m for m in ms if m.bench == "kv_gather"]
