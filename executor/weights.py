@@ -241,6 +241,8 @@ def pin_plan(layer_elements: list[int], element_bytes: int, budget_bytes: float,
     Balanced, every layer's weight stream overlaps its pinned DMA with its copy-thread staging,
     the per-layer o / l_moe of hrm.cost; pinning whole layers first would leave the overflow to
     the last layers, whose copies then stall the pipeline."""
+    if budget_bytes >= element_bytes * sum(layer_elements):   # an infinite budget too
+        return list(layer_elements)
     left = int(budget_bytes // element_bytes)
     plan = [0] * len(layer_elements)
     heap = [(-n, layer) for layer, n in enumerate(layer_elements) if n]

@@ -166,6 +166,15 @@ def test_warm_up_leaves_no_trace_in_the_measured_run() -> None:
     assert warm.bytes_moved == cold.bytes_moved
 
 
+def test_pin_plan_pins_everything_under_an_unlimited_budget() -> None:
+    """An infinite budget (no pinned limit: the profile's calibration, validate's shared model)
+    pins every layer whole (2026-12-03: inf // element bytes was NaN and the plan failed)."""
+    from executor.weights import pin_plan
+
+    assert pin_plan([40, 0, 17], 2, float("inf"), 8) == [40, 0, 17]
+    assert pin_plan([40, 17], 2, 2 * 57.0, 8) == [40, 17]
+
+
 @settings(max_examples=50, deadline=None)
 @given(layers=st.lists(st.integers(0, 40), min_size=1, max_size=6), budget=st.integers(0, 200),
        page=st.integers(1, 8))
