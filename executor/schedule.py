@@ -45,9 +45,6 @@ STAGE_AHEAD = 2
 #: pinned pages per H2D copy on the weights stream (fewer, larger copies: each Python call of
 #: the link thread may wait for the GIL)
 PINNED_PAGES_PER_COPY = 2
-#: how long the link thread sleeps, at most, on a staged chunk's memcpy while pinned pages wait
-#: for room on the link
-POLL_S = 0.0002
 #: weight bytes queued on the weights stream at once. The GPU's copy engine serves the queued
 #: copies of every stream in order, so a whole layer queued at once (about 2.8 GB, 50 ms for
 #: Mixtral-8x7B) holds back the small activation copies behind it, and with them the FFNs of the
@@ -271,7 +268,10 @@ class WeightLink:
         """The layer's pages into staging buffer `buffer` (class docstring); returns the event
         marking the whole layer staged. Each turn queues what can go now, in this order: the
         next pageable chunk's memcpy (a ring slot is free), a memcpy'd chunk's H2D, pinned
-        pages (the link has room); with nothing to queue it sleeps until something may be."""
+        pages (the link has room); with nothing to queue it blocks, GIL released, on the link's
+        oldest copy, else the oldest memcpy, else the ring (no polling: the first version of
+        2026-12-03 polled the memcpy every 0.2 ms, each wake-up taking the GIL the launching
+        thread needs)."""
         src = self.store.cpu[layer]
         if src.numel() == 0:
             return None
@@ -305,11 +305,11 @@ class WeightLink:
                 with on(stream), self.tracer.span("h2d", "weights_h2d", stream, layer):
                     dst[start:end].copy_(src[start:end], non_blocking=True)
                 self.bytes_pinned_path += (end - start) * nbytes
-            elif copying:   # nothing to queue: the oldest memcpy (or room on the link) next
-                futures_wait(copying[0][4], timeout=POLL_S if pinned else None)
+            elif pinned:    # the link is full: wait for its oldest copy (the GIL released;
+                host_wait(queued[0][0])   # the memcpy threads go on with the chunks queued)
                 continue
-            elif pinned:
-                host_wait(queued[0][0])
+            elif copying:
+                futures_wait(copying[0][4])
                 continue
             else:           # pageable chunks left, every ring slot still crossing the link
                 host_wait(self.ring_events[slot])

@@ -218,6 +218,7 @@ class PassModel:
         layers' non-weight-stream stages) in cgopipe (hrm.cost: the fill and drain idle the
         GPU and CPU, not the prefetched weight stream), LM head + sum_layers layer_s else."""
         terms, p = self.terms, self.policy
+        hw = terms.hardware or self.hw   # with the staged GPU-stage factor where it applies
         r_w, page = p.weights_gpu_fraction, float(p.weight_page_bytes)
         o = terms.overflow(r_w)
         per_layer_o = {"moe": 1.0 / self.model.num_moe_layers if terms.overflow_bytes else 0.0,
@@ -225,7 +226,7 @@ class PassModel:
         total_s, unfed_s, stage_s, chain_s, top = 0.0, 0.0, {}, 0.0, ("", -1.0)
         for kind, count in terms.layer_counts.items():
             decode, prefill = self._layer_ops(shape, kind)
-            stages = layer_stage_sums(self.hw, decode + prefill, page, per_layer_o[kind],
+            stages = layer_stage_sums(hw, decode + prefill, page, per_layer_o[kind],
                                       terms.overlapped)
             t = interfered({s: a(r_w, 0.0, o) for s, a in stages.items()}, terms.factors)
             total_s += count * schedule_layer_s(t, terms.overlapped)
@@ -236,11 +237,11 @@ class PassModel:
                     top = (s, seconds)
             if terms.overlapped and decode and (kind == "moe" or "moe" not in terms.layer_counts):
                 n_ub = math.ceil(shape.decode_seqs / p.micro_batch_size)
-                chain_s = micro_batch_chain_s(self.hw, decode, n_ub, terms.factors)(
+                chain_s = micro_batch_chain_s(hw, decode, n_ub, terms.factors)(
                     r_w, 0.0, o)
         rows = shape.decode_seqs + shape.prefill_seqs
         n_head = max(1, math.ceil(rows / p.micro_batch_size))
-        head_s = sum(gpu_op_time_s(self.hw, op) for op in head_operators(
+        head_s = sum(gpu_op_time_s(hw, op) for op in head_operators(
             self.model, micro_batch_size=rows / n_head, num_micro_batches=n_head,
             weight_dtype=p.weight_dtype)) if rows else 0.0
         layers_s = max(total_s, chain_s + unfed_s) if terms.overlapped else total_s

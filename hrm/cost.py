@@ -24,21 +24,18 @@ Each stage of one decoder layer (for the whole batch) is a sum over the operator
     H2D         t = (1 - r_w) W_e / B_pinned + activations; B_pinned the bulk pinned rate (pages
                 are queued back to back), bw(x) of activations from curve 'h2d' at their size;
                 + (1 - r_c) KV_g / B_pinned for GPU attention over a CPU KV cache (the
-                gathered KV crosses the same link as the weight pages);
-                + o_l (1 / BW_copy - 1 / B_pinned): a staged page crosses at the
-                copy's pace, so the stream takes p_l / B_pinned + o_l / BW_copy
-                (on the H200 host, 2026-12-01, a 16 MiB page's memcpy took 1.1-1.4 ms in the
-                pipeline and 0.7 ms alone, and a layer took about the sum; not the memory bus:
-                beside the link's pinned copies alone the copy keeps its solo rate, 2026-12-02f,
-                while beside CPU attention and the launching thread it loses a third)
+                gathered KV crosses the same link as the weight pages). Staged and pinned
+                pages alike cross at B_pinned: the copy thread memcpys the staged chunks
+                while the pinned ones cross (executor.schedule.WeightLink), so the stream takes
+                max((p_l + o_l) / B_pinned, t_copy), two stages in the max. (Until 2026-12-03
+                the link thread did each page's memcpy itself, and a layer took about the sum
+                p_l / B_pinned + o_l / BW_copy, which the model then used.)
     D2H         t = q/k/v per micro-batch (+ (1 - r_c) KV offload)
     copy thread t = o_l / BW_copy, o_l = pinned overflow of one layer, BW_copy the profile's
-                pageable -> pinned rate (link.pageable_to_pinned_bps), measured alone. Beside
-                the three pipeline stages the copy runs slower (hrm profile's interference
-                benchmark: 1.4-1.6x on the H200 host, 2026-12-02f), but taking that rate made
-                the 12 staged runs of that session 10-30% slow, against within 10% on 10 of 12
-                with the solo rate (benchmarks/results/h200_2026-12-02f/): the H2D stage's
-                series rule above already holds what the copy loses beside the other stages
+                pageable -> pinned rate (link.pageable_to_pinned_bps), measured alone, as the
+                executor's copy threads do it; in cgopipe slowed by the link throughout and by
+                the three stages while CPU attention runs (`interfered`: the profile's
+                staging_copy_link and staging_copy factors)
     all-reduce  t = calls * t_lat + 2 (G - 1) / G * S / BW_bus   (ring, G > 1 GPUs; on the GPU
                 stream, so added to the GPU stage; S = tokens * h1 * 2 bytes, 2 calls per layer)
 
@@ -196,6 +193,18 @@ def gpu_op_time_s(hw: HardwareProfile, op: Operator, kernel_factor: float = 1.0,
             + host_factor * op.launches * hw.gpu.op_overhead_s)
 
 
+def staged_pipeline(hw: HardwareProfile, staged: bool) -> HardwareProfile:
+    """`hw` with the staged calibration's GPU-stage factor (interference.pipeline_staged) as
+    interference.pipeline where the policy stages weights through the copy thread and the
+    profile measured it: the copy's memmove threads and the link thread take the GIL and cores
+    from the launching thread (H200 machine, 2026-12-03: the GPU stage of two staged CGOPipe
+    runs took 1.54x and 1.93x its solo model, the unstaged calibration said 1.25x)."""
+    inter = hw.interference
+    if staged and inter.pipeline_staged:
+        return replace(hw, interference=replace(inter, pipeline=inter.pipeline_staged))
+    return hw
+
+
 def gpu_factors(hw: HardwareProfile) -> tuple[float, float]:
     """(f_g, f_h) of an overlapped schedule: the GPU stage's kernels are slowed by the GPU's
     interference factor, its host work (launches, hand-offs) by the launching thread's, which
@@ -311,6 +320,9 @@ class CostTerms:
     #: None where only the bound is known), for the footprint; gpu_memory holds its affine upper
     #: bound, which plans and the MILP use
     staging_bytes_at: Callable[[float], float | None] | None = None
+    #: the profile the stage times were built with (`staged_pipeline`: its GPU-stage factor
+    #: may be the staged calibration's), for callers that build their own operator mix
+    hardware: HardwareProfile | None = None
 
     def overflow(self, r_w: float) -> float:
         """o = max(0, overflow_bytes(r_w)): bytes of offloaded weights that cannot be pinned."""
@@ -465,6 +477,9 @@ def _chain_s(hw: HardwareProfile, ops: list[Operator], num_micro_batches: int,
 
 #: the link's stages, slowed by the CPU attention reading DRAM beside them (`interfered`)
 LINK_STAGES = ("h2d", "d2h")
+#: the factors' key of the copy thread beside all three stages (`interfered`); "copy_thread"
+#: holds its factor beside the link alone
+COPY_BESIDE_ALL = "copy_thread_beside_all"
 
 
 def interfered(stages: dict[str, Any], factors: dict[str, float]) -> dict[str, Any]:
@@ -475,13 +490,29 @@ def interfered(stages: dict[str, Any], factors: dict[str, float]) -> dict[str, A
     (no more than f_link t_link while CPU attention is the shorter stage). H200 machine,
     2026-12-01 (fourth session): f_link = 1.09 measured against continuous CPU attention, while
     the link-bound pipeline streamed its weights at the pinned rate alone, 55 GB/s, with CPU
-    attention busy a fifth of each layer."""
+    attention busy a fifth of each layer.
+
+    The copy thread's memcpy runs beside the link throughout (the profile's factor f_cl,
+    Interference.staging_copy_link) and beside all three stages while CPU attention runs
+    (f_c, Interference.staging_copy): at 1 / f_c of its solo pace for the f_cpu t_cpu_attn
+    attention takes, 1 / f_cl otherwise, so
+        t_copy' = f_cl t_copy + (1 - f_cl / f_c) f_cpu t_cpu_attn
+    (for a copy that outlasts attention; where it is shorter the term stays below the CPU
+    stage and does not bind). H200 machine, 2026-12-03: f_cl = 1.03, f_c = 1.40 put the copy
+    of 0.83 GB a layer at 49.8 ms beside 33.8 ms of attention; the executor's copy threads
+    were busy 51.6 and 44.8 ms a layer (benchmarks/results/h200_2026-12-03b/)."""
     out = {s: t * factors.get(s, 1.0) for s, t in stages.items()}
     cpu = stages.get("cpu_attn")
     if cpu is not None:
         for s in LINK_STAGES:
             if s in stages:
                 out[s] = stages[s] + cpu * (factors.get(s, 1.0) - 1.0)
+        copy = stages.get("copy_thread")
+        if copy is not None and copy != (Affine() if isinstance(copy, Affine) else 0.0):
+            f_cl = factors.get("copy_thread", 1.0)
+            f_c = max(factors.get(COPY_BESIDE_ALL, f_cl), f_cl)
+            out["copy_thread"] = copy * f_cl + cpu * (factors.get("cpu_attn", 1.0)
+                                                      * (1.0 - f_cl / f_c))
     return out
 
 
@@ -544,6 +575,9 @@ def cost_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
               (("moe", model.num_moe_layers), ("dense", model.num_dense_layers)) if count}
     memory = _memory_terms(model, hw, workload, policy)
     overflow_expr = memory.pop("overflow")
+    # a policy that stages weights even with none on the GPU takes the staged GPU-stage factor
+    # at every r_w (the terms stay affine; r_w is small where GPU memory is)
+    hw = staged_pipeline(hw, overflow_expr is not None and overflow_expr(0.0, 0.0) > 0)
     per_layer = {"moe": 1.0 / model.num_moe_layers if overflow_expr else 0.0, "dense": 0.0}
 
     ops = {(phase, k): _layer_ops(model, workload, policy, phase, k)
@@ -566,7 +600,8 @@ def cost_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
     inter = hw.interference
     # the GPU stage's factors are applied per operator (`_stage_sums`, `_op_time`)
     factors = ({"h2d": inter.link, "d2h": inter.link, "gpu": 1.0, "launcher": 1.0,
-                "cpu_attn": inter.cpu_attention, "copy_thread": 1.0, "chain": 1.0}
+                "cpu_attn": inter.cpu_attention, "copy_thread": inter.staging_copy_link,
+                COPY_BESIDE_ALL: inter.staging_copy, "chain": 1.0}
                if overlapped else dict.fromkeys(STAGES, 1.0))
     decode_extra, prefill_extra, decode_fill = Affine(const=head_s), Affine(const=head_s), Affine()
     if overlapped:
@@ -588,7 +623,7 @@ def cost_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
         cpu_memory=memory["cpu"], pinned_memory=memory["pinned"],
         gpu_capacity_bytes=GPU_USABLE_FRACTION * hw.gpu.memory_bytes,
         cpu_capacity_bytes=CPU_USABLE_FRACTION * hw.cpu.memory_bytes, comm_s=comm,
-        staging_bytes_at=partial(expert_staging_bytes, model, policy))
+        staging_bytes_at=partial(expert_staging_bytes, model, policy), hardware=hw)
 
 
 def _check_gpus(model: ModelSpec, hw: HardwareProfile, num_gpus: int) -> None:

@@ -135,6 +135,14 @@ class Interference:
     #: Where measured, it is the GPU stage's factor for kernels and host work alike
     #: (hrm.cost.gpu_factors)
     pipeline: float = 0.0
+    #: the same with part of the weights staged by the copy thread (its memmove threads and the
+    #: link thread contend with the launching thread); 0 where not measured (hrm.cost then
+    #: takes `pipeline` for staged policies too)
+    pipeline_staged: float = 0.0
+    #: the copy thread's staging memcpy beside the three stages (staging_copy) and beside the
+    #: link alone (staging_copy_link); 1 where not measured (hrm.cost: the copy's solo rate)
+    staging_copy: float = 1.0
+    staging_copy_link: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -302,9 +310,11 @@ def profile_from_dict(data: dict[str, Any], origin: str = "<dict>") -> HardwareP
         inter = data.get("interference", {})
         interference = Interference(
             **{k: _number(inter, k, "interference", sources, False, 1.0)
-               for k in ("link", "gpu", "cpu_attention")},
+               for k in ("link", "gpu", "cpu_attention", "staging_copy", "staging_copy_link")},
             launch=_number(inter, "launch", "interference", sources, False, 0.0),
-            pipeline=_number(inter, "pipeline", "interference", sources, False, 0.0))
+            pipeline=_number(inter, "pipeline", "interference", sources, False, 0.0),
+            pipeline_staged=_number(inter, "pipeline_staged", "interference", sources, False,
+                                    0.0))
         ic = data.get("interconnect", {})
         interconnect = InterconnectTier(
             num_gpus=int(_number(ic, "num_gpus", "interconnect", sources, False, 1)),
@@ -330,13 +340,15 @@ def profile_from_dict(data: dict[str, Any], origin: str = "<dict>") -> HardwareP
         if value <= 0:
             raise HardwareProfileError(f"{origin}: {label} must be > 0, got {value}")
     below = [k for k, v in dataclasses.asdict(interference).items()
-             if v < 1.0 and not (k == "launch" and v == 0.0) and k != "pipeline"]
+             if v < 1.0 and not (k == "launch" and v == 0.0)
+             and k not in ("pipeline", "pipeline_staged")]
     if below:
         raise HardwareProfileError(f"{origin}: interference factors must be >= 1 (launch: 0 "
                                    f"where not measured), got {below[0]} < 1")
-    if interference.pipeline < 0:
-        raise HardwareProfileError(f"{origin}: interference.pipeline must be > 0 (0 where not "
-                                   f"measured), got {interference.pipeline}")
+    for key in ("pipeline", "pipeline_staged"):
+        if getattr(interference, key) < 0:
+            raise HardwareProfileError(f"{origin}: interference.{key} must be > 0 (0 where not "
+                                       f"measured), got {getattr(interference, key)}")
     if interconnect.num_gpus < 1:
         raise HardwareProfileError(f"{origin}: interconnect.num_gpus must be >= 1")
     return HardwareProfile(

@@ -873,7 +873,11 @@ def interference(stages: list[Stage], window_s: float,
 #: only an upper bound, and the launch-bound configurations came out 19-20% slow): 32 of them
 #: queue about twice the GPU stage's work on the same weights. Later grids are its test
 CALIBRATION = {"model": "mixtral-8x7b", "layers": 2, "batch_size": 512, "micro_batch_size": 16,
-               "prompt_len": 96, "gen_len": 8}
+               "prompt_len": 96, "gen_len": 8, "pinned_share": 1.0}
+#: the same run with only this share of the expert bytes pinned, the rest staged by the copy
+#: thread (about what the H200 host pins of Mixtral-8x7B: 58 of 90 GB):
+#: interference.pipeline_staged, the GPU stage's factor for policies that stage weights
+CALIBRATION_STAGED = {**CALIBRATION, "pinned_share": 0.6}
 #: runs of the calibration, each warmed up, whose median layer sets interference.pipeline: one
 #: run's factor moved 1.41-2.04x between grids of one lease (H200 machine, 2026-12-02d)
 CALIBRATION_RUNS = 3
@@ -895,9 +899,11 @@ def pipeline_calibration(device: str, calibration: dict[str, Any] = CALIBRATION,
                          runs: int = CALIBRATION_RUNS) -> Measurement:
     """The executor's own CGOPipe decode on `calibration` (random bf16 weights at the model's
     shapes, as hrm validate runs it: hrm.validate.measure, warmed up), `runs` times on one
-    loaded model: seconds per decode layer of each run, with the busy time of its GPU, link and
-    CPU-attention tracks in the median run. build_profile divides the median layer by the
-    model's solo GPU stage (hrm.cost.gpu_stage_solo_s) for interference.pipeline."""
+    loaded model whose expert bytes are pinned up to its pinned_share: seconds per decode layer
+    of each run, with the busy time of its GPU, link, copy-thread and CPU-attention tracks in
+    the median run. build_profile divides the median layer by the model's solo GPU stage
+    (hrm.cost.gpu_stage_solo_s) for interference.pipeline (pipeline_staged where part of the
+    weights was staged)."""
     import tempfile
 
     import torch
@@ -909,25 +915,30 @@ def pipeline_calibration(device: str, calibration: dict[str, Any] = CALIBRATION,
     policy, workload = calibration_case(c)
     with tempfile.TemporaryDirectory() as tmp:
         model = _truncated_config(c["model"], c["layers"], Path(tmp) / "calibration.json")
-        shared = SharedModel(model, torch.device(device), math.inf, seed=0)
+        share = c.get("pinned_share", 1.0)
+        pin_bytes = (math.inf if share >= 1.0
+                     else share * load_model_spec(model).routed_expert_bytes())
+        shared = SharedModel(model, torch.device(device), pin_bytes, seed=0)
         results = [measure(shared, Config("calibration", policy, workload), math.inf, math.inf,
                            seed=0) for _ in range(runs)]
     del shared
     layers_s = [r["measured_layer_s"] for r in results]
     busy = results[layers_s.index(statistics.median_low(layers_s))]["busy_per_layer_s"]
     return Measurement("pipeline_gpu", {**c, **{f"{track}_busy_s": busy.get(track, 0.0)
-                                                for track in ("gpu", "h2d", "cpu_attention")}},
+                                                for track in ("gpu", "h2d", "cpu_attention",
+                                                              "copy_thread")}},
                        x=1, work=1.0, unit="layer/s", times_s=tuple(layers_s))
 
 
 def _calibration_if_it_runs(device: str) -> list[Measurement]:
-    """[pipeline_calibration], or nothing where the machine cannot run it (2 Mixtral-8x7B
-    layers need about 6 GiB of GPU and 6 GiB of pinned host memory): the profile then keeps
-    the microbenchmark's factors, and says why on stderr."""
+    """[pipeline_calibration] unstaged and staged (CALIBRATION, CALIBRATION_STAGED), or nothing
+    where the machine cannot run it (2 Mixtral-8x7B layers need about 6 GiB of GPU and 6 GiB of
+    pinned host memory): the profile then keeps the microbenchmark's factors, and says why on
+    stderr."""
     import torch
 
     try:
-        return [pipeline_calibration(device)]
+        return [pipeline_calibration(device, c) for c in (CALIBRATION, CALIBRATION_STAGED)]
     except (HRMError, RuntimeError, torch.OutOfMemoryError) as exc:
         print(f"hrm profile: executor calibration skipped ({type(exc).__name__}: "
               f"{str(exc).splitlines()[0] if str(exc) else ''}); the GPU stage keeps the "
@@ -1456,14 +1467,22 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
             f"measured {date}: {stage} alone {_fmt_rate(solo.rate, solo.unit)}, with the other "
             f"two stages {_fmt_rate(together.rate, together.unit)} ({solo.median_s:.1f} s "
             f"windows); ratio {slowdown_raw[stage]:.3f}, floored at 1")
-    # the staging copy beside the three stages and beside the link alone: recorded (derived
-    # interference_ratio), not applied (hrm.cost: the copy thread's rate is the solo one)
+    # the staging copy beside the three stages and beside the link alone (hrm.cost's copy
+    # thread: the link's factor throughout, the three stages' while CPU attention runs)
     copy_runs = {m.params["mode"]: m for m in ms
                  if m.bench == "interference" and m.params["stage"] == STAGING_STAGE}
-    for key, mode in ((STAGING_STAGE, "beside"),
-                      (f"{STAGING_STAGE}+link", f"{STAGING_STAGE}+link")):
+    for key, field_name, mode, beside in (
+            (STAGING_STAGE, "staging_copy", "beside", "the three stages"),
+            (f"{STAGING_STAGE}+link", "staging_copy_link", f"{STAGING_STAGE}+link",
+             "the link alone")):
         if {"solo", mode} <= copy_runs.keys():
-            slowdown_raw[key] = copy_runs["solo"].rate / copy_runs[mode].rate
+            solo, loaded = copy_runs["solo"], copy_runs[mode]
+            slowdown_raw[key] = solo.rate / loaded.rate
+            slowdown[field_name] = max(1.0, slowdown_raw[key])
+            sources[f"interference.{field_name}"] = (
+                f"measured {date}: the staging copy alone {_fmt_rate(solo.rate, solo.unit)}, "
+                f"beside {beside} {_fmt_rate(loaded.rate, loaded.unit)} "
+                f"({solo.median_s:.1f} s windows); ratio {slowdown_raw[key]:.3f}, floored at 1")
     launch_runs = {m.params["mode"]: m for m in ms if m.bench == "interference_launch"}
     if {"solo", "together"} <= launch_runs.keys():
         solo, together = launch_runs["solo"], launch_runs["together"]
@@ -1540,36 +1559,42 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
     profile = HardwareProfile(name=name, description=description, gpu=gpu, cpu=cpu, link=link,
                               interference=inter, interconnect=interconnect, curves=curves,
                               sources=sources, measurements=measurements_table)
-    calibrations = [m for m in ms if m.bench == "pipeline_gpu"]
-    return _with_pipeline_factor(profile, calibrations[0], date) if calibrations else profile
+    for run in (m for m in ms if m.bench == "pipeline_gpu"):
+        profile = _with_pipeline_factor(profile, run, date)
+    return profile
 
 
 def _with_pipeline_factor(profile: HardwareProfile, run: Measurement, date: str
                           ) -> HardwareProfile:
-    """interference.pipeline = the calibration's decode layer / the model's solo GPU stage on
-    this profile (hrm.cost.gpu_stage_solo_s). Where the link was busy most of the layer, the
-    layer was the link's and the ratio an upper bound of the GPU stage's: said in the source."""
+    """interference.pipeline (pipeline_staged for a staged calibration) = the calibration's
+    decode layer / the model's solo GPU stage on this profile (hrm.cost.gpu_stage_solo_s).
+    Where the link or the copy thread was busy most of the layer, the layer was theirs and the
+    ratio an upper bound of the GPU stage's: said in the source."""
     from hrm.cost import gpu_stage_solo_s
 
     p = run.params
+    share = p.get("pinned_share", 1.0)
+    key = "pipeline" if share >= 1.0 else "pipeline_staged"
     spec = dataclasses.replace(load_model_spec(p["model"]), num_layers=p["layers"])
     policy, workload = calibration_case(p)
     solo_s = gpu_stage_solo_s(spec, profile, workload, policy)
     layer_s = run.median_s
     factor = layer_s / solo_s
-    link_bound = p["h2d_busy_s"] >= LINK_BOUND_SHARE * layer_s
-    sources = {**profile.sources, "interference.pipeline": (
+    stream_s = max(p["h2d_busy_s"], p.get("copy_thread_busy_s", 0.0))
+    pinned = "" if share >= 1.0 else f", {share:.0%} of the expert bytes pinned"
+    sources = {**profile.sources, f"interference.{key}": (
         f"measured {date}: the executor's CGOPipe decode ({p['model']}, first {p['layers']} "
         f"layers, N={p['batch_size']} in micro-batches of {p['micro_batch_size']}, "
         f"{p['prompt_len']}-token prompts, {p['gen_len']} tokens, per-expert loop, CPU "
-        f"attention; hrm.profile.CALIBRATION) took {layer_s * 1e3:.1f} ms per decode layer "
-        f"(median of {len(run.times_s)} runs: "
+        f"attention{pinned}; hrm.profile.CALIBRATION) took {layer_s * 1e3:.1f} ms per decode "
+        f"layer (median of {len(run.times_s)} runs: "
         f"{', '.join(f'{t * 1e3:.1f}' for t in run.times_s)} ms) "
         f"against {solo_s * 1e3:.1f} ms of solo GPU stage (kernels + host work); ratio "
-        f"{factor:.3f}" + (f"; the link was busy {p['h2d_busy_s'] / layer_s:.0%} of the layer, "
-                           "so this is an upper bound" if link_bound else ""))}
+        f"{factor:.3f}" + (f"; the weight stream was busy {stream_s / layer_s:.0%} of the "
+                           "layer, so this is an upper bound"
+                           if stream_s >= LINK_BOUND_SHARE * layer_s else ""))}
     return dataclasses.replace(
-        profile, interference=dataclasses.replace(profile.interference, pipeline=factor),
+        profile, interference=dataclasses.replace(profile.interference, **{key: factor}),
         sources=sources)
 
 

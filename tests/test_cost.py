@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hrm.cost import (
+    COPY_BESIDE_ALL,
     CPU_USABLE_FRACTION,
     STAGING_RING_SLOTS,
     STAGING_SLOT_PAGES,
@@ -154,6 +155,39 @@ def test_interfered_stages_are_bounded(link, cpu, gpu, f_link, f_cpu, f_gpu):
     assert t["cpu_attn"] == pytest.approx(f_cpu * cpu)
     if cpu <= link:
         assert t["h2d"] <= f_link * link + 1e-12
+
+
+@given(copy=st.floats(0.0, 10.0), cpu=st.floats(0.0, 10.0), f_cl=st.floats(1.0, 2.0),
+       f_c=st.floats(1.0, 3.0), f_cpu=st.floats(1.0, 2.0))
+def test_the_copy_thread_runs_between_its_two_measured_paces(copy, cpu, f_cl, f_c, f_cpu):
+    """The copy thread beside the link throughout and beside all three stages while CPU
+    attention runs: no faster than beside the link alone (f_cl t), and, where it outlasts
+    attention, no slower than beside all three throughout (f_c t); an idle copy stays idle."""
+    f_c = max(f_c, f_cl)
+    factors = {"cpu_attn": f_cpu, "copy_thread": f_cl, COPY_BESIDE_ALL: f_c}
+    t = interfered({"copy_thread": copy, "cpu_attn": cpu}, factors)
+    if copy == 0:
+        assert t["copy_thread"] == 0
+        return
+    assert t["copy_thread"] >= f_cl * copy * (1 - 1e-12)
+    if t["copy_thread"] >= t["cpu_attn"]:
+        assert t["copy_thread"] <= f_c * copy * (1 + 1e-9)
+
+
+def test_policies_that_stage_weights_take_the_staged_pipeline_factor():
+    """interference.pipeline_staged slows the GPU stage of a policy whose weights cannot all be
+    pinned; a policy that pins them all keeps interference.pipeline."""
+    policy = Policy(batch_size=256, micro_batch_size=128)
+    base = H100.with_memory(pinned_max_bytes=8 * GiB)
+    calibrated = replace(base, interference=replace(base.interference, pipeline=1.2))
+    staged = replace(calibrated, interference=replace(calibrated.interference,
+                                                      pipeline_staged=1.8))
+    gpu_s = {name: predict(MIXTRAL, hw, WORK, policy).decode_layer.gpu_s
+             for name, hw in (("pipeline", calibrated), ("staged", staged))}
+    assert gpu_s["staged"] == pytest.approx(1.8 / 1.2 * gpu_s["pipeline"])
+    unlimited = [predict(MIXTRAL, hw.with_memory(pinned_max_bytes=float("inf")), WORK,
+                         policy).decode_layer.gpu_s for hw in (calibrated, staged)]
+    assert unlimited[0] == pytest.approx(unlimited[1])
 
 
 def test_pinned_overflow_goes_through_the_copy_thread():

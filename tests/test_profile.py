@@ -463,13 +463,19 @@ def test_pipeline_calibration_measures_the_executor_and_sets_the_gpu_factor() ->
     assert gpu_factors(hw) == (hw.interference.gpu, hw.interference.launch or hw.interference.gpu)
     source = calibrated.sources["interference.pipeline"]
     assert "executor's CGOPipe decode" in source and "median of 2 runs" in source
+    # the staged calibration sets the staged policies' factor and leaves the other alone
+    staged = pipeline_calibration("cpu", {**cal, "pinned_share": 0.6}, runs=1)
+    both = _with_pipeline_factor(calibrated, staged, "today")
+    assert both.interference.pipeline == calibrated.interference.pipeline
+    assert both.interference.pipeline_staged == pytest.approx(staged.median_s / solo)
+    assert "60% of the expert bytes pinned" in both.sources["interference.pipeline_staged"]
 
 
 def test_a_machine_that_cannot_run_the_calibration_keeps_the_benchmark_factors(
         monkeypatch, capsys) -> None:
     import hrm.profile as P
 
-    def too_big(device: str) -> None:
+    def too_big(device: str, calibration: dict) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.62 GiB")
 
     monkeypatch.setattr(P, "pipeline_calibration", too_big)
