@@ -350,7 +350,8 @@ def main() -> None:
     ap.add_argument("--accelerate-gen-lens", type=int, nargs="*", default=[32])
     ap.add_argument("--accelerate-batches", type=int, nargs="*", default=[8, 16, 32])
     ap.add_argument("--only", nargs="*", default=["cgopipe", "layerwise", "accelerate"])
-    ap.add_argument("--trace", action="store_true", help="keep the trace of the first cgopipe run")
+    ap.add_argument("--trace", action="store_true",
+                    help="keep the trace of each schedule's first run")
     add_deadline_options(ap)
     ap.add_argument("--attention", action="store_true",
                     help="only benchmark CPU decode attention (no GPU needed)")
@@ -405,8 +406,8 @@ def main() -> None:
             cpu_cap_l = bench.cpu_limit_bytes(plan)
             caps = ["--gpu-mem", f"{gpu_cap_l / GiB:.4f}", "--cpu-mem", f"{cpu_cap_l / GiB:.4f}"]
             profile_path = bench.layer_profile(gpu_cap_l, cpu_cap_l, f"{schedule}-g{gen_len}")
-            extra = ["--trace", str(args.out / "executor_trace_cgopipe.json")] \
-                if args.trace and schedule == "cgopipe" and gen_len == args.gen_lens[0] else []
+            extra = ["--trace", str(args.out / f"executor_trace_{schedule}.json")] \
+                if args.trace and gen_len == args.gen_lens[0] else []
             res = run_cli([*common, *caps, "--policy", str(policy_path), "--hardware",
                            str(profile_path), "--num-seqs",
                            str(opt.policy.batch_size), "--gen-len", str(gen_len), *extra],
