@@ -1463,10 +1463,8 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
         together = _select(ms, "interference", stage=stage, mode="together")[0]
         slowdown_raw[stage] = solo.rate / together.rate
         slowdown[stage] = max(1.0, slowdown_raw[stage])
-        sources[f"interference.{stage}"] = (
-            f"measured {date}: {stage} alone {_fmt_rate(solo.rate, solo.unit)}, with the other "
-            f"two stages {_fmt_rate(together.rate, together.unit)} ({solo.median_s:.1f} s "
-            f"windows); ratio {slowdown_raw[stage]:.3f}, floored at 1")
+        sources[f"interference.{stage}"] = _slowdown_source(date, stage, solo, together,
+                                                            "with the other two stages")
     # the staging copy beside the three stages and beside the link alone (hrm.cost's copy
     # thread: the link's factor throughout, the three stages' while CPU attention runs)
     copy_runs = {m.params["mode"]: m for m in ms
@@ -1479,10 +1477,8 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
             solo, loaded = copy_runs["solo"], copy_runs[mode]
             slowdown_raw[key] = solo.rate / loaded.rate
             slowdown[field_name] = max(1.0, slowdown_raw[key])
-            sources[f"interference.{field_name}"] = (
-                f"measured {date}: the staging copy alone {_fmt_rate(solo.rate, solo.unit)}, "
-                f"beside {beside} {_fmt_rate(loaded.rate, loaded.unit)} "
-                f"({solo.median_s:.1f} s windows); ratio {slowdown_raw[key]:.3f}, floored at 1")
+            sources[f"interference.{field_name}"] = _slowdown_source(
+                date, "the staging copy", solo, loaded, f"beside {beside}")
     launch_runs = {m.params["mode"]: m for m in ms if m.bench == "interference_launch"}
     if {"solo", "together"} <= launch_runs.keys():
         solo, together = launch_runs["solo"], launch_runs["together"]
@@ -1562,6 +1558,14 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
     for run in (m for m in ms if m.bench == "pipeline_gpu"):
         profile = _with_pipeline_factor(profile, run, date)
     return profile
+
+
+def _slowdown_source(date: str, what: str, solo: Measurement, loaded: Measurement,
+                     beside: str) -> str:
+    """The source line of an interference factor: solo and loaded rates, their ratio."""
+    return (f"measured {date}: {what} alone {_fmt_rate(solo.rate, solo.unit)}, {beside} "
+            f"{_fmt_rate(loaded.rate, loaded.unit)} ({solo.median_s:.1f} s windows); ratio "
+            f"{solo.rate / loaded.rate:.3f}, floored at 1")
 
 
 def _with_pipeline_factor(profile: HardwareProfile, run: Measurement, date: str
