@@ -185,6 +185,17 @@ class ExpertStore:
     def fully_pinned(self, layer: int) -> bool:
         return self.pinned_elements[layer] >= self.cpu[layer].numel()
 
+    def unpin(self) -> None:
+        """Unregister the page-locked buffers (`_pin`), for a process that frees this store and
+        builds another: its host buffers may reuse the same addresses, which the driver refuses
+        to register twice (H200 machine, 2026-12-03: "part or all of the requested memory range
+        is already mapped", the profile's second calibration). Not for the stores of
+        hrm.validate.SharedModel.weights_for, whose buffers are views of a shared one."""
+        for layer, pinned in enumerate(self.pinned_elements):
+            if pinned and self.device.type == "cuda":
+                torch.cuda.cudart().cudaHostUnregister(self.cpu[layer].data_ptr())
+            self.pinned_elements[layer] = 0
+
     def resident_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.gpu)
 

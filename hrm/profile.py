@@ -919,8 +919,11 @@ def pipeline_calibration(device: str, calibration: dict[str, Any] = CALIBRATION,
         pin_bytes = (math.inf if share >= 1.0
                      else share * load_model_spec(model).routed_expert_bytes())
         shared = SharedModel(model, torch.device(device), pin_bytes, seed=0)
-        results = [measure(shared, Config("calibration", policy, workload), math.inf, math.inf,
-                           seed=0) for _ in range(runs)]
+        try:
+            results = [measure(shared, Config("calibration", policy, workload), math.inf,
+                               math.inf, seed=0) for _ in range(runs)]
+        finally:
+            shared.close()
     del shared
     layers_s = [r["measured_layer_s"] for r in results]
     busy = results[layers_s.index(statistics.median_low(layers_s))]["busy_per_layer_s"]
@@ -937,13 +940,16 @@ def _calibration_if_it_runs(device: str) -> list[Measurement]:
     stderr."""
     import torch
 
-    try:
-        return [pipeline_calibration(device, c) for c in (CALIBRATION, CALIBRATION_STAGED)]
-    except (HRMError, RuntimeError, torch.OutOfMemoryError) as exc:
-        print(f"hrm profile: executor calibration skipped ({type(exc).__name__}: "
-              f"{str(exc).splitlines()[0] if str(exc) else ''}); the GPU stage keeps the "
-              "interference benchmark's factors", file=sys.stderr)
-        return []
+    runs = []
+    for calibration in (CALIBRATION, CALIBRATION_STAGED):
+        try:
+            runs.append(pipeline_calibration(device, calibration))
+        except (HRMError, RuntimeError, torch.OutOfMemoryError) as exc:
+            print(f"hrm profile: executor calibration (pinned share "
+                  f"{calibration['pinned_share']:.0%}) skipped ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0] if str(exc) else ''}); the GPU stage keeps the "
+                  "interference benchmark's factors", file=sys.stderr)
+    return runs
 
 
 #: small kernels the interference benchmark's GPU stage queues from Python per expert GEMM. The

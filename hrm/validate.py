@@ -522,6 +522,10 @@ class SharedModel:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def close(self) -> None:
+        """Unpin the shared expert buffers (ExpertStore.unpin), before they are freed."""
+        self.weights.experts.unpin()
+
     def weights_for(self, resident: list[int], page_bytes: int) -> Any:
         import torch
 
