@@ -197,8 +197,10 @@ def staged_pipeline(hw: HardwareProfile, staged: bool) -> HardwareProfile:
     """`hw` with the staged calibration's GPU-stage factor (interference.pipeline_staged) as
     interference.pipeline where the policy stages weights through the copy thread and the
     profile measured it: the copy's memmove threads and the link thread take the GIL and cores
-    from the launching thread (H200 machine, 2026-12-03: the GPU stage of two staged CGOPipe
-    runs took 1.54x and 1.93x its solo model, the unstaged calibration said 1.25x)."""
+    from the launching thread. (H200 machine, 2026-12-03: the two calibrations measured 1.265
+    unstaged and 1.237 staged, so staging did not slow that run's GPU stage; the staged
+    benchmark runs of micro-batches of 32 and 48 took about 1.87x their solo GPU stage:
+    benchmarks/results/h200_2026-12-03b/README.md.)"""
     inter = hw.interference
     if staged and inter.pipeline_staged:
         return replace(hw, interference=replace(inter, pipeline=inter.pipeline_staged))
@@ -498,9 +500,9 @@ def interfered(stages: dict[str, Any], factors: dict[str, float]) -> dict[str, A
     attention takes, 1 / f_cl otherwise, so
         t_copy' = f_cl t_copy + (1 - f_cl / f_c) f_cpu t_cpu_attn
     (for a copy that outlasts attention; where it is shorter the term stays below the CPU
-    stage and does not bind). H200 machine, 2026-12-03: f_cl = 1.03, f_c = 1.40 put the copy
-    of 0.83 GB a layer at 49.8 ms beside 33.8 ms of attention; the executor's copy threads
-    were busy 51.6 and 44.8 ms a layer (benchmarks/results/h200_2026-12-03b/)."""
+    stage and does not bind). H200 machine, 2026-12-03, first lease: f_cl = 1.03, f_c = 1.40
+    put the copy of 0.83 GB a layer at 49.8 ms beside 33.8 ms of attention; the executor's copy
+    threads were busy 51.6 and 44.8 ms a layer (benchmarks/results/h200_2026-12-03b/call1)."""
     out = {s: t * factors.get(s, 1.0) for s, t in stages.items()}
     cpu = stages.get("cpu_attn")
     if cpu is not None:
