@@ -17,8 +17,10 @@ Each stage of one decoder layer (for the whole batch) is a sum over the operator
                 profile's kv_gather_bps, else the pageable -> pinned memcpy rate; not slowed by
                 f_h) + (1 - r_c) 2 KV_g / B_pinned in cgopipe (the KV's DMA is queued on the
                 compute stream, which waits for it, and shares the link with the weight pages'
-                stream: STREAMS_SHARING_THE_LINK); KV_g = N ceil(ctx / T) T kv_token, the whole
-                blocks the gather copies (roofline.whole_block_tokens)
+                stream: STREAMS_SHARING_THE_LINK); KV_g = N ceil(ctx_pad / T) T kv_token, the whole
+                blocks the gather copies (roofline.whole_block_tokens), every row of a
+                micro-batch to its longest (ctx_pad: Workload.padded_decode_context, which GPU
+                attention reads too)
     CPU attn    t = max(F / P_c, t_kv(KV bytes)), t_kv from curve 'cpu_attention', else B / BW_c
                 (+ 2 o_l / BW_c: the copy thread's DRAM read+write shares the bus, MoE-Lens Eq. 5)
     H2D         t = (1 - r_w) W_e / B_pinned + activations; B_pinned the bulk pinned rate (pages
@@ -447,7 +449,8 @@ def _layer_ops(model: ModelSpec, workload: Workload, policy: Policy, phase: str,
         phase=phase, layer_kind=kind, weight_dtype=policy.weight_dtype, kv_dtype=policy.kv_dtype,
         attn_device=policy.attn_decode_device if phase == "decode" else policy.attn_prefill_device,
         prompt_len=workload.prompt_len, num_gpus=policy.num_gpus,
-        parallelism=policy.parallelism, grouped_share=grouped_layer_share(model, policy, phase))
+        parallelism=policy.parallelism, grouped_share=grouped_layer_share(model, policy, phase),
+        padded_context_len=workload.padded_decode_context(policy.micro_batch_size))
 
 
 def _op_time(hw: HardwareProfile, op: Operator,

@@ -208,14 +208,18 @@ def layer_operators(model: ModelSpec, *, micro_batch_size: int, num_micro_batche
                     context_len: float, phase: str, attn_device: str = "cpu",
                     layer_kind: str = "moe", weight_dtype: str = "bf16", kv_dtype: str = "bf16",
                     prompt_len: float = 1.0, num_gpus: int = 1,
-                    parallelism: str = "tp", grouped_share: float = 0.0) -> list[Operator]:
+                    parallelism: str = "tp", grouped_share: float = 0.0,
+                    padded_context_len: float | None = None) -> list[Operator]:
     """The operators of one decoder layer for a batch of N = mu * n_ub sequences.
 
     `grouped_share`: the fraction of the layers whose routed experts run as grouped GEMMs
     (OPS_MOE_GROUPED launches per micro-batch in all, instead of OPS_MOE_ROUTING + OPS_PER_EXPERT
     per touched expert); a layer's launches are the mean over the layers.
 
-    decode: one new token per sequence, attending over `context_len` cached tokens.
+    decode: one new token per sequence, attending over `context_len` cached tokens; on the GPU
+    over `padded_context_len` (default `context_len`): its dense KV copy pads every row of a
+    micro-batch to the longest (Workload.padded_decode_context), and the gather and DMA of a
+    CPU KV cache move that copy. CPU attention reads the ragged contexts in place.
     prefill: `prompt_len` tokens per sequence, causal attention (mean context prompt_len / 2).
     The weight transfer lists the bytes of all routed experts (r_w = 0); the KV transfers all of
     the KV (r_c = 0); `hrm.cost` scales them by (1 - r_w) and (1 - r_c).
@@ -256,10 +260,11 @@ def layer_operators(model: ModelSpec, *, micro_batch_size: int, num_micro_batche
     # On the CPU the G processes' shares run at once on one CPU: listed as one whole operator
     on_gpu = attn_device == "gpu"
     kv_share = kv_heads if on_gpu else 1.0
-    attn_ctx = context_len if phase == "decode" else tokens_per_seq / 2.0
+    read_ctx = padded_context_len if on_gpu and padded_context_len is not None else context_len
+    attn_ctx = read_ctx if phase == "decode" else tokens_per_seq / 2.0
     attn_flops = tokens * model.attention_core_flops_per_token(attn_ctx) * (heads if on_gpu
                                                                             else 1.0)
-    kv_read_bytes = (mu * n_ub * context_len if phase == "decode" else tokens) * \
+    kv_read_bytes = (mu * n_ub * read_ctx if phase == "decode" else tokens) * \
         kv_token_all * kv_share
     io_width = (qkv_width + out_width if on_gpu
                 else q_width + kv_width + attn_out_elements_per_token(model))
@@ -298,7 +303,7 @@ def layer_operators(model: ModelSpec, *, micro_batch_size: int, num_micro_batche
     elif phase == "decode":
         # FlexGen S4: the CPU-resident KV comes to the GPU (gathered into pinned memory on the
         # host, then one DMA), whole blocks; the new token's entry goes back
-        gathered_bytes = mu * n_ub * whole_block_tokens(context_len) * kv_token
+        gathered_bytes = mu * n_ub * whole_block_tokens(read_ctx) * kv_token
         ops.append(_transfer("kv_gather", "h2d", gathered_bytes, n_ub))
         ops.append(_transfer("kv_h2d", "h2d", gathered_bytes, n_ub))
         ops.append(_transfer("kv_append_d2h", "d2h", tokens * kv_token, n_ub))

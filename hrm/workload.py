@@ -95,6 +95,18 @@ class Workload:
         """Average context length over the decode steps, s + n/2 (FlexGen's cost model)."""
         return self.prompt_len + self.gen_len / 2
 
+    def padded_decode_context(self, micro_batch_size: int) -> float:
+        """Average context over the decode steps of the dense KV copy that GPU attention reads
+        (tokens): a micro-batch's rows are padded to its longest sequence (KVCache.gather_host),
+        the first of each `micro_batch_size` prompts longest first, so P_m + n/2 averaged over
+        the sequences (each padded to its micro-batch's P_m). (H200 machine, 2026-12-03: with
+        it the model's gathered KV bytes of two layerwise runs came within 2% of the executor's
+        counts, against 48% and 29% short with s + n/2: benchmarks/results/h200_2026-12-03b/
+        README.md.)"""
+        lens = self.prompt_lens_longest_first
+        return statistics.fmean(lens[i - i % micro_batch_size] for i in range(len(lens))) \
+            + self.gen_len / 2
+
     def generated_tokens(self) -> int:
         return sum(self.gen_lens) if self.gen_lens else self.num_seqs * self.gen_len
 

@@ -18,7 +18,9 @@ from hrm.roofline import (
     turning_batch_size,
     turning_point_p1,
     turning_point_p2,
+    whole_block_tokens,
 )
+from hrm.workload import Workload
 
 MIXTRAL = load_model_spec("mixtral-8x7b")
 
@@ -73,6 +75,36 @@ def test_gpu_attention_streams_kv_and_prefill_offloads_it():
         attn_device="gpu", prompt_len=100)}
     assert prefill["kv_offload_d2h"].link_bytes == 16 * 100 * 8 * 128 * 2 * 2
     assert {"hidden_h2d", "hidden_d2h"} <= set(prefill)
+
+
+@given(lens=st.lists(st.integers(1, 2000), min_size=1, max_size=64), mu=st.integers(1, 16),
+       gen=st.integers(1, 256))
+def test_gpu_attention_reads_each_micro_batch_padded_to_its_longest(lens, mu, gen):
+    """A static batch runs prompts longest first, and GPU attention's dense KV copy pads a
+    micro-batch to its first (longest) row: the padded context is every sequence's
+    micro-batch's first prompt, longest first, averaged, + n/2, no shorter than the mean context
+    and equal to it for uniform prompts. The gather and DMA move it; CPU attention reads the
+    mean context in place."""
+    w = Workload.from_lens(lens, gen)
+    padded = w.padded_decode_context(mu)
+    ordered = sorted(lens, reverse=True)
+    firsts = [ordered[i] for i in range(0, len(lens), mu) for _ in ordered[i:i + mu]]
+    assert padded == pytest.approx(sum(firsts) / len(lens) + gen / 2)
+    assert padded >= sum(lens) / len(lens) + gen / 2 - 1e-9
+    assert Workload.from_lens([lens[0]] * len(lens), gen).padded_decode_context(mu) == \
+        pytest.approx(lens[0] + gen / 2)
+
+    def ops(attn: str) -> dict:
+        return {op.name: op for op in layer_operators(
+            MIXTRAL, micro_batch_size=mu, num_micro_batches=2, context_len=w.mean_decode_context,
+            phase="decode", attn_device=attn, padded_context_len=padded)}
+
+    gpu, cpu = ops("gpu"), ops("cpu")
+    kv_token = 2 * 8 * 128 * 2
+    assert gpu["kv_h2d"].link_bytes == 2 * mu * whole_block_tokens(padded) * kv_token
+    assert gpu["attention_decode"].link_bytes == pytest.approx(2 * mu * padded * kv_token)
+    assert cpu["attention_decode"].link_bytes == pytest.approx(
+        2 * mu * w.mean_decode_context * kv_token)
 
 
 @pytest.mark.parametrize("name", shipped_models())
