@@ -19,10 +19,13 @@ Microbenchmarks (each a small function returning `Measurement`s):
                                 threads; slowdown = solo rate / together rate; the GPU
                                 thread's launches timed on their own (interference.launch);
                                 the staging copy alone, beside all three and beside the link
-                                alone (recorded, not applied: hrm.cost)
+                                alone (interference.staging_copy, staging_copy_link: the copy
+                                thread's factors in hrm.cost)
   executor   pipeline_calibration  a few seconds of the executor's own CGOPipe decode (CUDA) at
                                 CALIBRATION's shape; over the model's solo GPU stage it gives
-                                interference.pipeline, the GPU stage's factor where present
+                                interference.pipeline, the GPU stage's factor where present;
+                                again with 60% of the expert bytes pinned (CALIBRATION_STAGED):
+                                interference.pipeline_staged, for policies that stage weights
 `build_profile` maps the measurements onto the profile's fields, fits the curves (hrm.fit) and
 records how each value was measured. Without CUDA (or with --device cpu) the CPU stands in for
 the GPU, as in the executor's --device cpu: "GPU" tensors are CPU tensors and the link is a CPU
