@@ -51,8 +51,8 @@ Schedules: cgopipe  layer_s = max_s(f_s t_s)  (f = interference factors: on the 
            attention runs beside it, t_link + (f_link - 1) t_cpu_attn: `interfered`);
            cgopipe-serial and
            layerwise  layer_s = sum_{s not h2d, copy} t_s + max(t_h2d, t_copy)  (one stage at a
-           time, but the copy thread stages page p+1 while page p crosses the link, so the
-           copy's time is inside t_h2d).
+           time, but the copy thread stages the next chunk while the link carries the others,
+           so the weight stream takes the longer of its two legs).
 Decode:    step_s = lm head + max(sum_layers layer_s, fill + sum_layers max_{s not fed} f_s t_s)
            (cgopipe: a step boundary drains and refills the pipeline by one micro-batch's chain,
            which idles the GPU and CPU but not the weight stream, prefetched across steps; so
@@ -524,7 +524,7 @@ def interfered(stages: dict[str, Any], factors: dict[str, float]) -> dict[str, A
 def schedule_layer_s(times: dict[str, float], overlapped: bool) -> float:
     """A layer's seconds from its stage times (interference applied): the slowest stage in
     cgopipe; in serial schedules the stages one after another, but the weight stream's two legs
-    (H2D, copy thread) overlap page by page (the staging ring)."""
+    (H2D, copy thread) overlap chunk by chunk (the staging ring)."""
     if overlapped:
         return max(times.values(), default=0.0)
     stream = [t for s, t in times.items() if s in WEIGHT_STREAM_STAGES]

@@ -323,7 +323,7 @@ def test_timeline_events(policy):
 @pytest.mark.parametrize("schedule", ["layerwise", "cgopipe-serial"])
 def test_serial_schedules_overlap_the_weight_streams_two_legs(schedule):
     """Serial schedules run one stage at a time, except the copy thread's staging and the H2D
-    of the weights, which the staging ring overlaps page by page: layer_s = the other stages +
+    of the weights, which the staging ring overlaps chunk by chunk: layer_s = the other stages +
     max(t_h2d, t_copy). With little pinnable memory both legs are busy."""
     hw = H100.with_memory(pinned_max_bytes=8 * GiB)
     attn = "gpu" if schedule == "layerwise" else "cpu"
