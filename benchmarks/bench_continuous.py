@@ -97,7 +97,7 @@ def main() -> None:
 
     spec = load_model_spec("mixtral-8x7b")
     config = json.loads((ROOT / "hrm" / "model_configs" / "mixtral-8x7b.json").read_text())
-    host_bytes, hw = host_memory(args.host_mem, load_profile(args.hardware))
+    host_bytes, hw = host_memory(args.host_mem, load_profile(args.hardware), args.pin_gib)
     if args.dry_run and not args.host_mem:   # plan as if on the profiled machine
         host_bytes = hw.cpu.memory_bytes
     cpu_full = min(host_bytes, hw.cpu.memory_bytes)

@@ -98,13 +98,21 @@ def add_host_mem_option(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--host-mem", type=float, default=None,
                     help="GiB of host memory the full model may use (default: what the OS "
                          "reports; hosts whose memory grows on use report too little at start)")
+    ap.add_argument("--pin-gib", type=float, default=None,
+                    help="GiB the full model may pin (default: the profile's probed limit, "
+                         "else executor.cli.DEFAULT_PIN_SHARE of host memory; the pin probe "
+                         "pinned >= 72 GiB on the H200 machine, hardware_profiles/"
+                         "h200-machine.toml)")
 
 
-def host_memory(host_mem_gib: float | None, hw: HardwareProfile
+def host_memory(host_mem_gib: float | None, hw: HardwareProfile, pin_gib: float | None = None
                 ) -> tuple[float, HardwareProfile]:
     """Host bytes the full model may use (--host-mem, else what the OS reports) and the profile
     with that CPU memory when --host-mem is given (the profile's CPU memory is what the host
-    showed when it was profiled)."""
+    showed when it was profiled), and with the pinned limit --pin-gib when given (what
+    `pin_budget_bytes` then gives the optimizer and the runs)."""
+    if pin_gib:
+        hw = hw.with_memory(pinned_max_bytes=pin_gib * GiB)
     if not host_mem_gib:
         return host_memory_bytes(), hw
     return host_mem_gib * GiB, hw.with_memory(cpu_memory_bytes=host_mem_gib * GiB)
@@ -376,7 +384,7 @@ def main() -> None:
         sys.exit("bench_executor needs a CUDA GPU")
     spec = load_model_spec("mixtral-8x7b")
     config = json.loads((ROOT / "hrm" / "model_configs" / "mixtral-8x7b.json").read_text())
-    host_bytes, hw = host_memory(args.host_mem, load_profile(args.hardware))
+    host_bytes, hw = host_memory(args.host_mem, load_profile(args.hardware), args.pin_gib)
     bench = layer_bench(config, args.layers, hw, host_bytes, args.out, "executor")
     limits, workdir, results = bench.limits, bench.workdir, bench.results
     # the optimizer sees the pinned budget the runs get (bench.limits' is its L/32 share)

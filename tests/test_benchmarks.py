@@ -44,6 +44,23 @@ def test_bench_continuous_dry_run_plans_both_schedulers(tmp_path) -> None:
         assert f"[static {kind}]" in proc.stdout and f"[continuous {kind}]" in proc.stdout
 
 
+def test_the_benchmarks_pin_what_pin_gib_says() -> None:
+    """--pin-gib sets the full model's pinned budget that the optimizer and the runs get
+    (executor.cli.pin_budget_bytes); without it a profile that skipped the pin probe gets
+    DEFAULT_PIN_SHARE of the host memory."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.bench_executor import host_memory
+    from executor.cli import DEFAULT_PIN_SHARE, pin_budget_bytes
+    from hrm.hardware import load_profile
+    from hrm.units import GiB
+
+    unprobed = load_profile("h200-machine").with_memory(pinned_max_bytes=float("inf"))
+    host_bytes, hw = host_memory(120.0, unprobed, 72.0)
+    assert host_bytes == 120 * GiB and pin_budget_bytes(hw, host_bytes) == 72 * GiB
+    host_bytes, hw = host_memory(120.0, unprobed)
+    assert pin_budget_bytes(hw, host_bytes) == pytest.approx(DEFAULT_PIN_SHARE * 120 * GiB)
+
+
 def test_bench_continuous_compares_job_and_steady_state() -> None:
     sys.path.insert(0, str(ROOT))
     from benchmarks.bench_continuous import compare
