@@ -170,12 +170,6 @@ class ExpertStore:
             self._stacked[key] = (w13.transpose(1, 2), w2.transpose(1, 2))
         return self._stacked[key]
 
-    def pages(self, layer: int) -> list[tuple[int, int]]:
-        """[start, end) element ranges of the fixed-size pages of a layer's streamed experts."""
-        total = self.cpu[layer].numel()
-        return [(s, min(s + self.page_elements, total))
-                for s in range(0, total, self.page_elements)]
-
     def streamed_bytes(self, layer: int) -> int:
         return self.cpu[layer].numel() * self.cpu[layer].element_size()
 

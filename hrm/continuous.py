@@ -183,9 +183,9 @@ class PassModel:
     """Times weight passes of any (decode, prefill) mix for one model, machine and policy."""
 
     model: ModelSpec
-    hw: HardwareProfile
     policy: Policy
-    terms: CostTerms                # for the interference factors and the pinned overflow
+    #: the interference factors, the pinned overflow and the profile the stages are timed on
+    terms: CostTerms
     prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS
 
     def _layer_ops(self, shape: PassShape, kind: str) -> tuple[list, list]:
@@ -218,7 +218,7 @@ class PassModel:
         layers' non-weight-stream stages) in cgopipe (hrm.cost: the fill and drain idle the
         GPU and CPU, not the prefetched weight stream), LM head + sum_layers layer_s else."""
         terms, p = self.terms, self.policy
-        hw = terms.hardware or self.hw   # with the staged GPU-stage factor where it applies
+        hw = terms.hardware   # with the staged GPU-stage factor where it applies
         r_w, page = p.weights_gpu_fraction, float(p.weight_page_bytes)
         o = terms.overflow(r_w)
         per_layer_o = {"moe": 1.0 / self.model.num_moe_layers if terms.overflow_bytes else 0.0,
@@ -256,7 +256,7 @@ def pass_model(model: ModelSpec, hw: HardwareProfile, workload: Workload, policy
         raise PolicyError("continuous scheduling keeps the KV cache in CPU memory: use "
                           "attn_decode_device='cpu' and a cgopipe schedule")
     terms = _memory_views(model, hw, workload, policy, prefill_chunk_tokens)["cpu"]
-    return PassModel(model, hw, policy, terms, prefill_chunk_tokens)
+    return PassModel(model, policy, terms, prefill_chunk_tokens)
 
 
 # ---- predictions -----------------------------------------------------------------------------

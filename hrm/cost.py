@@ -316,6 +316,9 @@ class CostTerms:
     pinned_memory: dict[str, Affine]
     gpu_capacity_bytes: float
     cpu_capacity_bytes: float
+    #: the profile the stage times were built with (`staged_pipeline`: its GPU-stage factor
+    #: may be the staged calibration's), for callers that build their own operator mix
+    hardware: HardwareProfile
     #: all-reduce seconds (included in the GPU stage) per layer, phase -> kind; 0 with one GPU
     comm_s: dict[str, dict[str, float]] = field(default_factory=dict)
     #: cgopipe: one decode micro-batch's chain, the fill and drain at each step boundary
@@ -324,9 +327,6 @@ class CostTerms:
     #: None where only the bound is known), for the footprint; gpu_memory holds its affine upper
     #: bound, which plans and the MILP use
     staging_bytes_at: Callable[[float], float | None] | None = None
-    #: the profile the stage times were built with (`staged_pipeline`: its GPU-stage factor
-    #: may be the staged calibration's), for callers that build their own operator mix
-    hardware: HardwareProfile | None = None
 
     def overflow(self, r_w: float) -> float:
         """o = max(0, overflow_bytes(r_w)): bytes of offloaded weights that cannot be pinned."""

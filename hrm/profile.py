@@ -547,7 +547,7 @@ def staging_copy(nbytes: int, reps: int) -> Measurement:
     one pinned buffer as large as the source: 11.4 GB/s on the H200 host, while the executor's
     copy thread moved 18.4 GB/s; until 2026-12-03 page by page, one page at a time.) Beside the
     pipeline's other stages it is slower again: the interference benchmark's staging_copy stage
-    (derived interference_ratio)."""
+    (interference.staging_copy and staging_copy_link)."""
     from executor.schedule import COPY_THREADS, STAGE_AHEAD
     from hrm.cost import STAGING_RING_SLOTS
 

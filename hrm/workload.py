@@ -104,8 +104,10 @@ class Workload:
         counts, against 48% and 29% short with s + n/2: benchmarks/results/h200_2026-12-03b/
         README.md.)"""
         lens = self.prompt_lens_longest_first
-        return statistics.fmean(lens[i - i % micro_batch_size] for i in range(len(lens))) \
-            + self.gen_len / 2
+        firsts = lens[::micro_batch_size]   # one per micro-batch; the last may hold fewer rows
+        last_rows = len(lens) - micro_batch_size * (len(firsts) - 1)
+        padded = micro_batch_size * sum(firsts) - (micro_batch_size - last_rows) * firsts[-1]
+        return padded / len(lens) + self.gen_len / 2
 
     def generated_tokens(self) -> int:
         return sum(self.gen_lens) if self.gen_lens else self.num_seqs * self.gen_len
