@@ -30,6 +30,7 @@ from executor.engine import (
     MemoryPlan,
     MicroBatch,
     load_weights,
+    weight_plan,
 )
 from executor.kernels import cpu_decode_attention_table
 from executor.kv_cache import BLOCK_TOKENS
@@ -69,23 +70,20 @@ def continuous_plan(spec: ModelSpec, policy: Policy, resident: list[int], max_se
     CPU memory (hrm.cost's CPU_USABLE_FRACTION, as the model assumes) holds after the streamed
     experts; `num_blocks` sets another number (fewer blocks: more preemption)."""
     w_elem = int(torch.empty((), dtype=torch_dtype(policy.weight_dtype)).element_size())
-    expert = spec.expert_params() * w_elem
-    streamed = [(spec.num_experts - r) * expert for r in resident]
+    weights, streamed = weight_plan(spec, policy, resident)
     block = kv_block_bytes(spec, block_tokens, policy.kv_dtype)
-    fit = max(0, math.floor((CPU_USABLE_FRACTION * cpu_mem_bytes - sum(streamed)) / block))
+    fit = max(0, math.floor((CPU_USABLE_FRACTION * cpu_mem_bytes - streamed) / block))
     blocks = fit if num_blocks is None else num_blocks
     if blocks < blocks_for(max_seq_len, block_tokens):
         raise InfeasibleError(
             f"the KV cache has room for {blocks} blocks of {block_tokens} tokens "
-            f"({fmt_bytes(blocks * block)} after {fmt_bytes(sum(streamed))} of streamed experts)"
+            f"({fmt_bytes(blocks * block)} after {fmt_bytes(streamed)} of streamed experts)"
             f", fewer than the longest sequence ({max_seq_len} tokens) needs; raise --cpu-mem")
     prefill_tokens = max(PREFILL_CHUNK_TOKENS, max_seq_len)
-    gpu = {"dense weights": spec.dense_params() * w_elem,
-           "resident experts": sum(resident) * expert,
-           "weight staging (2 buffers)": 2 * max(streamed, default=0),
+    gpu = {**weights,
            "activation workspace": prefill_workspace_bytes(spec, policy, prefill_tokens,
                                                            max_seq_len, w_elem)}
-    cpu = {"streamed experts": sum(streamed), "KV cache (blocks)": blocks * block}
+    cpu = {"streamed experts": streamed, "KV cache (blocks)": blocks * block}
     return MemoryPlan(gpu, cpu, 0, [max_seq_len], block_tokens), blocks
 
 

@@ -68,7 +68,7 @@ from executor.weights import (
 from hrm.cost import pinned_slot_bytes, prefill_workspace_bytes
 from hrm.errors import HRMError, InfeasibleError, PolicyError
 from hrm.model import ModelSpec
-from hrm.policy import Policy
+from hrm.policy import Policy, staged_experts
 from hrm.units import fmt_bytes
 from hrm.workload import Workload
 
@@ -99,6 +99,19 @@ class MemoryPlan:
                                       f"{where.lower()}-mem")
 
 
+def weight_plan(spec: ModelSpec, policy: Policy, resident: list[int]
+                ) -> tuple[dict[str, int], int]:
+    """GPU bytes of the weights (dense, resident experts, the two staging buffers:
+    hrm.policy.staged_experts) and the bytes of the streamed experts in CPU memory."""
+    w_elem = int(torch.empty((), dtype=torch_dtype(policy.weight_dtype)).element_size())
+    expert = spec.expert_params() * w_elem
+    staged = staged_experts(resident, spec.num_experts, policy.expert_kernel)
+    return ({"dense weights": spec.dense_params() * w_elem,
+             "resident experts": sum(resident) * expert,
+             "weight staging (2 buffers)": 2 * staged * expert},
+            sum(spec.num_experts - r for r in resident) * expert)
+
+
 def plan_memory(spec: ModelSpec, policy: Policy, resident: list[int], prompt_lens: list[int],
                 gen_len: int, kv_block_tokens: int = BLOCK_TOKENS) -> MemoryPlan:
     """Memory of weights (dense + resident experts + 2 staging buffers on the GPU, streamed
@@ -108,19 +121,16 @@ def plan_memory(spec: ModelSpec, policy: Policy, resident: list[int], prompt_len
     capacities = workload.slot_capacities(policy.batch_size)
     w_elem = int(torch.empty((), dtype=torch_dtype(policy.weight_dtype)).element_size())
     kv_dtype = torch_dtype(policy.kv_dtype)
-    expert = spec.expert_params() * w_elem
-    streamed = [(spec.num_experts - r) * expert for r in resident]
+    weights, streamed = weight_plan(spec, policy, resident)
     n_gpu_mb = round(policy.kv_gpu_fraction * policy.num_micro_batches) \
         if policy.attn_decode_device == "gpu" else 0
     gpu_slots = n_gpu_mb * policy.micro_batch_size
     prefill_tokens = workload.prefill_tokens_per_micro_batch(policy.micro_batch_size)
-    gpu = {"dense weights": spec.dense_params() * w_elem,
-           "resident experts": sum(resident) * expert,
-           "weight staging (2 buffers)": 2 * max(streamed, default=0),
+    gpu = {**weights,
            "KV cache": kv_cache_bytes(spec, capacities[:gpu_slots], kv_dtype, kv_block_tokens),
            "activation workspace": prefill_workspace_bytes(spec, policy, prefill_tokens,
                                                            capacities[0], w_elem)}
-    cpu = {"streamed experts": sum(streamed),
+    cpu = {"streamed experts": streamed,
            "KV cache": kv_cache_bytes(spec, capacities[gpu_slots:], kv_dtype, kv_block_tokens)}
     # pinned slots per micro-batch: its hidden states between prefill layers, and its q/k/v and
     # output for CPU decode attention
@@ -167,6 +177,9 @@ class Engine:
         self.plan = plan
         self.sampling, self.eos = sampling, eos_token_id
         self.renorm = renormalize_topk(self.spec, weights.config)
+        if policy.expert_kernel == "grouped":
+            weights.experts.stage_whole_layers()   # plan_memory counted them (staged_experts)
+            weights.gpu_bytes["staging"] = weights.experts.staging_bytes()
         self.cpu_attention = policy.attn_decode_device == "cpu"
         if self.cpu_attention:
             paged_attention_extension()  # built (or loaded) now, not inside a timed decode

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from executor.trace import Tracer
+from executor.trace import RESIDENT_COPY_TRACK, Tracer
 from executor.weights import ExpertStore
 from hrm.cost import STAGING_RING_SLOTS, STAGING_SLOT_PAGES
 
@@ -232,7 +232,8 @@ def element_runs(start: int, end: int, size: int) -> deque[tuple[int, int]]:
 
 
 class WeightLink:
-    """Streams the non-resident experts of a layer into a staging buffer, on the copy thread.
+    """Streams the non-resident experts of a layer into a staging buffer, on the copy thread
+    (with ExpertStore.whole_layers, after a copy of its resident experts on the GPU).
 
     Pinned pages go straight to the GPU, PINNED_PAGES_PER_COPY per copy, at most
     WEIGHT_BYTES_IN_FLIGHT queued at a time. Pageable pages go in chunks of STAGING_SLOT_PAGES
@@ -277,6 +278,11 @@ class WeightLink:
             return None
         dst, stream, nbytes = self.store.staging[buffer], self.streams.weights, src.element_size()
         wait(stream, after)
+        offset = self.store.staged_offset(layer)
+        if offset:   # whole-layer staging: the resident experts first, a copy on the GPU
+            with on(stream), self.tracer.span(RESIDENT_COPY_TRACK, "resident_d2d", stream, layer):
+                dst[:offset].copy_(self.store.gpu[layer], non_blocking=True)
+            dst = dst[offset:]
         pinned_end = self.store.pinned_elements[layer]
         pinned = element_runs(0, pinned_end, PINNED_PAGES_PER_COPY * self.store.page_elements)
         staged = element_runs(pinned_end, src.numel(), self.slot_elements)

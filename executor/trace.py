@@ -28,8 +28,11 @@ LAUNCH_TRACK = "launcher"
 #: the compute stream's copies of a CPU KV cache gathered for GPU attention (events around
 #: them, inside the GPU's gpu_attn spans: executor/engine.py `_gather_with_new_token`)
 KV_DMA_TRACK = "kv_dma"
+#: the weights stream's copy of a layer's resident experts into its whole-layer staging buffer
+#: (GPU memory to GPU memory, not over the link: executor.schedule.WeightLink)
+RESIDENT_COPY_TRACK = "resident_d2d"
 TRACKS = ("gpu", "cpu_attention", "h2d", "d2h", "copy_thread", WAIT_TRACK, LAUNCH_TRACK,
-          KV_DMA_TRACK)
+          KV_DMA_TRACK, RESIDENT_COPY_TRACK)
 
 
 @dataclass(frozen=True)

@@ -93,9 +93,10 @@ def resident_experts_per_layer(spec: ModelSpec, weights_gpu_fraction: float) -> 
 class ExpertStore:
     """Routed experts: per layer a GPU flat buffer (resident experts 0..R_i-1) and a CPU flat
     buffer (streamed experts R_i..n_e-1), each expert laid out as [w13 (2 h2 x h1) | w2 (h1 x
-    h2)]; plus two GPU staging buffers (double buffering) sized for the largest streamed layer.
-    Indices are local: `local` maps a global expert id to its local index (the experts this rank
-    holds; by default all n_e, in order)."""
+    h2)]; plus two GPU staging buffers (double buffering) sized for the largest streamed layer,
+    or for a whole layer with `whole_layers` (`stage_whole_layers`). Indices are local: `local`
+    maps a global expert id to its local index (the experts this rank holds; by default all n_e,
+    in order)."""
 
     spec: ModelSpec
     dtype: torch.dtype
@@ -108,6 +109,9 @@ class ExpertStore:
     staging: list[torch.Tensor]
     page_elements: int
     local: dict[int, int] = field(default_factory=dict)
+    #: the staging buffers hold a layer's every expert at its own index: the streamed ones from
+    #: the host, the resident ones copied in on the GPU (WeightLink), for the grouped GEMMs
+    whole_layers: bool = False
     #: the views `stacked` hands out, made once per buffer
     _stacked: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, init=False, repr=False)
@@ -118,6 +122,24 @@ class ExpertStore:
     @property
     def expert_elements(self) -> int:
         return 3 * self.spec.hidden_size * self.spec.expert_intermediate_size
+
+    def stage_whole_layers(self) -> None:
+        """Staging buffers of a whole layer (`whole_layers`) where a layer is split between
+        resident and streamed experts (hrm.policy.staged_experts with expert_kernel='grouped'),
+        so that `stacked` finds every expert of every layer in one buffer."""
+        e = self.spec.num_experts
+        if self.whole_layers or not any(0 < r < e for r in self.resident):
+            return
+        buffers, self.staging = len(self.staging), []   # freed before the larger ones
+        self.staging = [torch.empty(e * self.expert_elements, dtype=self.dtype,
+                                    device=self.device) for _ in range(buffers)]
+        self._stacked.clear()
+        self.whole_layers = True
+
+    def staged_offset(self, layer: int) -> int:
+        """Elements of a staging buffer before the layer's first streamed expert: its resident
+        experts' with `whole_layers`, else 0."""
+        return self.resident[layer] * self.expert_elements if self.whole_layers else 0
 
     def views(self, flat: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(w13, w2) of the index-th expert stored in a flat buffer."""
@@ -141,7 +163,8 @@ class ExpertStore:
                 return self.views(self.gpu[layer], i)
             if ready is not None:
                 ready()
-            return self.views(self.staging[staging_index], i - resident)
+            return self.views(self.staging[staging_index],
+                              i if self.whole_layers else i - resident)
 
         return expert
 
@@ -149,15 +172,15 @@ class ExpertStore:
                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(w13t [E, h1, 2 h2], w2t [E, h2, h1]): every expert of `layer`, transposed, as strided
         views of the one buffer that holds them all in order (its resident copy when all are
-        resident, else its staging buffer when none is; `ready()` orders the GEMMs after the
-        copy that fills it), for the grouped GEMMs (executor.layers.routed_experts_grouped).
-        The views are made once per buffer, not per micro-batch (hrm.roofline OPS_MOE_GROUPED
-        counts none). None where a layer's experts are split between the two buffers, or over
-        ranks."""
+        resident, else its staging buffer: all streamed, or `whole_layers`; `ready()` orders
+        the GEMMs after the copy that fills it), for the grouped GEMMs
+        (executor.layers.routed_experts_grouped). The views are made once per buffer, not per
+        micro-batch (hrm.roofline OPS_MOE_GROUPED counts none). None where a layer's experts
+        are split between the two buffers (without `stage_whole_layers`), or over ranks."""
         e, h1, h2 = self.spec.num_experts, self.spec.hidden_size, self.spec.expert_intermediate_size
-        if len(self.local) != e or self.resident[layer] not in (0, e):
+        if len(self.local) != e or (self.resident[layer] not in (0, e) and not self.whole_layers):
             return None
-        if self.resident[layer]:
+        if self.resident[layer] == e:
             key, flat = ("gpu", layer), self.gpu[layer]
         else:
             if ready is not None:

@@ -55,6 +55,7 @@ from hrm.cost import (
     interfered,
     layer_stage_sums,
     micro_batch_chain_s,
+    resident_copy_s,
     schedule_layer_s,
     without_weight_stream,
 )
@@ -228,6 +229,8 @@ class PassModel:
             decode, prefill = self._layer_ops(shape, kind)
             stages = layer_stage_sums(hw, decode + prefill, page, per_layer_o[kind],
                                       terms.overlapped)
+            if kind == "moe":
+                stages["h2d"] += resident_copy_s(self.model, hw, p)
             t = interfered({s: a(r_w, 0.0, o) for s, a in stages.items()}, terms.factors)
             total_s += count * schedule_layer_s(t, terms.overlapped)
             unfed_s += count * max(without_weight_stream(t).values(), default=0.0)

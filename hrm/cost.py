@@ -83,7 +83,7 @@ from typing import Any
 from hrm.errors import HardwareProfileError, PolicyError
 from hrm.hardware import HardwareProfile
 from hrm.model import ModelSpec
-from hrm.policy import Policy, resident_experts_by_layer
+from hrm.policy import Policy, resident_experts_by_layer, staged_experts
 from hrm.roofline import (
     ACT_DTYPE,
     COMPUTE_DTYPE,
@@ -431,14 +431,23 @@ def gpu_stage_solo_s(model: ModelSpec, hw: HardwareProfile, workload: Workload,
 
 
 def grouped_layer_share(model: ModelSpec, policy: Policy, phase: str) -> float:
-    """The fraction of the layers whose routed experts run as grouped GEMMs: in decode with
-    expert_kernel='grouped', the layers whose experts are all resident or all streamed at the
-    policy's r_w (ExpertStore.stacked; a layer split between the two loops)."""
-    if phase != "decode" or policy.expert_kernel != "grouped" or not model.num_experts:
-        return 0.0
-    by_layer = resident_experts_by_layer(policy.weights_gpu_fraction, model.num_layers,
-                                         model.num_experts)
-    return sum(r in (0, model.num_experts) for r in by_layer) / model.num_layers
+    """The fraction of the layers whose routed experts run as grouped GEMMs: all of them in
+    decode with expert_kernel='grouped' (a layer split between resident and streamed experts is
+    staged whole: hrm.policy.staged_experts), none otherwise."""
+    grouped = phase == "decode" and policy.expert_kernel == "grouped" and model.num_experts > 0
+    return 1.0 if grouped else 0.0
+
+
+def resident_copy_s(model: ModelSpec, hw: HardwareProfile, policy: Policy) -> Affine:
+    """Seconds per MoE layer of the weights stream's copy of the resident experts into the
+    whole-layer staging buffer (expert_kernel='grouped': hrm.policy.staged_experts), GPU memory
+    to GPU memory: r_w B_layer bytes read and written at the HBM bandwidth. Exact while every
+    resident expert sits in a split layer (r_w <= (n_e - 1) / n_e); above, the layers holding
+    all n_e experts copy nothing and this over-counts."""
+    if policy.expert_kernel != "grouped" or not model.num_moe_layers:
+        return Affine()
+    layer_bytes = model.routed_expert_bytes_per_layer(policy.weight_dtype)
+    return Affine(r_w=2.0 * layer_bytes / hw.gpu.hbm_bandwidth_bps)
 
 
 def _layer_ops(model: ModelSpec, workload: Workload, policy: Policy, phase: str,
@@ -589,14 +598,16 @@ def cost_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
            for phase in ("decode", "prefill") for k in counts}
     g = policy.num_gpus
     overlapped = policy.schedule == "cgopipe"
-    # a model whose every MoE layer runs grouped (a layer split between resident and streamed
-    # experts loops, and its sync holds the thread back: sum rule)
+    # a model whose MoE layers run grouped: no sync holds the launching thread back
     launcher = {"moe": overlapped and grouped_layer_share(model, policy, "decode") == 1.0,
                 "dense": False}
     decode = {k: _stage_sums(hw, ops["decode", k], page, per_layer[k], g, overlapped,
                              launcher[k]) for k in counts}
     prefill = {k: _stage_sums(hw, ops["prefill", k], page, per_layer[k], g, overlapped)
                for k in counts}
+    if "moe" in counts:   # the weights stream's copy of the resident experts (grouped kernel)
+        for stages in (decode["moe"], prefill["moe"]):
+            stages["h2d"] += resident_copy_s(model, hw, policy)
     comm = {phase: {k: sum(allreduce_time_s(hw, op) for op in ops[phase, k]
                            if op.device == "comm") for k in counts}
             for phase in ("decode", "prefill")}
@@ -684,7 +695,8 @@ def _memory_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
         expert_rounding = model.expert_bytes(policy.weight_dtype) * (
             1.0 if policy.parallelism == "ep" and g > 1 else expert_share)
         weights[STAGING_TERM] = (
-            one_minus(2.0 * layer_bytes * expert_share, "r_w")
+            Affine(const=2.0 * layer_bytes) if policy.expert_kernel == "grouped"  # whole layers
+            else one_minus(2.0 * layer_bytes * expert_share, "r_w")
             + Affine(const=2.0 * expert_rounding))
     kv_gpu = ({"KV cache": Affine(r_c=kv_gpu_bytes * kv_share)}
               if policy.attn_decode_device == "gpu" else {})
@@ -808,12 +820,14 @@ class MemoryFootprint:
 def expert_staging_bytes(model: ModelSpec, policy: Policy, r_w: float) -> float | None:
     """The two GPU staging buffers as the executor sizes them (executor/weights.py): each holds
     the largest streamed layer, n_e - floor(R / l) experts with R = round(r_w l n_e) resident
-    (`hrm.policy.resident_experts_by_layer`). None with several GPUs (each rank's shard; the
+    (`hrm.policy.resident_experts_by_layer`), or a whole layer for grouped GEMMs over a split
+    layer (`hrm.policy.staged_experts`). None with several GPUs (each rank's shard; the
     affine bound of `_memory_terms` stands)."""
     if policy.num_gpus > 1 or not model.num_moe_layers:
         return None
     resident = resident_experts_by_layer(r_w, model.num_layers, model.num_experts)
-    return 2.0 * (model.num_experts - min(resident)) * model.expert_bytes(policy.weight_dtype)
+    return 2.0 * staged_experts(resident, model.num_experts, policy.expert_kernel) * \
+        model.expert_bytes(policy.weight_dtype)
 
 
 def _footprint(terms: CostTerms, r_w: float, r_c: float) -> MemoryFootprint:

@@ -8,10 +8,9 @@ affine coefficients (`hrm.cost.cost_terms`), so its optimum is the cost model's 
     carry binaries w_m with sum_device w_(c, device) = x_c and sum_c w_(c, gpu) = a, the exact
     linearization of w_m = x_c * [a = device];
   * the expert kernel (policy expert_kernel: a loop over the experts or one grouped GEMM pair)
-    is part of the mode. A grouped layer must hold all of its experts or none
-    (`hrm.cost.grouped_layer_share`), and any 0 < r_w < 1 splits some layer's experts. So a
-    grouped mode keeps every expert streamed: its product w_m r_w is fixed at 0, so r_w = 0
-    whenever it is chosen. A grouped kernel with every expert resident is not searched;
+    is part of the mode. A grouped mode stages whole layers (hrm.policy.staged_experts: its
+    staging term is a constant, the weights stream's copy of the resident experts is affine
+    in r_w: `hrm.cost.resident_copy_s`), so r_w is searched as for the loop;
   * continuous r_w, r_c in [0, 1] (r_c <= a). Products with the mode binary, y_m = w_m r_w and
     q_m = w_m r_c, are linearized by McCormick envelopes, exact when w_m is binary:
     y <= w, y <= r_w, y >= r_w - (1 - w), y >= 0;
@@ -109,12 +108,6 @@ def _modes(model: ModelSpec, hw: HardwareProfile, workload: Workload, schedule: 
                                     parallelism=parallelism, expert_kernel=kernel)
                     modes.append(cost_terms(model, hw, workload, policy))
     return modes
-
-
-def _streams_all_experts(terms: CostTerms) -> bool:
-    """A grouped-kernel mode: searched with every routed expert streamed (r_w = 0; the module
-    docstring says why)."""
-    return terms.policy.expert_kernel == "grouped"
 
 
 def _may_fit(terms: CostTerms) -> bool:
@@ -256,8 +249,6 @@ def _add_mode(prob: pulp.LpProblem, m: int, terms: CostTerms, w_m: pulp.LpVariab
     # w_m * r_c; r_c = 0 whenever attention runs on the CPU
     q = prob.add_variable(f"q{m}", 0, 1 if gpu_attention else 0)
     products.append((y, q))
-    if _streams_all_experts(terms):
-        prob += y == 0                       # r_w = 0 whenever this mode is chosen
     for prod, var in ((y, r_w), (q, r_c)) if gpu_attention else ((y, r_w),):
         prob += prod <= w_m                  # McCormick envelope, exact for binary w_m
         prob += prod <= var
@@ -327,7 +318,7 @@ def brute_force(model: ModelSpec, hw: HardwareProfile, workload: Workload, *,
     best: tuple[float, CostTerms, float, float] | None = None
     for terms in modes:
         r_cs = grid.r_c_values if terms.policy.attn_decode_device == "gpu" else (0.0,)
-        for r_w in (0.0,) if _streams_all_experts(terms) else grid.r_w_values:
+        for r_w in grid.r_w_values:
             for r_c in r_cs:
                 if not terms.fits(r_w, r_c):
                     continue

@@ -26,7 +26,9 @@ PARALLELISMS = ("tp", "ep")
 #: expert, after the routing's per-expert row counts are read on the host (a sync per
 #: micro-batch); grouped: one grouped GEMM pair over all experts (torch._grouped_mm) with the
 #: group boundaries computed on the device, so the launching thread neither waits for the routing
-#: nor issues per-expert work. Prefill always loops (its chunks bound the intermediates)
+#: nor issues per-expert work; where a layer keeps some of its experts on the GPU, the staging
+#: buffer holds the whole layer, the resident experts copied in on the GPU (`staged_experts`).
+#: Prefill always loops (its chunks bound the intermediates)
 EXPERT_KERNELS = ("loop", "grouped")
 
 
@@ -43,6 +45,17 @@ def resident_experts_by_layer(weights_gpu_fraction: float, num_layers: int, num_
     base, extra = divmod(resident_experts(weights_gpu_fraction, num_layers, num_experts),
                          num_layers)
     return [base + (1 if i < extra else 0) for i in range(num_layers)]
+
+
+def staged_experts(resident_by_layer: list[int], num_experts: int, expert_kernel: str) -> int:
+    """Experts each of the two GPU staging buffers holds (executor/weights.py): the largest
+    streamed layer, n_e - min_i R_i; with expert_kernel='grouped' and a layer split between
+    resident and streamed experts, all n_e of a layer, so that one grouped GEMM pair reads
+    every expert from one buffer (the link copies the resident ones in on the GPU:
+    executor.schedule.WeightLink)."""
+    if expert_kernel == "grouped" and any(0 < r < num_experts for r in resident_by_layer):
+        return num_experts
+    return num_experts - min(resident_by_layer, default=num_experts)
 
 
 @dataclass(frozen=True)

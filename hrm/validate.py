@@ -168,8 +168,9 @@ QUICK = Grid("quick", base=dict(N=16, n_ub=2, r_w=0.0, attn="cpu", schedule="cgo
                                 prompt=16, gen=4),
              variations=(*_axes(N=(32,), n_ub=(4,), r_w=(0.5,), attn=("gpu",),
                                 schedule=("cgopipe-serial",), kernel=("grouped",)),))
-#: full: 27 configurations around N=256 = 4 x 64, prompt 128, gen 16, every expert streamed
-#: (two with decode's experts as grouped GEMMs: policy expert_kernel).
+#: full: 28 configurations around N=256 = 4 x 64, prompt 128, gen 16, every expert streamed
+#: (three with decode's experts as grouped GEMMs, policy expert_kernel, one of them with a few
+#: experts resident: its layers staged whole).
 #: Micro-batches hold at most 8192 prompt tokens (mu = 64 at prompt 128, 32 at 256, 16 at 512)
 #: so prefill fits a capped GPU; the last three put enough KV in front of the CPU for attention,
 #: not the link, to bind
@@ -193,7 +194,9 @@ FULL = Grid("full", base=dict(N=256, n_ub=4, r_w=0.0, attn="cpu", schedule="cgop
                         ("N=1024,prompt=512", dict(N=1024, n_ub=64, prompt=512)),
                         ("N=2048,prompt=512", dict(N=2048, n_ub=128, prompt=512)),
                         ("kernel=grouped", dict(kernel="grouped")),
-                        ("N=1024,kernel=grouped", dict(N=1024, n_ub=16, kernel="grouped"))))
+                        ("N=1024,kernel=grouped", dict(N=1024, n_ub=16, kernel="grouped")),
+                        ("N=1024,r_w=0.03,kernel=grouped", dict(N=1024, n_ub=16, r_w=0.03,
+                                                                kernel="grouped"))))
 GRIDS = {g.name: g for g in (QUICK, FULL)}
 
 

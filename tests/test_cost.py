@@ -414,9 +414,9 @@ def test_grouped_experts_save_the_per_expert_launches_in_decode_only():
     assert grouped_layer_share(MIXTRAL, grouped, "decode") == 1.0
     assert grouped_layer_share(MIXTRAL, grouped, "prefill") == 0.0
     assert grouped_layer_share(MIXTRAL, loop, "decode") == 0.0
-    # 10 of 256 experts resident: 10 of the 32 layers hold one, and loop
+    # 10 of 256 experts resident: 10 of the 32 layers hold one, staged whole, grouped too
     split = replace(grouped, weights_gpu_fraction=10 / 256)
-    assert grouped_layer_share(MIXTRAL, split, "decode") == pytest.approx(22 / 32)
+    assert grouped_layer_share(MIXTRAL, split, "decode") == 1.0
     a, b = predict(MIXTRAL, hw, WORK, loop), predict(MIXTRAL, hw, WORK, grouped)
     touched = experts_touched(MIXTRAL.num_experts, MIXTRAL.top_k, 128)
     n_ub = loop.num_micro_batches
@@ -431,13 +431,42 @@ def test_grouped_experts_save_the_per_expert_launches_in_decode_only():
     assert a.decode_layer.gpu_s == pytest.approx(kernels_s + grouped_host_s + saved, rel=1e-9)
     assert b.decode_layer.layer_s >= max(kernels_s, grouped_host_s)
     assert a.prefill_s == pytest.approx(b.prefill_s, rel=1e-12)
-    # a split layer loops and syncs, and so does every layer of a serial schedule: sum rule
-    for policy in (split, replace(grouped, schedule="cgopipe-serial")):
-        assert predict(MIXTRAL, hw, WORK, policy).decode_layer.launcher_s == 0.0
+    assert predict(MIXTRAL, hw, WORK, split).decode_layer.launcher_s == \
+        pytest.approx(grouped_host_s, rel=1e-9)
+    # every layer of a serial schedule waits for the last one: sum rule
+    serial = replace(grouped, schedule="cgopipe-serial")
+    assert predict(MIXTRAL, hw, WORK, serial).decode_layer.launcher_s == 0.0
     with pytest.raises(PolicyError, match="expert_kernel"):
         Policy(batch_size=8, micro_batch_size=8, expert_kernel="fused")
     with pytest.raises(PolicyError, match="one GPU"):
         Policy(batch_size=8, micro_batch_size=8, expert_kernel="grouped", num_gpus=2)
+
+
+def test_the_grouped_kernel_stages_split_layers_whole():
+    """expert_kernel='grouped' with some experts of a layer resident: both staging buffers hold
+    all n_e experts (not n_e - R_i), and the weights stream also copies the resident experts
+    into them on the GPU: r_w B_layer bytes read and written at the HBM rate per layer, in
+    decode and prefill. The loop's staging and link are unchanged."""
+    from hrm.cost import STAGING_TERM, expert_staging_bytes, memory_footprint
+
+    hw = replace(T4, interference=Interference())
+    r_w = 40 / 256                      # every layer holds 1 or 2 of its 8 experts
+    loop = Policy(batch_size=512, micro_batch_size=128, weights_gpu_fraction=r_w)
+    grouped = replace(loop, expert_kernel="grouped")
+    expert = MIXTRAL.expert_bytes("bf16")
+    assert expert_staging_bytes(MIXTRAL, loop, r_w) == 2 * 7 * expert
+    assert expert_staging_bytes(MIXTRAL, grouped, r_w) == 2 * 8 * expert
+    for policy in (loop, grouped):
+        assert expert_staging_bytes(MIXTRAL, policy, 1.0) == 0.0
+        assert expert_staging_bytes(MIXTRAL, policy, 0.0) == 2 * 8 * expert
+    footprint = memory_footprint(MIXTRAL, hw, WORK, grouped)
+    assert [v for k, v in footprint.gpu_breakdown.items() if k.startswith(STAGING_TERM)] == \
+        [2 * 8 * expert]
+    a, b = predict(MIXTRAL, hw, WORK, loop), predict(MIXTRAL, hw, WORK, grouped)
+    copy_s = 2 * r_w * MIXTRAL.routed_expert_bytes_per_layer("bf16") / hw.gpu.hbm_bandwidth_bps
+    assert copy_s > 0
+    assert b.decode_layer.h2d_s - a.decode_layer.h2d_s == pytest.approx(copy_s, rel=1e-9)
+    assert b.prefill_layer.h2d_s - a.prefill_layer.h2d_s == pytest.approx(copy_s, rel=1e-9)
 
 
 @settings(max_examples=200, deadline=None)

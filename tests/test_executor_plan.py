@@ -427,12 +427,12 @@ def test_device_alias_needs_a_pinned_cuda_buffer() -> None:
     assert torch.equal(torch.mul(alias, 1).cpu(), host + 1)
 
 
-@pytest.mark.parametrize(("r_w", "grouped_calls"), [(0.0, 24), (1.0, 24), (0.4, 0)])
-def test_grouped_experts_run_in_decode_where_a_layer_is_not_split(monkeypatch, r_w,
-                                                                   grouped_calls) -> None:
+@pytest.mark.parametrize("r_w", [0.0, 1.0, 0.4])
+def test_grouped_experts_run_in_every_decode_layer(monkeypatch, r_w) -> None:
     """expert_kernel='grouped': decode micro-batches (3 steps x 2 micro-batches x 4 layers) run
-    the grouped GEMMs where a layer's experts are all streamed (r_w = 0) or all resident (1);
-    prefill, and layers split between the two (r_w = 0.4), loop over the experts."""
+    the grouped GEMMs whether a layer's experts are all streamed (r_w = 0), all resident (1) or
+    split between the two (0.4: the layer is staged whole, its resident experts copied in, and
+    the staging buffers hold all n_e experts, as plan_memory counts); prefill loops."""
     import executor.layers as L
     from executor.engine import build_engine
 
@@ -454,7 +454,12 @@ def test_grouped_experts_run_in_decode_where_a_layer_is_not_split(monkeypatch, r
                           prompt_lens=[4] * 4, gen_len=4, gpu_mem_bytes=2**32,
                           cpu_mem_bytes=2**32)
     engine.generate(prompts, 4)
-    assert calls == {"grouped": grouped_calls, "loop": 32 - grouped_calls}
+    assert calls == {"grouped": 24, "loop": 8}
+    store, spec = engine.w.experts, engine.spec
+    assert store.whole_layers == (r_w == 0.4)
+    assert store.staging_bytes() == engine.plan.gpu["weight staging (2 buffers)"]
+    if r_w == 0.4:
+        assert store.staging_bytes() == 2 * spec.num_experts * spec.expert_params() * 4
 
 
 def test_host_wait_mode_is_checked_at_import() -> None:

@@ -127,9 +127,9 @@ def test_dtypes_reach_the_policy():
         optimize(MIXTRAL, T4, workload, method="annealing")
 
 
-def test_the_expert_kernel_is_searched_with_every_expert_streamed():
-    """Both routed-expert kernels are modes of the search; a grouped mode keeps r_w = 0 (a layer
-    with some experts resident loops over them), and the MILP agrees with brute force on it."""
+def test_the_expert_kernel_is_searched_with_the_weights_fraction():
+    """Both routed-expert kernels are modes of the search, each with r_w free (a grouped layer
+    with some experts resident is staged whole), and the MILP agrees with brute force."""
     spec = replace(MIXTRAL, num_layers=4)
     hw = load_profile("h200-machine").with_memory(gpu_memory_bytes=9 * GiB,
                                                   cpu_memory_bytes=120 * GiB)
@@ -142,7 +142,7 @@ def test_the_expert_kernel_is_searched_with_every_expert_streamed():
     assert both.prediction.throughput_tok_s >= loop.prediction.throughput_tok_s
     assert both.policy.expert_kernel == reference.policy.expert_kernel
     assert both.prediction.throughput_tok_s >= 0.99 * reference.prediction.throughput_tok_s
-    # on this launch-bound machine the grouped kernel's fewer launches win, every expert streamed
+    # on this launch-bound machine the grouped kernel's fewer launches win, with experts resident
     assert both.policy.expert_kernel == "grouped"
-    assert both.policy.weights_gpu_fraction == 0.0
+    assert both.policy.weights_gpu_fraction > 0.0
     assert both.prediction.throughput_tok_s == pytest.approx(both.objective_tok_s, rel=1e-4)
