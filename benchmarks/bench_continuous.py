@@ -169,7 +169,7 @@ def compare(kind: str, runs: list[dict]) -> str:
     by = {r.get("scheduler"): r for r in runs if r.get("workload_kind") == kind
           and "useful_throughput_tok_s" in r}
     if set(by) != {"static", "continuous"}:
-        return f"[{kind}] no comparison: a run failed"
+        return f"[{kind}] no comparison: a run failed or was not started (--deadline-s)"
     static, cont = by["static"]["useful_throughput_tok_s"], by["continuous"]
     job = cont["useful_throughput_tok_s"]
     line = f"[{kind}] static {static:,.0f} tok/s; continuous job {job:,.0f} ({job / static:.2f}x)"
