@@ -4,7 +4,8 @@ Each run of a bench_executor.py / bench_continuous.py result JSON (those with a 
 `hrm run` command; the accelerate baseline has none) is predicted with the limits it ran under
 and the policy as it realized it (whole experts per layer). A continuous run is predicted over
 its own passes, which the scheduler's dry run (executor.scheduler.simulate) reproduces; the pass
-count the run recorded is checked.
+count the run recorded is checked, and its steady state (the passes it recorded as such) is
+predicted too.
 
     python benchmarks/repredict_runs.py --bench RESULT.json [--bench ...] --hardware A.toml \\
         [--hardware B.toml] -o repredict_runs.json
@@ -43,8 +44,9 @@ def options(command: str) -> dict[str, str]:
     return {w[2:]: v for w, v in zip(words, words[1:] + [""], strict=True) if w.startswith("--")}
 
 
-def run_prediction(run: dict[str, Any], profile: Path) -> float:
-    """Tokens/s the model predicts for one recorded `hrm run`, with its limits."""
+def run_prediction(run: dict[str, Any], profile: Path) -> tuple[float, float | None]:
+    """Tokens/s the model predicts for one recorded `hrm run`, with its limits, and for a
+    continuous run's steady state (the passes it recorded as such; None elsewhere)."""
     opt = options(run["command"])
     spec = replace(read_model("mixtral-8x7b")[0], num_layers=run["num_layers"],
                    name=run["model"])
@@ -57,7 +59,7 @@ def run_prediction(run: dict[str, Any], profile: Path) -> float:
                        weights_gpu_fraction=run["realized"]["weights_gpu_fraction"])
     if run["scheduler"] == "static":
         workload = Workload.from_lens(list(synthetic.prompt_lens), int(opt["gen-len"]))
-        return predict(spec, hw, workload, realized).throughput_tok_s
+        return predict(spec, hw, workload, realized).throughput_tok_s, None
     gens = list(synthetic.gen_lens or [synthetic.gen_len] * synthetic.num_seqs)
     workload = Workload.from_lens(list(synthetic.prompt_lens), gens)
     passes, _ = simulate(list(synthetic.prompt_lens), gens,
@@ -66,8 +68,12 @@ def run_prediction(run: dict[str, Any], profile: Path) -> float:
     if len(passes) != run["continuous"]["passes"]:
         raise SystemExit(f"{run['name']}: the dry run makes {len(passes)} passes, the run "
                          f"made {run['continuous']['passes']}")
-    return predict_passes(pass_model(spec, hw, workload, realized),
-                          [p.shape() for p in passes]).throughput_tok_s
+    model, shapes = pass_model(spec, hw, workload, realized), [p.shape() for p in passes]
+    steady = None
+    if run.get("steady"):
+        first, last = run["steady"]["passes"]
+        steady = predict_passes(model, shapes[first:last + 1]).throughput_tok_s
+    return predict_passes(model, shapes).throughput_tok_s, steady
 
 
 def repredict_runs(bench: Path, profiles: dict[str, Path]) -> list[dict[str, Any]]:
@@ -80,10 +86,17 @@ def repredict_runs(bench: Path, profiles: dict[str, Path]) -> list[dict[str, Any
                "predicted_tok_s_then": run["predicted_throughput_tok_s"],
                "error_pct_then": pct_error(run["predicted_throughput_tok_s"],
                                            run["throughput_tok_s"])}
+        steady = run.get("steady")
+        if steady:
+            row["steady_measured_tok_s"] = steady["throughput_tok_s"]
         for name, profile in profiles.items():
-            tok_s = run_prediction(run, profile)
+            tok_s, steady_tok_s = run_prediction(run, profile)
             row[f"predicted_tok_s_{name}"] = tok_s
             row[f"error_pct_{name}"] = pct_error(tok_s, run["throughput_tok_s"])
+            if steady_tok_s is not None:
+                row[f"steady_predicted_tok_s_{name}"] = steady_tok_s
+                row[f"steady_error_pct_{name}"] = pct_error(steady_tok_s,
+                                                            steady["throughput_tok_s"])
         rows.append(row)
     return rows
 
@@ -99,7 +112,7 @@ def main() -> None:
     for row in rows:
         print(f"{row['run']:<24} measured {row['measured_tok_s']:8.1f} tok/s  " + "  ".join(
             f"{k.removeprefix('error_pct_')} {v:+.1f}%" for k, v in row.items()
-            if k.startswith("error_pct_")))
+            if k.startswith(("error_pct_", "steady_error_pct_"))))
     write_json_atomic(args.output, {
         "command": " ".join(sys.argv), "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "profiles": {k: str(v) for k, v in profiles.items()}, "runs": rows})

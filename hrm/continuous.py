@@ -55,6 +55,7 @@ from hrm.cost import (
     interfered,
     layer_stage_sums,
     micro_batch_chain_s,
+    one_micro_batch,
     resident_copy_s,
     schedule_layer_s,
     without_weight_stream,
@@ -225,23 +226,29 @@ class PassModel:
         per_layer_o = {"moe": 1.0 / self.model.num_moe_layers if terms.overflow_bytes else 0.0,
                        "dense": 0.0}
         total_s, unfed_s, stage_s, chain_s, top = 0.0, 0.0, {}, 0.0, ("", -1.0)
+        first = "moe" if "moe" in terms.layer_counts else "dense"
+        n_ub = math.ceil(shape.decode_seqs / p.micro_batch_size)
+        factors = terms.factors
+        if terms.overlapped and n_ub == 1:   # GPU stage and CPU attention wait for each other
+            hw, factors = one_micro_batch(hw, factors)
         for kind, count in terms.layer_counts.items():
             decode, prefill = self._layer_ops(shape, kind)
             stages = layer_stage_sums(hw, decode + prefill, page, per_layer_o[kind],
                                       terms.overlapped)
             if kind == "moe":
                 stages["h2d"] += resident_copy_s(self.model, hw, p)
-            t = interfered({s: a(r_w, 0.0, o) for s, a in stages.items()}, terms.factors)
+            t = interfered({s: a(r_w, 0.0, o) for s, a in stages.items()}, factors)
             total_s += count * schedule_layer_s(t, terms.overlapped)
-            unfed_s += count * max(without_weight_stream(t).values(), default=0.0)
+            # the fill's own micro-batch is in the first layer's max (CostTerms
+            # .filled_layer_counts)
+            filled_count = count - (1.0 / n_ub if kind == first and decode else 0.0)
+            unfed_s += filled_count * max(without_weight_stream(t).values(), default=0.0)
             for s, seconds in t.items():
                 stage_s[s] = stage_s.get(s, 0.0) + count * seconds
                 if seconds > top[1]:
                     top = (s, seconds)
             if terms.overlapped and decode and (kind == "moe" or "moe" not in terms.layer_counts):
-                n_ub = math.ceil(shape.decode_seqs / p.micro_batch_size)
-                chain_s = micro_batch_chain_s(hw, decode, n_ub, terms.factors)(
-                    r_w, 0.0, o)
+                chain_s = micro_batch_chain_s(hw, decode, n_ub, factors)(r_w, 0.0, o)
         rows = shape.decode_seqs + shape.prefill_seqs
         n_head = max(1, math.ceil(rows / p.micro_batch_size))
         head_s = sum(gpu_op_time_s(hw, op) for op in head_operators(
@@ -258,7 +265,12 @@ def pass_model(model: ModelSpec, hw: HardwareProfile, workload: Workload, policy
     if policy.attn_decode_device != "cpu" or policy.schedule == "layerwise":
         raise PolicyError("continuous scheduling keeps the KV cache in CPU memory: use "
                           "attn_decode_device='cpu' and a cgopipe schedule")
-    terms = _memory_views(model, hw, workload, policy, prefill_chunk_tokens)["cpu"]
+    views = _memory_views(model, hw, workload, policy, prefill_chunk_tokens)
+    # the CPU view's overflow (its pinned buffers are a whole pass's); the interference of the
+    # policy's micro-batches (the CPU view has one: hrm.cost.one_micro_batch), which `time`
+    # lifts for passes of one micro-batch
+    decode = views["decode"]
+    terms = replace(views["cpu"], factors=decode.factors, hardware=decode.hardware)
     return PassModel(model, policy, terms, prefill_chunk_tokens)
 
 

@@ -209,6 +209,18 @@ def staged_pipeline(hw: HardwareProfile, staged: bool) -> HardwareProfile:
     return hw
 
 
+def one_micro_batch(hw: HardwareProfile, factors: dict[str, float]
+                    ) -> tuple[HardwareProfile, dict[str, float]]:
+    """The profile and stage factors of a cgopipe layer of one decode micro-batch: its GPU
+    stage and its CPU attention wait for each other (pre-attention, attention, post-attention,
+    then the next layer), so neither runs beside the other; only the weight stream (link and
+    copy threads) runs beside them. The GPU stage keeps its solo speed (factors 1: the
+    calibration and the microbenchmark measure it beside CPU attention) and so does CPU
+    attention (its factor is measured beside the GPU stage's launches and the link)."""
+    inter = replace(hw.interference, gpu=1.0, launch=1.0, pipeline=1.0, pipeline_staged=1.0)
+    return replace(hw, interference=inter), {**factors, "cpu_attn": 1.0}
+
+
 def gpu_factors(hw: HardwareProfile) -> tuple[float, float]:
     """(f_g, f_h) of an overlapped schedule: the GPU stage's kernels are slowed by the GPU's
     interference factor, its host work (launches, hand-offs) by the launching thread's, which
@@ -337,8 +349,20 @@ class CostTerms:
         return schedule_layer_s(interfered({s: term(r_w, r_c, o) for s, term in stages.items()},
                                            self.factors), self.overlapped)
 
+    def filled_layer_counts(self) -> dict[str, float]:
+        """The layer counts of the filled pipeline's sum (`decode_step_s`): every layer's
+        non-weight-stream maximum U, less 1 / n_ub of the first layer's, whose max already
+        holds the fill's own micro-batch: fill + (l - 1 / n_ub) U. With one micro-batch, U is
+        its chain and a step is l chains; with two whose CPU attention c binds (GPU work p + q
+        each), one layer takes p + 2c + q, as the chain p + c + q plus (1 - 1/2) 2c says."""
+        first = "moe" if "moe" in self.layer_counts else "dense"
+        share = 1.0 / self.policy.num_micro_batches
+        return {kind: count - (share if kind == first else 0.0)
+                for kind, count in self.layer_counts.items()}
+
     def decode_step_s(self, r_w: float, r_c: float) -> float:
-        """lm head + max(sum layer_s, fill + sum of the layers' non-weight-stream maxima)."""
+        """lm head + max(sum layer_s, fill + the layers' non-weight-stream maxima:
+        `filled_layer_counts`)."""
         o = self.overflow(r_w)
         layers = sum(count * self.layer_time_s(self.decode_stages[kind], r_w, r_c)
                      for kind, count in self.layer_counts.items())
@@ -346,7 +370,7 @@ class CostTerms:
             filled = self.decode_fill_s(r_w, r_c, o) + sum(
                 count * self.layer_time_s(without_weight_stream(self.decode_stages[kind]),
                                           r_w, r_c)
-                for kind, count in self.layer_counts.items())
+                for kind, count in self.filled_layer_counts().items())
             layers = max(layers, filled)
         return self.decode_extra_s(r_w, r_c, o) + layers
 
@@ -601,6 +625,14 @@ def cost_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
     # a model whose MoE layers run grouped: no sync holds the launching thread back
     launcher = {"moe": overlapped and grouped_layer_share(model, policy, "decode") == 1.0,
                 "dense": False}
+    inter = hw.interference
+    # the GPU stage's factors are applied per operator (`_stage_sums`, `_op_time`)
+    factors = ({"h2d": inter.link, "d2h": inter.link, "gpu": 1.0, "launcher": 1.0,
+                "cpu_attn": inter.cpu_attention, "copy_thread": inter.staging_copy_link,
+                COPY_BESIDE_ALL: inter.staging_copy, "chain": 1.0}
+               if overlapped else dict.fromkeys(STAGES, 1.0))
+    if overlapped and n_ub == 1:
+        hw, factors = one_micro_batch(hw, factors)
     decode = {k: _stage_sums(hw, ops["decode", k], page, per_layer[k], g, overlapped,
                              launcher[k]) for k in counts}
     prefill = {k: _stage_sums(hw, ops["prefill", k], page, per_layer[k], g, overlapped)
@@ -613,12 +645,6 @@ def cost_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
             for phase in ("decode", "prefill")}
     head_s = sum(gpu_op_time_s(hw, op) for op in head_operators(
         model, micro_batch_size=mu, num_micro_batches=n_ub, weight_dtype=policy.weight_dtype))
-    inter = hw.interference
-    # the GPU stage's factors are applied per operator (`_stage_sums`, `_op_time`)
-    factors = ({"h2d": inter.link, "d2h": inter.link, "gpu": 1.0, "launcher": 1.0,
-                "cpu_attn": inter.cpu_attention, "copy_thread": inter.staging_copy_link,
-                COPY_BESIDE_ALL: inter.staging_copy, "chain": 1.0}
-               if overlapped else dict.fromkeys(STAGES, 1.0))
     decode_extra, prefill_extra, decode_fill = Affine(const=head_s), Affine(const=head_s), Affine()
     if overlapped:
         for k in counts:

@@ -292,7 +292,7 @@ def _add_mode(prob: pulp.LpProblem, m: int, terms: CostTerms, w_m: pulp.LpVariab
     if terms.overlapped:   # max(layers, fill + layers without the weight stream): epigraph
         filled = lin(terms.decode_fill_s) + pulp.lpSum(
             count * layer_time(without_weight_stream(terms.decode_stages[k]), f"F{m}_{k}")
-            for k, count in terms.layer_counts.items())
+            for k, count in terms.filled_layer_counts().items())
         step_layers = prob.add_variable(f"S{m}", 0)
         prob.addConstraint(step_layers >= layers)
         prob.addConstraint(step_layers >= filled)

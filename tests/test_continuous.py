@@ -71,6 +71,23 @@ def test_decode_only_pass_is_the_static_decode_step():
         pytest.approx(static.decode_step_s(0.3, 0.0), rel=1e-9)
 
 
+def test_a_pass_of_one_micro_batch_runs_at_solo_speed():
+    """A pass whose decode fits one micro-batch has its GPU stage and CPU attention wait for
+    each other: the interference factors measured beside each other do not slow it (hrm.cost
+    one_micro_batch); a pass of two micro-batches is slowed."""
+    from hrm.hardware import Interference
+
+    work = Workload(num_seqs=512, prompt_len=100, gen_len=64)
+    slow = Interference(gpu=1.5, cpu_attention=1.7, launch=1.6, pipeline=1.8)
+    resident = replace(POLICY, weights_gpu_fraction=1.0)   # no link to hide the stages behind
+    for seqs, solo in ((128, True), (512, False)):
+        shape = PassShape(seqs, seqs * work.mean_decode_context, 0, 0)
+        times = [pass_model(MIXTRAL, replace(H100, interference=inter), work, resident
+                            ).time(shape).pass_s for inter in (Interference(), slow)]
+        assert (times[1] == pytest.approx(times[0], rel=1e-12)) == solo
+        assert times[1] >= times[0] * (1 - 1e-12)
+
+
 def test_prefill_rides_the_weight_pass():
     """Adding prefill tokens to a decode pass never streams the weights twice: the link time of
     the mixed pass is less than the decode pass's plus a prefill-only pass's."""

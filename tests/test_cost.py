@@ -144,6 +144,42 @@ def test_interference_slows_overlapped_stages():
         assert c.decode_layer.layer_s == pytest.approx(c.decode_layer.gpu_s)
 
 
+def test_one_micro_batch_runs_its_gpu_stage_and_cpu_attention_at_solo_speed():
+    """cgopipe with one decode micro-batch: the GPU stage and CPU attention wait for each other,
+    so the factors measured beside each other (GPU, launches, pipeline calibration, CPU
+    attention) do not apply; with two micro-batches they do (every expert resident: no link to
+    hide them behind)."""
+    slow = Interference(gpu=1.5, cpu_attention=1.7, launch=1.6, pipeline=1.8)
+    hw = replace(H100, gpu=replace(H100.gpu, op_overhead_s=10e-6, attention_handoff_s=300e-6))
+    for n_ub in (1, 2):
+        policy = Policy(batch_size=128 * n_ub, micro_batch_size=128, weights_gpu_fraction=1.0)
+        plain = predict(MIXTRAL, replace(hw, interference=Interference()), WORK, policy)
+        interfered_ = predict(MIXTRAL, replace(hw, interference=slow), WORK, policy)
+        same = interfered_.decode_step_s == pytest.approx(plain.decode_step_s, rel=1e-12)
+        assert same == (n_ub == 1)
+        if n_ub == 2:
+            assert interfered_.decode_layer.gpu_s == pytest.approx(1.8 * plain.decode_layer.gpu_s)
+
+
+def test_a_step_of_one_micro_batch_is_one_chain_per_layer():
+    """cgopipe, one decode micro-batch, nothing streamed: each layer is that micro-batch's chain
+    (pre-attention, q/k/v down, CPU attention, output up, post-attention), so a step is the LM
+    head plus l chains; the fill adds none (CostTerms.filled_layer_counts). With n_ub
+    micro-batches the filled sum counts l - 1/n_ub layer maxima."""
+    from hrm.cost import cost_terms
+
+    hw = replace(H100, interference=Interference())
+    for n_ub in (1, 4):
+        policy = Policy(batch_size=64 * n_ub, micro_batch_size=64, weights_gpu_fraction=1.0)
+        terms = cost_terms(MIXTRAL, hw, WORK, policy)
+        assert terms.filled_layer_counts() == {"moe": MIXTRAL.num_layers - 1 / n_ub}
+        if n_ub == 1:
+            chain_s = terms.decode_stages["moe"]["chain"](1.0, 0.0, 0.0)
+            head_s = terms.decode_extra_s(1.0, 0.0, 0.0)
+            assert terms.decode_step_s(1.0, 0.0) == pytest.approx(
+                head_s + MIXTRAL.num_layers * chain_s, rel=1e-12)
+
+
 @given(link=st.floats(0.0, 10.0), cpu=st.floats(0.0, 10.0), gpu=st.floats(0.0, 10.0),
        f_link=st.floats(1.0, 2.0), f_gpu=st.floats(1.0, 2.0), f_cpu=st.floats(1.0, 2.0))
 def test_interfered_stages_are_bounded(link, cpu, gpu, f_link, f_cpu, f_gpu):
