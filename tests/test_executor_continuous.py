@@ -117,11 +117,13 @@ def test_hrm_run_scheduler_continuous(tmp_path, hrm_cli):
     assert code == 2 and "--scheduler must be static or continuous" in err
 
 
-def test_continuous_tokens_equal_static_with_grouped_experts():
+@pytest.mark.parametrize("r_w", [0.0, 0.4])
+def test_continuous_tokens_equal_static_with_grouped_experts(r_w):
     """The continuous engine's decode runs the policy's grouped expert GEMMs too (every expert
-    streamed, so each layer's experts sit in one staging buffer): its greedy tokens equal the
-    static engine's per-expert loop on the same placement (random weights depend on it)."""
-    fp32 = dict(weight_dtype="fp32", kv_dtype="fp32")
+    streamed, or some resident and the layer staged whole: ExpertStore.stage_whole_layers): its
+    greedy tokens equal the static engine's per-expert loop on the same placement (random
+    weights depend on it)."""
+    fp32 = dict(weight_dtype="fp32", kv_dtype="fp32", weights_gpu_fraction=r_w)
     static = build_engine("tiny-mixtral", Policy(batch_size=8, micro_batch_size=4, **fp32),
                           device=CPU, prompt_lens=[len(p) for p in PROMPTS], gen_len=GEN_LEN,
                           gpu_mem_bytes=2**32, cpu_mem_bytes=2**32, kv_block_tokens=BLOCK)
@@ -129,5 +131,6 @@ def test_continuous_tokens_equal_static_with_grouped_experts():
     engine, blocks = build_continuous_engine(
         "tiny-mixtral", policy, device=CPU, max_seq_len=MAX_SEQ, gpu_mem_bytes=2**32,
         cpu_mem_bytes=2**32, kv_block_tokens=BLOCK, num_blocks=400)
+    assert engine.w.experts.whole_layers == (r_w > 0)
     gen, _ = engine.generate_continuous(PROMPTS, [GEN_LEN] * len(PROMPTS), num_blocks=blocks)
     assert gen.outputs == static.generate(PROMPTS, GEN_LEN).outputs
