@@ -174,22 +174,25 @@ def affine_sum(terms: list[Affine]) -> Affine:
 
 
 # ---- rates and operator times ---------------------------------------------------------------
-def gpu_achieved_flops(hw: HardwareProfile, rows: float) -> float:
-    """P_g(rows): GEMM FLOP/s at `rows` rows from curve 'gpu_gemm' (capped at the peak), else the
-    peak."""
+def gpu_achieved_flops(hw: HardwareProfile, rows: float, curve_name: str = "gpu_gemm"
+                       ) -> float:
+    """P_g(rows): GEMM FLOP/s at `rows` rows from the profile's curve `curve_name` (an
+    operator's `curve`: 'gpu_gemm', or the grouped experts' where the profile measured it, else
+    'gpu_gemm'), capped at the peak; the peak without either."""
     peak = hw.gpu.flops(COMPUTE_DTYPE)
-    curve = hw.curves.get("gpu_gemm")
+    curve = hw.curves.get(curve_name) or hw.curves.get("gpu_gemm")
     return min(curve(rows), peak) if curve is not None and rows > 0 else peak
 
 
 def gpu_op_time_s(hw: HardwareProfile, op: Operator, kernel_factor: float = 1.0,
                   host_factor: float = 1.0) -> float:
-    """t = f_g max(F / P_g(rows), B_hbm / BW_g) + f_h launches * t_launch; the CPU attention
+    """t = f_g max(F / P_g(rows), B_hbm / BW_g) + f_h launches * t_launch (P_g from the
+    operator's curve: `gpu_achieved_flops`); the CPU attention
     hand-off (HANDOFF_OP) t = f_h hand-offs * t_handoff. Where stages overlap, f_g is the GPU's
     interference factor and f_h the launching thread's (`gpu_factors`); 1 alone."""
     if op.name == HANDOFF_OP:
         return host_factor * op.launches * hw.gpu.attention_handoff_s
-    compute_s = op.flops / gpu_achieved_flops(hw, op.rows)
+    compute_s = op.flops / gpu_achieved_flops(hw, op.rows, op.curve)
     memory_s = op.gpu_bytes / hw.gpu.hbm_bandwidth_bps
     return (kernel_factor * max(compute_s, memory_s)
             + host_factor * op.launches * hw.gpu.op_overhead_s)

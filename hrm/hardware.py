@@ -171,8 +171,9 @@ class HardwareProfile:
     description: str = ""
     interference: Interference = field(default_factory=Interference)
     interconnect: InterconnectTier = field(default_factory=InterconnectTier)
-    #: fitted curves, keyed 'gpu_gemm' (FLOP/s vs rows per expert), 'h2d' (bytes/s vs copy
-    #: bytes), 'cpu_attention' (KV bytes/s vs KV bytes per call), 'cpu_gemm' (FLOP/s vs rows)
+    #: fitted curves, keyed 'gpu_gemm' (FLOP/s vs rows per expert), 'gpu_grouped_experts' (the
+    #: same for a micro-batch's routed experts as grouped GEMMs), 'h2d' (bytes/s vs copy bytes),
+    #: 'cpu_attention' (KV bytes/s vs KV bytes per call), 'cpu_gemm' (FLOP/s vs rows)
     curves: dict[str, SaturatingCurve] = field(default_factory=dict)
     #: where each value comes from, keyed by dotted path ('gpu.memory_bytes')
     sources: dict[str, str] = field(default_factory=dict, compare=False)

@@ -70,7 +70,7 @@ from hrm.hardware import (
 )
 from hrm.io import write_json_atomic
 from hrm.model import ModelSpec, load_model_spec
-from hrm.roofline import whole_block_tokens
+from hrm.roofline import GROUPED_EXPERTS_CURVE, whole_block_tokens
 from hrm.units import GiB, KiB, MiB, dtype_bytes, fmt_bytes
 
 STANDIN_NOTE = "no CUDA: GPU tier measured on the CPU stand-in"
@@ -347,6 +347,50 @@ def gemm_series(bench: str, k: int, n: int, rows: Iterable[int], dtype: str, dev
                                x=m, work=2.0 * m * k * n, unit="FLOP/s", times_s=times))
         if device == "cpu" and len(out) >= 2 and out[-1].median_s > CPU_GEMM_CALL_LIMIT_S:
             break   # (a curve needs two sizes)
+    return out
+
+
+#: decode micro-batch sizes of `grouped_experts_series`
+GROUPED_EXPERT_MICRO_BATCHES = (1, 4, 16, 48, 128, 512)
+
+
+def grouped_experts_series(spec: ModelSpec, micro_batches: Iterable[int], device: str,
+                           reps: int, seed: int = 0) -> list[Measurement]:
+    """Achieved FLOP/s of a decode micro-batch's routed experts as the executor runs them with
+    expert_kernel='grouped' (executor.layers.routed_experts_grouped over ExpertStore.stacked's
+    strided views: the (token, slot) pairs sorted by expert, one grouped GEMM pair over all n_e
+    experts, gates and scatter-add), queued back to back so that the kernels are timed, not
+    their dispatch; one layer of `spec`'s experts, bf16, uniformly random top-k routing
+    (seeded). x = rows per touched expert, work = 2 pairs expert_params FLOPs (the expert FFN
+    operator of hrm.roofline, which takes its time from this curve: GROUPED_EXPERTS_CURVE).
+    Measured because the grouped kernel is not the dense GEMM: on the H200 machine
+    (2026-12-02b) one micro-batch of 16 took 1.17 ms against the 0.66 ms its weight bytes need
+    at the HBM rate."""
+    import torch
+
+    from executor.layers import routed_experts_grouped
+    from executor.weights import ExpertStore
+
+    e, k, h1 = spec.num_experts, spec.top_k, spec.hidden_size
+    flat = random_tensor((e * spec.expert_params(),), "bf16", device)
+    store = ExpertStore(dataclasses.replace(spec, num_layers=1), flat.dtype,
+                        torch.device(device), [e], [flat], [flat[:0]], [0], [], 1)
+    w13t, w2t = store.stacked(0, 0)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    for mu in sorted(micro_batches):
+        h = random_tensor((mu, h1), "bf16", device)
+        experts = torch.rand(mu, e, generator=generator).topk(k, dim=-1).indices.to(device)
+        weights = torch.full((mu, k), 1.0 / k, device=device)
+        touched = int(experts.unique().numel())
+        times = time_calls(lambda h=h, x=experts, g=weights: routed_experts_grouped(
+            h, x, g, w13t, w2t), reps, device, queued=True)
+        out.append(Measurement(
+            "gpu_grouped_experts", {"model": spec.name, "micro_batch": mu, "experts": e,
+                                    "top_k": k, "touched": touched, "dtype": "bf16",
+                                    "routing": "uniform random top-k"},
+            x=mu * k / touched, work=2.0 * mu * k * spec.expert_params(), unit="FLOP/s",
+            times_s=times))
     return out
 
 
@@ -1185,6 +1229,9 @@ def benchmark_plan(config: ProfileConfig, env: Environment, spec: ModelSpec,
                              p=proj: gemm_series("gpu_gemm", k, n, config.gemm_rows, d, dev,
                                                  reps, {"model": m, "proj": p})))
     budget = 4 * config.link_sizes_bytes[-1]
+    if cuda and spec.num_experts:
+        plan.append((f"grouped experts {spec.name}", lambda: grouped_experts_series(
+            spec, GROUPED_EXPERT_MICRO_BATCHES, dev, reps)))
     if cuda:
         for direction in ("h2d", "d2h"):
             for pinned in (True, False):
@@ -1514,6 +1561,11 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
         "cpu_gemm": (f"FLOP/s vs rows, {cpu_best.params['dtype']} CPU GEMMs",
                      _select(ms, "cpu_gemm", dtype=cpu_best.params["dtype"])),
     }
+    grouped = [m for m in ms if m.bench == "gpu_grouped_experts"]
+    if grouped:   # CUDA only (benchmark_plan): the cost model falls back to gpu_gemm
+        series[GROUPED_EXPERTS_CURVE] = (
+            "FLOP/s vs rows per touched expert, a decode micro-batch's routed experts as one "
+            f"grouped GEMM pair ({grouped[0].params['model']}, bf16)", grouped)
     curves, fits, notes = {}, {}, []
     for key, (what, points) in series.items():
         curve, outliers = fit_series(points)

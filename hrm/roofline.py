@@ -50,6 +50,10 @@ OPS_PER_EXPERT = 13
 #: counts on the device instead of their host copy, and two grouped GEMMs with the split, SiLU
 #: and product between them, whatever the experts touched
 OPS_MOE_GROUPED = 34
+#: the profile curve of the routed experts as one grouped GEMM pair (FLOP/s vs rows per expert:
+#: hrm.profile.grouped_experts_series, executor.layers.routed_experts_grouped), for the expert
+#: FFN of layers that run it (cost falls back to 'gpu_gemm' where a profile lacks it)
+GROUPED_EXPERTS_CURVE = "gpu_grouped_experts"
 #: decode attention on the GPU: the new token's positions, its k/v written into the gathered
 #: K/V, the mask and SDPA (executor.layers.attend_with_new_token, with the engine's
 #: index_tensor); the CPU cache's gather is timed as a memcpy (kv_gather), and the CUDA-only
@@ -133,6 +137,9 @@ class Operator:
     link_bytes: float
     rows: float
     launches: float
+    #: the profile curve that times its GEMMs on the GPU (achieved FLOP/s vs `rows`):
+    #: 'gpu_gemm', or GROUPED_EXPERTS_CURVE for the routed experts as grouped GEMMs
+    curve: str = "gpu_gemm"
 
     @property
     def gpu_intensity(self) -> float:
@@ -351,7 +358,8 @@ def _expert_operators(model: ModelSpec, tokens_ub: float, n_ub: int, weight_dtyp
             gpu_bytes=n_ub * (touched * expert_w * width + pairs * (2 * h1 + 3 * h2 * width)
                               * act),
             cpu_bytes=n_ub * touched * expert_w * width, link_bytes=held * expert_w * width,
-            rows=routed_rows / e_act, launches=loop_share * n_ub * touched * OPS_PER_EXPERT),
+            rows=routed_rows / e_act, launches=loop_share * n_ub * touched * OPS_PER_EXPERT,
+            curve="gpu_gemm" if loop_share else GROUPED_EXPERTS_CURVE),
         Operator(
             name="weight_h2d", device="h2d", flops=0.0, gpu_bytes=0.0,
             cpu_bytes=held * expert_w * width, link_bytes=held * expert_w * width, rows=0.0,

@@ -161,6 +161,28 @@ def test_one_micro_batch_runs_its_gpu_stage_and_cpu_attention_at_solo_speed():
             assert interfered_.decode_layer.gpu_s == pytest.approx(1.8 * plain.decode_layer.gpu_s)
 
 
+def test_grouped_experts_take_their_own_curve_where_the_profile_has_one():
+    """The decode expert FFN of grouped layers is timed by curve 'gpu_grouped_experts' (the
+    grouped kernel as the executor runs it), else by 'gpu_gemm'; the loop's by 'gpu_gemm'."""
+    from hrm.hardware import SaturatingCurve
+    from hrm.roofline import GROUPED_EXPERTS_CURVE, layer_operators
+
+    slow = SaturatingCurve(peak=100e12, half=5000.0)
+    hw = replace(H100, interference=Interference())
+    with_curve = replace(hw, curves={**hw.curves, GROUPED_EXPERTS_CURVE: slow})
+    loop = Policy(batch_size=512, micro_batch_size=64, weights_gpu_fraction=1.0)
+    grouped = replace(loop, expert_kernel="grouped")
+    ffn = {share: next(op for op in layer_operators(
+        MIXTRAL, micro_batch_size=64, num_micro_batches=8, context_len=200, phase="decode",
+        grouped_share=share) if op.name == "expert_ffn") for share in (0.0, 1.0)}
+    assert (ffn[0.0].curve, ffn[1.0].curve) == ("gpu_gemm", GROUPED_EXPERTS_CURVE)
+    for policy, moved in ((loop, False), (grouped, True)):
+        a, b = (predict(MIXTRAL, h, WORK, policy).decode_layer.gpu_s for h in (hw, with_curve))
+        assert (b > a * (1 + 1e-9)) == moved
+        if not moved:
+            assert b == pytest.approx(a, rel=1e-12)
+
+
 def test_a_step_of_one_micro_batch_is_one_chain_per_layer():
     """cgopipe, one decode micro-batch, nothing streamed: each layer is that micro-batch's chain
     (pre-attention, q/k/v down, CPU attention, output up, post-attention), so a step is the LM

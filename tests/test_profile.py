@@ -31,6 +31,8 @@ GEMM_CURVE = SaturatingCurve(peak=700e12, half=400.0)
 H2D_CURVE = SaturatingCurve(peak=54e9, half=2e5)
 ATTN_CURVE = SaturatingCurve(peak=60e9, half=4e6)
 CPU_GEMM_CURVE = SaturatingCurve(peak=1.4e12, half=64.0)
+#: a micro-batch's routed experts as grouped GEMMs: slower than the dense GEMM at few rows
+GROUPED_CURVE = SaturatingCurve(peak=500e12, half=900.0)
 #: solo rate / together rate of each stage; 0.9 (faster together: noise) must floor at 1
 SLOWDOWN = {"link": 1.25, "gpu": 0.9, "cpu_attention": 1.1}
 #: the GPU stage's kernel launches, together / alone
@@ -85,6 +87,11 @@ def synthetic_measurements(standin=False):
         ms.append(_m("attention_handoff", {"micro_batch": 64, "qkv_width": 6144,
                                            "filler_ops": 200}, 64, 1.0, 1 / 450e-6,
                      unit="handoff/s"))
+        for mu in (1, 4, 16, 48, 128, 512):   # Mixtral-8x7B: rows per touched expert
+            rows = mu * 2 / min(8, 2 * mu)
+            ms.append(_m("gpu_grouped_experts", {"model": "mixtral-8x7b", "micro_batch": mu,
+                                                 "dtype": "bf16"}, rows,
+                         2.0 * mu * 2 * 176e6, GROUPED_CURVE(rows), unit="FLOP/s"))
         ms.append(Measurement("pin_probe", {"chunk_bytes": 4 * GiB, "bound_bytes": 80 * GiB,
                                             "outcome": "failed"}, x=60 * GiB, work=60 * GiB,
                               unit="B/s", times_s=(34.0,)))
@@ -199,13 +206,34 @@ def test_build_profile_maps_measurements_onto_fields():
     assert "launches" in profile.sources["interference.launch"]
     assert profile.measurements["derived"]["interference_ratio"]["gpu"] == pytest.approx(0.9)
     for key, truth in (("gpu_gemm", GEMM_CURVE), ("h2d", H2D_CURVE),
-                       ("cpu_attention", ATTN_CURVE), ("cpu_gemm", CPU_GEMM_CURVE)):
+                       ("cpu_attention", ATTN_CURVE), ("cpu_gemm", CPU_GEMM_CURVE),
+                       ("gpu_grouped_experts", GROUPED_CURVE)):
         fitted = profile.curves[key]
         assert fitted.peak == pytest.approx(truth.peak, rel=1e-3), key
         assert fitted.half == pytest.approx(truth.half, rel=1e-2), key
     # bf16 and fp16 GEMMs must not be pooled into the one 'gpu_gemm' curve
     assert profile.measurements["fits"]["gpu_gemm"]["points"] == 28
     assert profile.measurements["derived"]["min_page_bytes_90pct"] == 16 * MiB
+
+
+def test_grouped_experts_are_timed_as_the_executor_runs_them():
+    """hrm profile's grouped-experts benchmark (CUDA only in the plan; here on the CPU with the
+    tiny Mixtral): routed_experts_grouped over ExpertStore.stacked's views, x = rows per touched
+    expert, work = 2 pairs expert_params; a stand-in profile has no such curve, and the cost
+    model then times grouped experts by gpu_gemm."""
+    from hrm.profile import grouped_experts_series
+
+    spec = load_model_spec("tiny-mixtral")
+    ms = grouped_experts_series(spec, (1, 8), "cpu", reps=2)
+    assert [m.params["micro_batch"] for m in ms] == [1, 8]
+    for m in ms:
+        mu, touched = m.params["micro_batch"], m.params["touched"]
+        assert 1 <= touched <= min(spec.num_experts, mu * spec.top_k)
+        assert m.x == pytest.approx(mu * spec.top_k / touched)
+        assert m.work == pytest.approx(2.0 * mu * spec.top_k * spec.expert_params())
+        assert m.rate > 0
+    standin = build_profile("cpu-test", synthetic_measurements(standin=True), _env("cpu"))
+    assert "gpu_grouped_experts" not in standin.curves
 
 
 def test_every_value_says_how_it_was_measured():
