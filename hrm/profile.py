@@ -234,7 +234,8 @@ def _sync(device: str) -> None:
 
 
 def time_calls(fn: Callable[[], Any], reps: int, device: str, warmup: int = 1,
-               gap_s: float = 0.0, queued: bool = False) -> tuple[float, ...]:
+               gap_s: float = 0.0, queued: bool = False,
+               hold_s_per_call: float | None = None) -> tuple[float, ...]:
     """Seconds per call of `fn()`, `reps` calls after `warmup` untimed ones. Work on the GPU is
     timed with CUDA events on the current stream, work on the CPU with the host clock, each call
     after `gap_s` asleep (untimed).
@@ -244,7 +245,8 @@ def time_calls(fn: Callable[[], Any], reps: int, device: str, warmup: int = 1,
     than its own dispatch is timed from its start event to its end, dispatch included: a
     16-row expert GEMM of Mixtral-8x7B measured 45-80 us so against about 30 us of HBM-bound
     kernel (H200 machine, 2026-12-02), and the model, which adds launches x t_launch to every
-    kernel, counted the dispatch twice."""
+    kernel, counted the dispatch twice. The hold is QUEUE_HOLD_S_PER_CALL per call, or
+    `hold_s_per_call` for calls of many operations."""
     import torch
 
     for _ in range(warmup):
@@ -254,7 +256,7 @@ def time_calls(fn: Callable[[], Any], reps: int, device: str, warmup: int = 1,
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(reps)]
         if queued:
-            _hold_stream_s(QUEUE_HOLD_S_PER_CALL * reps)
+            _hold_stream_s((hold_s_per_call or QUEUE_HOLD_S_PER_CALL) * reps)
         for start, end in events:
             start.record()
             fn()
@@ -352,6 +354,9 @@ def gemm_series(bench: str, k: int, n: int, rows: Iterable[int], dtype: str, dev
 
 #: decode micro-batch sizes of `grouped_experts_series`
 GROUPED_EXPERT_MICRO_BATCHES = (1, 4, 16, 48, 128, 512)
+#: seconds the stream is held per queued grouped-experts call: its 30-odd operations took
+#: about 1.1 ms to dispatch on the H200 machine (2026-12-02b), more than QUEUE_HOLD_S_PER_CALL
+GROUPED_EXPERTS_HOLD_S_PER_CALL = 5e-3
 
 
 def grouped_experts_series(spec: ModelSpec, micro_batches: Iterable[int], device: str,
@@ -364,8 +369,10 @@ def grouped_experts_series(spec: ModelSpec, micro_batches: Iterable[int], device
     (seeded). x = rows per touched expert, work = 2 pairs expert_params FLOPs (the expert FFN
     operator of hrm.roofline, which takes its time from this curve: GROUPED_EXPERTS_CURVE).
     Measured because the grouped kernel is not the dense GEMM: on the H200 machine
-    (2026-12-02b) one micro-batch of 16 took 1.17 ms against the 0.66 ms its weight bytes need
-    at the HBM rate."""
+    (2026-12-02b, benchmarks/diag_grouped_experts.py) one micro-batch of 16 took 1.17 ms
+    queued, against the 0.66 ms its weight bytes need at the HBM rate; its dispatch took
+    1.14 ms, more than that run's 1 ms hold per call, so part of it may be dispatch (the hold
+    here is GROUPED_EXPERTS_HOLD_S_PER_CALL)."""
     import torch
 
     from executor.layers import routed_experts_grouped
@@ -384,7 +391,8 @@ def grouped_experts_series(spec: ModelSpec, micro_batches: Iterable[int], device
         weights = torch.full((mu, k), 1.0 / k, device=device)
         touched = int(experts.unique().numel())
         times = time_calls(lambda h=h, x=experts, g=weights: routed_experts_grouped(
-            h, x, g, w13t, w2t), reps, device, queued=True)
+            h, x, g, w13t, w2t), reps, device, queued=True,
+            hold_s_per_call=GROUPED_EXPERTS_HOLD_S_PER_CALL)
         out.append(Measurement(
             "gpu_grouped_experts", {"model": spec.name, "micro_batch": mu, "experts": e,
                                     "top_k": k, "touched": touched, "dtype": "bf16",
