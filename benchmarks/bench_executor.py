@@ -358,6 +358,9 @@ def main() -> None:
     ap.add_argument("--accelerate-gen-lens", type=int, nargs="*", default=[32])
     ap.add_argument("--accelerate-batches", type=int, nargs="*", default=[8, 16, 32])
     ap.add_argument("--only", nargs="*", default=["cgopipe", "layerwise", "accelerate"])
+    ap.add_argument("--staging-buffers", type=int, nargs="+", default=[2],
+                    help="CGOPipe runs with each of these numbers of GPU staging buffers "
+                         "(policy staging_buffers; 2: the optimizer's double buffering)")
     ap.add_argument("--trace", action="store_true",
                     help="keep the trace of each schedule's first run")
     add_deadline_options(ap)
@@ -398,28 +401,32 @@ def main() -> None:
     started = time.perf_counter()
     for gen_len in args.gen_lens:
         wl = synthetic_workload("mtbench", OPTIMIZER_NUM_SEQS, gen_len)
-        for schedule in ("cgopipe", "layerwise"):
+        runs = [("cgopipe", b) for b in args.staging_buffers] + [("layerwise", 2)]
+        for schedule, buffers in runs:
             if schedule not in args.only or time.perf_counter() - started > args.deadline_s:
                 continue
             # the policy is optimized for the full model under the full limits, then run on
-            # the first L layers with the per-layer share of the limits
+            # the first L layers with the per-layer share of the limits (with more staging
+            # buffers than the optimizer's two, r_w comes down until they fit)
             opt = optimize(spec, hw_full, wl, schedule=schedule)
             lens = list(synthetic_workload("mtbench", opt.policy.batch_size, gen_len).prompt_lens)
-            policy, plan = fit_to_executor(spec, opt.policy, lens, gen_len, args.gpu_mem * GiB,
+            policy, plan = fit_to_executor(spec, replace(opt.policy, staging_buffers=buffers),
+                                           lens, gen_len, args.gpu_mem * GiB,
                                            hw_full.cpu.memory_bytes)
-            policy_path = workdir / f"policy_{schedule}_g{gen_len}.json"
+            tag = schedule if buffers == 2 else f"{schedule}_b{buffers}"
+            policy_path = workdir / f"policy_{tag}_g{gen_len}.json"
             policy.save(policy_path)
             gpu_cap_l = args.gpu_mem * GiB - (FULL_LAYERS - args.layers) * \
                 layer_gpu_bytes(spec, plan)
             cpu_cap_l = bench.cpu_limit_bytes(plan)
             caps = ["--gpu-mem", f"{gpu_cap_l / GiB:.4f}", "--cpu-mem", f"{cpu_cap_l / GiB:.4f}"]
-            profile_path = bench.layer_profile(gpu_cap_l, cpu_cap_l, f"{schedule}-g{gen_len}")
-            extra = ["--trace", str(args.out / f"executor_trace_{schedule}.json")] \
+            profile_path = bench.layer_profile(gpu_cap_l, cpu_cap_l, f"{tag}-g{gen_len}")
+            extra = ["--trace", str(args.out / f"executor_trace_{tag}.json")] \
                 if args.trace and gen_len == args.gen_lens[0] else []
             res = run_cli([*common, *caps, "--policy", str(policy_path), "--hardware",
                            str(profile_path), "--num-seqs",
                            str(opt.policy.batch_size), "--gen-len", str(gen_len), *extra],
-                          workdir, f"{schedule}_g{gen_len}", args.run_timeout_s)
+                          workdir, f"{tag}_g{gen_len}", args.run_timeout_s)
             res["full_model_prediction"] = opt.prediction.to_dict()
             res["optimizer_policy"] = opt.policy.to_dict()
             if "throughput_tok_s" in res:

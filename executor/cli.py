@@ -154,6 +154,9 @@ def run_command(
     expert_kernel: str | None = typer.Option(
         None, "--expert-kernel", help="loop | grouped: decode's routed experts, a GEMM pair per "
         "expert or one grouped GEMM pair for all (torch._grouped_mm) [default: the policy's]"),
+    staging_buffers: int | None = typer.Option(
+        None, "--staging-buffers", min=2, help="GPU staging buffers of streamed expert layers "
+        "(2: double buffering; each holds a layer's streamed experts) [default: the policy's]"),
     num_layers: int | None = typer.Option(None, "--num-layers",
                                           help="run only the first N layers (random weights)"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
@@ -249,7 +252,8 @@ def run_command(
                              kv_gpu_fraction=policy.kv_gpu_fraction if attn == "gpu" else 0.0)
     policy = replace(policy, num_gpus=gpus or policy.num_gpus,
                      parallelism=parallelism or policy.parallelism,
-                     expert_kernel=expert_kernel or policy.expert_kernel)
+                     expert_kernel=expert_kernel or policy.expert_kernel,
+                     staging_buffers=staging_buffers or policy.staging_buffers)
     world = policy.num_gpus
     if world > 1:
         if scheduler == "continuous":

@@ -216,7 +216,8 @@ class ContinuousEngine(Engine):
         layers = self.spec.num_layers
         with pipeline_threads(self.w.experts, self.streams, tracer) as (link, worker), \
                 torch.inference_mode():
-            weights = LayerWeightsInFlight(link, layers, len(bound) * layers, self.overlap)
+            weights = LayerWeightsInFlight(link, layers, len(bound) * layers, self.overlap,
+                                           self.policy.staging_buffers)
             t0 = tracer.now_s()
             visit = 0
             while not sched.done:

@@ -99,16 +99,21 @@ class MemoryPlan:
                                       f"{where.lower()}-mem")
 
 
+#: the memory plan's entry of the expert staging buffers
+WEIGHT_STAGING = "weight staging"
+
+
 def weight_plan(spec: ModelSpec, policy: Policy, resident: list[int]
                 ) -> tuple[dict[str, int], int]:
-    """GPU bytes of the weights (dense, resident experts, the two staging buffers:
-    hrm.policy.staged_experts) and the bytes of the streamed experts in CPU memory."""
+    """GPU bytes of the weights (dense, resident experts, the policy's staging_buffers of
+    hrm.policy.staged_experts experts each) and the bytes of the streamed experts in CPU
+    memory."""
     w_elem = int(torch.empty((), dtype=torch_dtype(policy.weight_dtype)).element_size())
     expert = spec.expert_params() * w_elem
     staged = staged_experts(resident, spec.num_experts, policy.expert_kernel)
     return ({"dense weights": spec.dense_params() * w_elem,
              "resident experts": sum(resident) * expert,
-             "weight staging (2 buffers)": 2 * staged * expert},
+             WEIGHT_STAGING: policy.staging_buffers * staged * expert},
             sum(spec.num_experts - r for r in resident) * expert)
 
 
@@ -177,9 +182,9 @@ class Engine:
         self.plan = plan
         self.sampling, self.eos = sampling, eos_token_id
         self.renorm = renormalize_topk(self.spec, weights.config)
-        if policy.expert_kernel == "grouped":
-            weights.experts.stage_whole_layers()   # plan_memory counted them (staged_experts)
-            weights.gpu_bytes["staging"] = weights.experts.staging_bytes()
+        # as plan_memory counted them (weight_plan)
+        weights.experts.configure_staging(policy.staging_buffers, policy.expert_kernel)
+        weights.gpu_bytes["staging"] = weights.experts.staging_bytes()
         self.cpu_attention = policy.attn_decode_device == "cpu"
         if self.cpu_attention:
             paged_attention_extension()  # built (or loaded) now, not inside a timed decode
@@ -558,7 +563,8 @@ class Engine:
         prefill_s = decode_s = 0.0
         windows = []
         with pipeline_threads(self.w.experts, self.streams, tracer) as (link, worker):
-            weights = LayerWeightsInFlight(link, self.spec.num_layers, visits, self.overlap)
+            weights = LayerWeightsInFlight(link, self.spec.num_layers, visits, self.overlap,
+                                           self.policy.staging_buffers)
             visit = 0
             with torch.inference_mode():
                 for seqs in rounds:

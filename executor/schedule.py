@@ -366,22 +366,24 @@ class LayerWeightsInFlight:
     """Which layer visit uses which staging buffer, and the copies in flight.
 
     Visits are numbered globally (prefill layers, then each decode step's layers); visit g uses
-    staging buffer g mod 2. With `prefetch`, visit g+2 is requested as soon as visit g's last
-    expert GEMM is queued (double buffering: the copy of layer l+1 overlaps layer l's compute);
-    without it, each visit's weights are fetched only when it starts, and awaited (no overlap)."""
+    staging buffer g mod b (`buffers`, the policy's staging_buffers). With `prefetch`, visit
+    g+b is requested as soon as visit g's last expert GEMM is queued (b = 2, double buffering:
+    the copy of layer l+1 overlaps layer l's compute, and layer l+2's waits for it); without
+    it, each visit's weights are fetched only when it starts, and awaited (no overlap)."""
 
-    def __init__(self, link: WeightLink, num_layers: int, total_visits: int, prefetch: bool
-                 ) -> None:
+    def __init__(self, link: WeightLink, num_layers: int, total_visits: int, prefetch: bool,
+                 buffers: int = 2) -> None:
         self.link, self.num_layers, self.total = link, num_layers, total_visits
-        self.prefetch = prefetch
+        self.prefetch, self.buffers = prefetch, buffers
         self.pending: dict[int, Future] = {}
         if prefetch:
-            for g in range(min(2, total_visits)):
+            for g in range(min(buffers, total_visits)):
                 self._request(g, None)
 
     def _request(self, visit: int, after: Any) -> None:
         if visit < self.total and visit not in self.pending:
-            self.pending[visit] = self.link.fetch(visit % self.num_layers, visit % 2, after)
+            self.pending[visit] = self.link.fetch(visit % self.num_layers, visit % self.buffers,
+                                                  after)
 
     def acquire(self, visit: int, stream: Any) -> StagedLayer:
         """The staging buffer of `visit`; its `ready()` makes `stream` wait for the weights.
@@ -389,12 +391,12 @@ class LayerWeightsInFlight:
         front of it (output projection, routing, resident experts) neither waits for the
         weights on the GPU nor blocks the launching thread while the copy thread queues them."""
         self._request(visit, None)
-        return StagedLayer(visit % 2, self.pending.pop(visit), stream)
+        return StagedLayer(visit % self.buffers, self.pending.pop(visit), stream)
 
     def release(self, visit: int, stream: Any) -> None:
-        """The visit's compute has been queued: its buffer may be refilled for visit + 2."""
+        """The visit's compute has been queued: its buffer may be refilled for visit + b."""
         if self.prefetch:
-            self._request(visit + 2, record(stream))
+            self._request(visit + self.buffers, record(stream))
 
 
 class CPUWorker:

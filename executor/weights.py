@@ -36,7 +36,7 @@ from executor.distributed import Shard
 from executor.layers import DenseLayer, ExpertFn
 from hrm.errors import ModelConfigError
 from hrm.model import ModelSpec, from_hf_config, load_model_spec
-from hrm.policy import resident_experts_by_layer
+from hrm.policy import resident_experts_by_layer, staged_experts
 
 SUPPORTED = ("mixtral", "qwen2_moe")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -94,7 +94,7 @@ class ExpertStore:
     """Routed experts: per layer a GPU flat buffer (resident experts 0..R_i-1) and a CPU flat
     buffer (streamed experts R_i..n_e-1), each expert laid out as [w13 (2 h2 x h1) | w2 (h1 x
     h2)]; plus two GPU staging buffers (double buffering) sized for the largest streamed layer,
-    or for a whole layer with `whole_layers` (`stage_whole_layers`). Indices are local: `local`
+    or for a whole layer with `whole_layers` (`configure_staging`). Indices are local: `local`
     maps a global expert id to its local index (the experts this rank holds; by default all n_e,
     in order)."""
 
@@ -111,6 +111,7 @@ class ExpertStore:
     local: dict[int, int] = field(default_factory=dict)
     #: the staging buffers hold a layer's every expert at its own index: the streamed ones from
     #: the host, the resident ones copied in on the GPU (WeightLink), for the grouped GEMMs
+    #: (`configure_staging`)
     whole_layers: bool = False
     #: the views `stacked` hands out, made once per buffer
     _stacked: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = field(
@@ -123,18 +124,23 @@ class ExpertStore:
     def expert_elements(self) -> int:
         return 3 * self.spec.hidden_size * self.spec.expert_intermediate_size
 
-    def stage_whole_layers(self) -> None:
-        """Staging buffers of a whole layer (`whole_layers`) where a layer is split between
-        resident and streamed experts (hrm.policy.staged_experts with expert_kernel='grouped'),
-        so that `stacked` finds every expert of every layer in one buffer."""
+    def configure_staging(self, buffers: int, expert_kernel: str) -> None:
+        """The staging buffers a policy runs with: `buffers` of them (policy staging_buffers),
+        each of hrm.policy.staged_experts experts, a whole layer (`whole_layers`) where the
+        grouped kernel meets a layer split between resident and streamed experts, so that
+        `stacked` finds every expert of every layer in one buffer."""
         e = self.spec.num_experts
-        if self.whole_layers or not any(0 < r < e for r in self.resident):
+        whole = expert_kernel == "grouped" and any(0 < r < e for r in self.resident)
+        elements = staged_experts(self.resident, e, expert_kernel) * self.expert_elements
+        count = buffers if elements else 0
+        if whole == self.whole_layers and len(self.staging) == count and \
+                all(t.numel() == elements for t in self.staging):
             return
-        buffers, self.staging = len(self.staging), []   # freed before the larger ones
-        self.staging = [torch.empty(e * self.expert_elements, dtype=self.dtype,
-                                    device=self.device) for _ in range(buffers)]
+        self.staging = []   # freed before the new ones
+        self.staging = [torch.empty(elements, dtype=self.dtype, device=self.device)
+                        for _ in range(count)]
         self._stacked.clear()
-        self.whole_layers = True
+        self.whole_layers = whole
 
     def staged_offset(self, layer: int) -> int:
         """Elements of a staging buffer before the layer's first streamed expert: its resident
@@ -176,7 +182,7 @@ class ExpertStore:
         the GEMMs after the copy that fills it), for the grouped GEMMs
         (executor.layers.routed_experts_grouped). The views are made once per buffer, not per
         micro-batch (hrm.roofline OPS_MOE_GROUPED counts none). None where a layer's experts
-        are split between the two buffers (without `stage_whole_layers`), or over ranks."""
+        are split between the two buffers (without `whole_layers`), or over ranks."""
         e, h1, h2 = self.spec.num_experts, self.spec.hidden_size, self.spec.expert_intermediate_size
         if len(self.local) != e or (self.resident[layer] not in (0, e) and not self.whole_layers):
             return None

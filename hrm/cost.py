@@ -123,8 +123,8 @@ STREAMS_SHARING_THE_LINK = 2.0
 #: of STAGING_SLOT_PAGES weight pages, each one pinned allocation (executor.schedule.WeightLink)
 STAGING_RING_SLOTS = 4
 STAGING_SLOT_PAGES = 4
-#: the GPU memory term of the two expert staging buffers
-STAGING_TERM = "expert staging (2 layers)"
+#: the GPU memory term of the expert staging buffers (policy staging_buffers)
+STAGING_TERM = "expert staging"
 
 #: resources of a layer; cgopipe adds "chain", one micro-batch's dependent path through a layer.
 #: "launcher" is the launching thread's host work where it is a stage of its own: in cgopipe's
@@ -719,14 +719,14 @@ def _memory_terms(model: ModelSpec, hw: HardwareProfile, workload: Workload,
     weights = {"dense weights": Affine(const=dense_bytes),
                "resident experts": Affine(r_w=routed_bytes * expert_share)}
     if model.num_moe_layers:
-        # two buffers of a layer's streamed experts; the executor keeps whole experts resident,
+        # b buffers of a layer's streamed experts; the executor keeps whole experts resident,
         # so a layer may stream one expert (share) more than (1 - r_w) of its bytes
         expert_rounding = model.expert_bytes(policy.weight_dtype) * (
             1.0 if policy.parallelism == "ep" and g > 1 else expert_share)
         weights[STAGING_TERM] = (
-            Affine(const=2.0 * layer_bytes) if policy.expert_kernel == "grouped"  # whole layers
-            else one_minus(2.0 * layer_bytes * expert_share, "r_w")
-            + Affine(const=2.0 * expert_rounding))
+            Affine(const=layer_bytes) if policy.expert_kernel == "grouped"  # whole layers
+            else one_minus(layer_bytes * expert_share, "r_w") + Affine(const=expert_rounding)
+        ).scaled(policy.staging_buffers)
     kv_gpu = ({"KV cache": Affine(r_c=kv_gpu_bytes * kv_share)}
               if policy.attn_decode_device == "gpu" else {})
 
@@ -847,7 +847,8 @@ class MemoryFootprint:
 
 
 def expert_staging_bytes(model: ModelSpec, policy: Policy, r_w: float) -> float | None:
-    """The two GPU staging buffers as the executor sizes them (executor/weights.py): each holds
+    """The b GPU staging buffers (policy staging_buffers) as the executor sizes them
+    (executor/weights.py): each holds
     the largest streamed layer, n_e - floor(R / l) experts with R = round(r_w l n_e) resident
     (`hrm.policy.resident_experts_by_layer`), or a whole layer for grouped GEMMs over a split
     layer (`hrm.policy.staged_experts`). None with several GPUs (each rank's shard; the
@@ -855,8 +856,8 @@ def expert_staging_bytes(model: ModelSpec, policy: Policy, r_w: float) -> float 
     if policy.num_gpus > 1 or not model.num_moe_layers:
         return None
     resident = resident_experts_by_layer(r_w, model.num_layers, model.num_experts)
-    return 2.0 * staged_experts(resident, model.num_experts, policy.expert_kernel) * \
-        model.expert_bytes(policy.weight_dtype)
+    return policy.staging_buffers * model.expert_bytes(policy.weight_dtype) * \
+        staged_experts(resident, model.num_experts, policy.expert_kernel)
 
 
 def _footprint(terms: CostTerms, r_w: float, r_c: float) -> MemoryFootprint:

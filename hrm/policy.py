@@ -77,9 +77,14 @@ class Policy:
     num_gpus: int = 1                  # G: GPUs, each with its own process and weight shard
     parallelism: str = "tp"            # tp | ep, only meaningful with num_gpus > 1
     expert_kernel: str = "loop"        # loop | grouped: decode's routed experts (EXPERT_KERNELS)
+    #: b: GPU staging buffers of streamed expert layers; visit g fills buffer g mod b once visit
+    #: g - b's compute is done (2: double buffering). Not searched by hrm optimize: the cost
+    #: model's max() of the stages has no term that a third buffer shortens, only its memory
+    staging_buffers: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "micro_batch_size", "weight_page_bytes", "num_gpus"):
+        for name in ("batch_size", "micro_batch_size", "weight_page_bytes", "num_gpus",
+                     "staging_buffers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise PolicyError(f"policy {name} must be a positive integer, got {value!r}")
@@ -110,6 +115,9 @@ class Policy:
         if self.expert_kernel not in EXPERT_KERNELS:
             raise PolicyError(f"policy expert_kernel must be one of {EXPERT_KERNELS}, "
                               f"got {self.expert_kernel!r}")
+        if self.staging_buffers < 2:
+            raise PolicyError(f"policy staging_buffers must be >= 2 (the next layer's weights "
+                              f"stream while this one computes), got {self.staging_buffers}")
         if self.expert_kernel == "grouped" and self.num_gpus > 1:
             raise PolicyError("expert_kernel='grouped' runs on one GPU (num_gpus=1)")
         if self.schedule == "layerwise" and self.attn_decode_device != "gpu":

@@ -530,22 +530,18 @@ class SharedModel:
         self.weights.experts.unpin()
 
     def weights_for(self, resident: list[int], page_bytes: int) -> Any:
-        import torch
-
         from executor.weights import ExpertStore
 
         base = self.weights.experts
         unit = base.expert_elements
         gpu = [base.cpu[i][:r * unit].to(self.device, copy=True) for i, r in enumerate(resident)]
         cpu = [base.cpu[i][r * unit:] for i, r in enumerate(resident)]
-        longest = max(t.numel() for t in cpu)
-        staging = [torch.empty(longest, dtype=base.dtype, device=self.device)
-                   for _ in range(2)] if longest else []
         elem = base.cpu[0].element_size()
         pinned = [max(0, p - r * unit) for p, r in zip(base.pinned_elements, resident,
                                                        strict=True)]
+        # no staging buffers yet: the Engine allocates the policy's (configure_staging)
         store = ExpertStore(self.spec, base.dtype, self.device, resident, gpu, cpu, pinned,
-                            staging, max(1, page_bytes // elem))
+                            [], max(1, page_bytes // elem))
         gpu_bytes = {"dense": self.weights.gpu_bytes["dense"],
                      "resident_experts": store.resident_bytes(),
                      "staging": store.staging_bytes()}

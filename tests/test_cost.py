@@ -13,6 +13,7 @@ from hrm.cost import (
     CPU_USABLE_FRACTION,
     STAGING_RING_SLOTS,
     STAGING_SLOT_PAGES,
+    STAGING_TERM,
     check_fits,
     cost_terms,
     interfered,
@@ -61,7 +62,7 @@ def test_staging_buffers_hold_the_largest_streamed_layer(r_w, streamed_experts):
     mem = memory_footprint(MIXTRAL, T4, WORK, policy)
     staging = next(v for k, v in mem.gpu_breakdown.items() if k.startswith("expert staging"))
     assert staging == pytest.approx(2 * streamed_experts * W_LAYER / 8)
-    bound = cost_terms(MIXTRAL, T4, WORK, policy).gpu_memory["decode"]["expert staging (2 layers)"]
+    bound = cost_terms(MIXTRAL, T4, WORK, policy).gpu_memory["decode"][STAGING_TERM]
     assert bound(r_w, 0.0) >= staging
 
 
@@ -505,7 +506,7 @@ def test_the_grouped_kernel_stages_split_layers_whole():
     all n_e experts (not n_e - R_i), and the weights stream also copies the resident experts
     into them on the GPU: r_w B_layer bytes read and written at the HBM rate per layer, in
     decode and prefill. The loop's staging and link are unchanged."""
-    from hrm.cost import STAGING_TERM, expert_staging_bytes, memory_footprint
+    from hrm.cost import expert_staging_bytes, memory_footprint
 
     hw = replace(T4, interference=Interference())
     r_w = 40 / 256                      # every layer holds 1 or 2 of its 8 experts

@@ -10,10 +10,11 @@ torch = pytest.importorskip("torch")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from executor.engine import plan_memory  # noqa: E402
+from executor.engine import WEIGHT_STAGING, build_engine, plan_memory  # noqa: E402
 from executor.kv_cache import KVCache, kv_cache_bytes  # noqa: E402
 from executor.weights import resident_experts_per_layer  # noqa: E402
-from hrm.errors import InfeasibleError  # noqa: E402
+from hrm.errors import InfeasibleError, PolicyError  # noqa: E402
+from hrm.hardware import load_profile  # noqa: E402
 from hrm.model import load_model_spec  # noqa: E402
 from hrm.policy import Policy  # noqa: E402
 from hrm.workload import Workload  # noqa: E402
@@ -61,7 +62,7 @@ def test_plan_counts_offloaded_experts_and_staging() -> None:
     expert = MIXTRAL.expert_bytes("bf16")
     assert plan.gpu["resident experts"] == 64 * expert          # 2 of 8 experts x 32 layers
     assert plan.cpu["streamed experts"] == 192 * expert
-    assert plan.gpu["weight staging (2 buffers)"] == 2 * 6 * expert
+    assert plan.gpu[WEIGHT_STAGING] == 2 * 6 * expert
     assert plan.gpu["KV cache"] == 0 and plan.cpu["KV cache"] > 0
     with pytest.raises(InfeasibleError, match="does not fit GPU memory"):
         plan.check(gpu_limit_bytes=16 * 2**30, cpu_limit_bytes=1e12)
@@ -457,7 +458,7 @@ def test_grouped_experts_run_in_every_decode_layer(monkeypatch, r_w) -> None:
     assert calls == {"grouped": 24, "loop": 8}
     store, spec = engine.w.experts, engine.spec
     assert store.whole_layers == (r_w == 0.4)
-    assert store.staging_bytes() == engine.plan.gpu["weight staging (2 buffers)"]
+    assert store.staging_bytes() == engine.plan.gpu[WEIGHT_STAGING]
     if r_w == 0.4:
         assert store.staging_bytes() == 2 * spec.num_experts * spec.expert_params() * 4
 
@@ -476,3 +477,32 @@ def test_host_wait_mode_is_checked_at_import() -> None:
     env["MOE_LIGHTNING_HOST_WAIT"] = "nap"
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "expected spin or sleep" in bad.stderr
+
+
+def test_three_staging_buffers_give_the_same_tokens_and_are_planned() -> None:
+    """policy staging_buffers=3: visit g streams into buffer g mod 3 once visit g - 3's compute
+    is queued; the tokens are those of double buffering, the store holds three buffers, and the
+    plan and the cost model count them. Fewer than two is a policy error."""
+    from hrm.cost import STAGING_TERM, cost_terms, expert_staging_bytes
+
+    prompts = [[5, 9, 3, 7], [8, 2, 2, 40], [3, 1, 4, 1], [60, 61, 62, 63]]
+    outputs = {}
+    for buffers in (2, 3):
+        policy = Policy(batch_size=4, micro_batch_size=2, weights_gpu_fraction=0.25,
+                        weight_dtype="fp32", kv_dtype="fp32", staging_buffers=buffers)
+        engine = build_engine("tiny-mixtral", policy, device=torch.device("cpu"),
+                              prompt_lens=[4] * 4, gen_len=5, gpu_mem_bytes=2**32,
+                              cpu_mem_bytes=2**32)
+        outputs[buffers] = engine.generate(prompts, 5).outputs
+        store, spec = engine.w.experts, engine.spec
+        assert len(store.staging) == buffers
+        assert store.staging_bytes() == engine.plan.gpu[WEIGHT_STAGING]
+        model_bytes = expert_staging_bytes(spec, policy, policy.weights_gpu_fraction)
+        assert model_bytes == store.staging_bytes()
+        bound = cost_terms(spec, load_profile("t4"), Workload(4, 4, 5),
+                           policy).gpu_memory["decode"][STAGING_TERM]
+        assert bound(policy.weights_gpu_fraction, 0.0, 0.0) >= model_bytes
+    assert outputs[2] == outputs[3]
+    with pytest.raises(PolicyError, match="staging_buffers"):
+        Policy(batch_size=4, micro_batch_size=2, staging_buffers=1)
+    assert Policy.from_dict({"batch_size": 4, "micro_batch_size": 2}).staging_buffers == 2
