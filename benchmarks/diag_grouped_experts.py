@@ -16,7 +16,6 @@ outputs beside the largest output.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from datetime import UTC, datetime
@@ -37,10 +36,10 @@ MICRO_BATCHES = (1, 16, 64, 256)
 
 def expert_store(model: str, device: torch.device) -> ExpertStore:
     """One layer of `model`'s routed experts, random bf16, all resident on `device`."""
-    spec = dataclasses.replace(load_model_spec(model), num_layers=1)
+    spec = load_model_spec(model)
     e, h1, h2 = spec.num_experts, spec.hidden_size, spec.expert_intermediate_size
     flat = (torch.rand(e * 3 * h1 * h2, device=device) - 0.5).to(torch.bfloat16) * 0.02
-    return ExpertStore(spec, torch.bfloat16, device, [e], [flat], [flat[:0]], [0], [], 1)
+    return ExpertStore.one_resident_layer(spec, flat)
 
 
 def synchronize(device: torch.device) -> None:

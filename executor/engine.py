@@ -119,7 +119,7 @@ def weight_plan(spec: ModelSpec, policy: Policy, resident: list[int]
 
 def plan_memory(spec: ModelSpec, policy: Policy, resident: list[int], prompt_lens: list[int],
                 gen_len: int, kv_block_tokens: int = BLOCK_TOKENS) -> MemoryPlan:
-    """Memory of weights (dense + resident experts + 2 staging buffers on the GPU, streamed
+    """Memory of weights (dense + resident experts + the staging buffers on the GPU, streamed
     experts in CPU memory), KV cache (the first r_c of the micro-batches on the GPU, each slot
     sized by `Workload.slot_capacities`, the cost model's rule) and GPU workspace."""
     workload = Workload.from_lens(prompt_lens, gen_len)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import heapq
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +93,9 @@ def resident_experts_per_layer(spec: ModelSpec, weights_gpu_fraction: float) -> 
 class ExpertStore:
     """Routed experts: per layer a GPU flat buffer (resident experts 0..R_i-1) and a CPU flat
     buffer (streamed experts R_i..n_e-1), each expert laid out as [w13 (2 h2 x h1) | w2 (h1 x
-    h2)]; plus two GPU staging buffers (double buffering) sized for the largest streamed layer,
-    or for a whole layer with `whole_layers` (`configure_staging`). Indices are local: `local`
+    h2)]; plus the policy's GPU staging buffers (two: double buffering), each sized for the
+    largest streamed layer, or for a whole layer with `whole_layers`, allocated by
+    `configure_staging` (the Engine calls it). Indices are local: `local`
     maps a global expert id to its local index (the experts this rank holds; by default all n_e,
     in order)."""
 
@@ -123,6 +124,14 @@ class ExpertStore:
     @property
     def expert_elements(self) -> int:
         return 3 * self.spec.hidden_size * self.spec.expert_intermediate_size
+
+    @classmethod
+    def one_resident_layer(cls, spec: ModelSpec, flat: torch.Tensor) -> ExpertStore:
+        """One layer of `spec`'s n_e experts, all resident in `flat` on its device (nothing
+        streamed, no staging): what the grouped-experts benchmarks time
+        (hrm.profile.grouped_experts_series, benchmarks/diag_grouped_experts.py)."""
+        return cls(replace(spec, num_layers=1), flat.dtype, flat.device, [spec.num_experts],
+                   [flat], [flat[:0]], [0], [], 1)
 
     def configure_staging(self, buffers: int, expert_kernel: str) -> None:
         """The staging buffers a policy runs with: `buffers` of them (policy staging_buffers),
@@ -259,10 +268,8 @@ def _allocate_store(spec: ModelSpec, dtype: torch.dtype, device: torch.device,
         if want and not _pin(cpu[layer][:want]):
             break  # the driver refused: the rest stays pageable
         pinned[layer] = want
-    max_streamed = max((t.numel() for t in cpu), default=0)
-    staging = [torch.empty(max_streamed, dtype=dtype, device=device) for _ in range(2)] \
-        if max_streamed else []
-    return ExpertStore(spec, dtype, device, resident, gpu, cpu, pinned, staging, page_elements,
+    # no staging buffers yet: the Engine allocates the policy's (configure_staging)
+    return ExpertStore(spec, dtype, device, resident, gpu, cpu, pinned, [], page_elements,
                        {e: i for i, e in enumerate(held)})
 
 

@@ -226,8 +226,9 @@ class PassModel:
         per_layer_o = {"moe": 1.0 / self.model.num_moe_layers if terms.overflow_bytes else 0.0,
                        "dense": 0.0}
         total_s, unfed_s, stage_s, chain_s, top = 0.0, 0.0, {}, 0.0, ("", -1.0)
-        first = "moe" if "moe" in terms.layer_counts else "dense"
         n_ub = math.ceil(shape.decode_seqs / p.micro_batch_size)
+        # the fill's own micro-batch is in the first layer's max
+        filled = terms.filled_layer_counts(n_ub) if n_ub else terms.layer_counts
         factors = terms.factors
         if terms.overlapped and n_ub == 1:   # GPU stage and CPU attention wait for each other
             hw, factors = one_micro_batch(hw, factors)
@@ -239,10 +240,7 @@ class PassModel:
                 stages["h2d"] += resident_copy_s(self.model, hw, p)
             t = interfered({s: a(r_w, 0.0, o) for s, a in stages.items()}, factors)
             total_s += count * schedule_layer_s(t, terms.overlapped)
-            # the fill's own micro-batch is in the first layer's max (CostTerms
-            # .filled_layer_counts)
-            filled_count = count - (1.0 / n_ub if kind == first and decode else 0.0)
-            unfed_s += filled_count * max(without_weight_stream(t).values(), default=0.0)
+            unfed_s += filled[kind] * max(without_weight_stream(t).values(), default=0.0)
             for s, seconds in t.items():
                 stage_s[s] = stage_s.get(s, 0.0) + count * seconds
                 if seconds > top[1]:

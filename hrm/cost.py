@@ -352,14 +352,15 @@ class CostTerms:
         return schedule_layer_s(interfered({s: term(r_w, r_c, o) for s, term in stages.items()},
                                            self.factors), self.overlapped)
 
-    def filled_layer_counts(self) -> dict[str, float]:
+    def filled_layer_counts(self, num_micro_batches: int | None = None) -> dict[str, float]:
         """The layer counts of the filled pipeline's sum (`decode_step_s`): every layer's
         non-weight-stream maximum U, less 1 / n_ub of the first layer's, whose max already
         holds the fill's own micro-batch: fill + (l - 1 / n_ub) U. With one micro-batch, U is
         its chain and a step is l chains; with two whose CPU attention c binds (GPU work p + q
-        each), one layer takes p + 2c + q, as the chain p + c + q plus (1 - 1/2) 2c says."""
+        each), one layer takes p + 2c + q, as the chain p + c + q plus (1 - 1/2) 2c says.
+        n_ub is the policy's, or `num_micro_batches` (a continuous pass's own)."""
         first = "moe" if "moe" in self.layer_counts else "dense"
-        share = 1.0 / self.policy.num_micro_batches
+        share = 1.0 / (num_micro_batches or self.policy.num_micro_batches)
         return {kind: count - (share if kind == first else 0.0)
                 for kind, count in self.layer_counts.items()}
 

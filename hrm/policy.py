@@ -48,7 +48,7 @@ def resident_experts_by_layer(weights_gpu_fraction: float, num_layers: int, num_
 
 
 def staged_experts(resident_by_layer: list[int], num_experts: int, expert_kernel: str) -> int:
-    """Experts each of the two GPU staging buffers holds (executor/weights.py): the largest
+    """Experts each GPU staging buffer holds (executor/weights.py): the largest
     streamed layer, n_e - min_i R_i; with expert_kernel='grouped' and a layer split between
     resident and streamed experts, all n_e of a layer, so that one grouped GEMM pair reads
     every expert from one buffer (the link copies the resident ones in on the GPU:

@@ -380,9 +380,7 @@ def grouped_experts_series(spec: ModelSpec, micro_batches: Iterable[int], device
 
     e, k, h1 = spec.num_experts, spec.top_k, spec.hidden_size
     flat = random_tensor((e * spec.expert_params(),), "bf16", device)
-    store = ExpertStore(dataclasses.replace(spec, num_layers=1), flat.dtype,
-                        torch.device(device), [e], [flat], [flat[:0]], [0], [], 1)
-    w13t, w2t = store.stacked(0, 0)
+    w13t, w2t = ExpertStore.one_resident_layer(spec, flat).stacked(0, 0)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     for mu in sorted(micro_batches):

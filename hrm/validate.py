@@ -519,9 +519,8 @@ class SharedModel:
             self.spec, config, dtype=torch_dtype("bf16"), device=device,
             resident=[0] * self.spec.num_layers, page_bytes=Policy(1, 1).weight_page_bytes,
             pin_budget_bytes=pin_budget_bytes, seed=seed)
-        # each configuration allocates its own staging buffers: free the shared store's
-        self.weights = replace(weights, experts=replace(weights.experts, staging=[]))
-        del weights
+        # each configuration's Engine allocates its own staging buffers (the store has none)
+        self.weights = weights
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
