@@ -200,7 +200,8 @@ class ContinuousEngine(Engine):
             raise HRMError(f"token id {bad[0]} is outside the vocabulary "
                            f"(size {self.spec.vocab_size})")
         prompt_lens, block_tokens = [len(p) for p in prompts], self.plan.kv_block_tokens
-        if max(p + g for p, g in zip(prompt_lens, gen_lens, strict=True)) > self.cos.shape[0]:
+        longest = max(p + g for p, g in zip(prompt_lens, gen_lens, strict=True))
+        if longest > self.rope_table.shape[0]:
             raise HRMError("these prompts + gen_len exceed the context the engine was built for")
         sched = ContinuousScheduler(prompt_lens, list(gen_lens), num_blocks, block_tokens,
                                     self.policy.batch_size, lookahead, pace)

@@ -155,6 +155,10 @@ class MicroBatch:
     slots: slice
     hidden: torch.Tensor | None = None
     positions: torch.Tensor | None = None   # [n] position of the token being fed (device)
+    #: cos, sin of `positions` (L.rope_at) and the positions tensor they were looked up for:
+    #: once per step, shared by every layer (Engine._rope)
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    rope_of: torch.Tensor | None = None
     tokens: list[torch.Tensor] = field(default_factory=list)  # sampled ids per step (device)
     logits: list[torch.Tensor] = field(default_factory=list)  # per step, if kept
 
@@ -202,7 +206,7 @@ class Engine:
         self.cpu_cache = KVCache.allocate(self.spec, caps[gpu_slots:], kv_dtype,
                                           torch.device("cpu"), float("inf"), "CPU",
                                           plan.kv_block_tokens)
-        self.cos, self.sin = L.rope_tables(self.spec, caps[0], device)
+        self.rope_table = L.rope_tables(self.spec, caps[0], device, weights.lm_head.dtype)
         self.streams = Streams(device)
         cuda = device.type == "cuda"
         qkv = (self.spec.num_heads + 2 * self.spec.num_kv_heads) * self.spec.head_dim
@@ -260,6 +264,13 @@ class Engine:
 
         return ready
 
+    def _rope(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of the micro-batch's positions, looked up when the positions change (once
+        per step), not in every layer."""
+        if mb.rope_of is not mb.positions:
+            mb.rope, mb.rope_of = L.rope_at(self.rope_table, mb.positions), mb.positions
+        return mb.rope
+
     def _experts(self, layer: int, buffer: StagedLayer, tracer: Tracer) -> Any:
         """The expert lookup of `layer` in its staging buffer (the copy waited for lazily)."""
         return self.w.experts.expert_fn(layer, buffer.index,
@@ -281,8 +292,7 @@ class Engine:
         FFN: the worker runs tasks in order, so every later attention sees them."""
         spec, dense = self.spec, self.w.layers[layer]
         with tracer.span("gpu", "prefill", self.streams.compute, layer):
-            q, k, v = L.attention_in(mb.hidden, dense, spec, self.cos[mb.positions],
-                                     self.sin[mb.positions])
+            q, k, v = L.split_qkv(L.attention_in(mb.hidden, dense, spec, self._rope(mb)), spec)
             k_host, v_host, ready = self._prompt_kv_to_cache_device(mb, k, v, layer)
             outs, groups, token, seq = [], [], 0, 0
             while seq < len(mb.seqs):  # equal-length prompts are adjacent: one SDPA call each
@@ -392,11 +402,11 @@ class Engine:
         spec, compute = self.spec, self.streams.compute
         with tracer.span(LAUNCH_TRACK, "launch_pre", None, layer, m):
             with tracer.span("gpu", "pre_attn", compute, layer, m):
-                q, k, v = L.attention_in(mb.hidden, self.w.layers[layer], spec,
-                                         self.cos[mb.positions], self.sin[mb.positions])
+                qkv = L.attention_in(mb.hidden, self.w.layers[layer], spec, self._rope(mb))
             context_lens = [n + len(mb.tokens) - 1 for n in mb.prompt_lens]  # before this token
             if not self.cpu_attention:
                 with tracer.span("gpu", "gpu_attn", compute, layer, m):
+                    q, k, v = L.split_qkv(qkv, spec)
                     at = index_tensor(context_lens, self.device)
                     if mb.cache is self.cpu_cache:
                         kc, vc = self._gather_with_new_token(layer, m, mb, context_lens, k, v,
@@ -406,7 +416,6 @@ class Engine:
                     kc, vc = mb.cache.gather(layer, mb.slots, context_lens[0] + 1, self.device)
                     return L.gpu_decode_attention(q, kc.to(q.dtype), vc.to(q.dtype), at + 1)
         with tracer.span(LAUNCH_TRACK, "handoff_send", None, layer, m):
-            qkv = torch.cat((q.flatten(1), k.flatten(1), v.flatten(1)), dim=1)
             host, done = self.attn_link.send(m, qkv, tracer, layer)
             if done is not None:
                 self.bytes["qkv_d2h"] += host.numel() * host.element_size()
@@ -419,11 +428,8 @@ class Engine:
         launching thread brings it up: AttentionLink.receive)."""
         host_wait(ready)
         spec, n = self.spec, len(mb.seqs)
-        q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         with tracer.span("cpu_attention", "cpu_attn", None, layer, m):
-            q = qkv[:, :q_out].view(n, spec.num_heads, spec.head_dim)
-            k = qkv[:, q_out:q_out + kv_out].view(n, spec.num_kv_heads, spec.head_dim)
-            v = qkv[:, q_out + kv_out:].view(n, spec.num_kv_heads, spec.head_dim)
+            q, k, v = L.split_qkv(qkv, spec)
             mb.cache.append(layer, mb.slots, context_lens, k, v)
             lens = [c + 1 for c in context_lens]
             out = mb.cache.attend(layer, mb.slots, q, lens).reshape(n, -1)

@@ -33,21 +33,24 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class DenseLayer:
-    """The always-GPU-resident weights of one decoder layer (MoE-Lightning's dense part)."""
+    """The always-GPU-resident weights of one decoder layer (MoE-Lightning's dense part). The
+    Q, K and V projections are one weight, W_qkv = [W_q; W_k; W_v] (and one bias where the
+    architecture has them): one GEMM per micro-batch instead of three."""
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    wq: torch.Tensor
-    wk: torch.Tensor
-    wv: torch.Tensor
+    wqkv: torch.Tensor                       # [(n_q + 2 n_kv) D, h1]
     wo: torch.Tensor
     router: torch.Tensor
-    bq: torch.Tensor | None = None
-    bk: torch.Tensor | None = None
-    bv: torch.Tensor | None = None
+    bqkv: torch.Tensor | None = None         # [(n_q + 2 n_kv) D]
     shared_w13: torch.Tensor | None = None   # [2 * shared_intermediate, h1]
     shared_w2: torch.Tensor | None = None    # [h1, shared_intermediate]
     shared_gate: torch.Tensor | None = None  # [1, h1]
+
+
+def fused_qkv(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
+    """W_qkv (or b_qkv) from the checkpoint's separate projections, in q, k, v order."""
+    return torch.cat((wq, wk, wv))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -57,34 +60,55 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
-def rope_tables(spec: ModelSpec, max_positions: int, device: torch.device | str
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [max_positions, head_dim] (fp32) of rotary embeddings with base rope_theta."""
+def rope_tables(spec: ModelSpec, max_positions: int, device: torch.device | str,
+                dtype: torch.dtype) -> torch.Tensor:
+    """[max_positions, 2, 1, D] rotary tables with base rope_theta: cos and the signed sin
+    s * sin, s = -1 on the first half of each head, +1 on the second (so that
+    rotate_half(x) sin = roll(x, D/2) s sin: `apply_rope_`). Computed in fp32 and cast to the
+    activations' dtype, as transformers' rotary embedding hands them to the attention."""
     dim = spec.head_dim
     inv_freq = 1.0 / spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
     angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
     emb = torch.cat((angles, angles), dim=-1)
-    return emb.cos().to(device), emb.sin().to(device)
+    sign = torch.cat((-torch.ones(dim // 2), torch.ones(dim - dim // 2)))
+    table = torch.stack((emb.cos(), sign * emb.sin()), dim=1)[:, :, None, :]
+    return table.to(device=device, dtype=dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D]; cos/sin: [T, D]. x * cos + rotate_half(x) * sin."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    return x * cos + rotated * sin
+def rope_at(table: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, signed sin [T, 1, D] of the tokens at `positions` [T] (`rope_tables`)."""
+    cos, sin = table[positions].unbind(1)
+    return cos, sin
 
 
-def attention_in(x: torch.Tensor, layer: DenseLayer, spec: ModelSpec, cos: torch.Tensor,
-                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: [T, h1] tokens at the positions whose cos/sin rows are given. Returns q [T, n_q, D] and
-    k, v [T, n_kv, D], with RoPE applied to q and k."""
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """In place, x [T, H, D] (a view may be strided): x cos + rotate_half(x) sin, with
+    rotate_half(x) = cat(-x2, x1) written as roll(x, D/2) times the sign folded into `sin`
+    (`rope_tables`). The same bf16 products and sum as transformers' apply_rotary_pos_emb, in
+    four operations instead of its twelve."""
+    torch.add(x * cos, x.roll(x.shape[-1] // 2, dims=-1) * sin, out=x)
+
+
+def attention_in(x: torch.Tensor, layer: DenseLayer, spec: ModelSpec,
+                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x: [T, h1] tokens at the positions whose cos/sin rows `rope` holds (`rope_at`). Returns
+    qkv [T, (n_q + 2 n_kv) D]: q, k, v side by side from one GEMM, RoPE applied to q and k in
+    place (`split_qkv` gives the three views). The CPU attention worker gets this one tensor."""
     h = rms_norm(x, layer.input_norm, spec.rms_norm_eps)
-    tokens, d = x.shape[0], spec.head_dim
-    q = F.linear(h, layer.wq, layer.bq).view(tokens, spec.num_heads, d)
-    k = F.linear(h, layer.wk, layer.bk).view(tokens, spec.num_kv_heads, d)
-    v = F.linear(h, layer.wv, layer.bv).view(tokens, spec.num_kv_heads, d)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    qkv = F.linear(h, layer.wqkv, layer.bqkv)
+    heads = spec.num_heads + spec.num_kv_heads
+    apply_rope_(qkv[:, :heads * spec.head_dim].view(x.shape[0], heads, spec.head_dim), *rope)
+    return qkv
+
+
+def split_qkv(qkv: torch.Tensor, spec: ModelSpec
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [T, n_q, D], k and v [T, n_kv, D]: views of `attention_in`'s output."""
+    tokens, d = qkv.shape[0], spec.head_dim
+    q_out, kv_out = spec.num_heads * d, spec.num_kv_heads * d
+    return (qkv[:, :q_out].view(tokens, spec.num_heads, d),
+            qkv[:, q_out:q_out + kv_out].view(tokens, spec.num_kv_heads, d),
+            qkv[:, q_out + kv_out:].view(tokens, spec.num_kv_heads, d))
 
 
 #: SDPA backends for prefill, which is called once per distinct prompt length: cuDNN attention is

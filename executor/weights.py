@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from executor.distributed import Shard
-from executor.layers import DenseLayer, ExpertFn
+from executor.layers import DenseLayer, ExpertFn, fused_qkv
 from hrm.errors import ModelConfigError
 from hrm.model import ModelSpec, from_hf_config, load_model_spec
 from hrm.policy import resident_experts_by_layer, staged_experts
@@ -349,11 +349,9 @@ def random_weights(spec: ModelSpec, config: dict[str, Any], *, dtype: torch.dtyp
     q_out, kv_out = spec.num_heads * d, spec.num_kv_heads * d
     shared = spec.shared_intermediate_size
     layers = [DenseLayer(
-        input_norm=ones(h1), post_norm=ones(h1), wq=rand(q_out, h1), wk=rand(kv_out, h1),
-        wv=rand(kv_out, h1), wo=rand(h1, q_out), router=rand(num_experts, h1),
-        bq=rand(q_out) if spec.attention_bias else None,
-        bk=rand(kv_out) if spec.attention_bias else None,
-        bv=rand(kv_out) if spec.attention_bias else None,
+        input_norm=ones(h1), post_norm=ones(h1), wqkv=rand(q_out + 2 * kv_out, h1),
+        wo=rand(h1, q_out), router=rand(num_experts, h1),
+        bqkv=rand(q_out + 2 * kv_out) if spec.attention_bias else None,
         shared_w13=rand(2 * shared, h1) if shared else None,
         shared_w2=rand(h1, shared) if shared else None,
         shared_gate=rand(1, h1) if spec.shared_expert_gate else None,
@@ -464,8 +462,18 @@ def load_checkpoint(directory: str | Path, *, dtype: torch.dtype, device: torch.
     def get(name: str, *shape: int, index: tuple[slice, ...] = ()) -> torch.Tensor:
         return ckpt.get(name, tuple(shape), dtype, index).to(device)
 
-    def bias(name: str, n: int, rows: slice) -> torch.Tensor | None:
-        return get(name, n, index=(rows,)) if spec.attention_bias and ckpt.has(name) else None
+    def qkv_bias(p: str) -> torch.Tensor | None:
+        """b_qkv of layer prefix `p`; None where the architecture or the checkpoint has none."""
+        names = [f"{p}.self_attn.{x}_proj.bias" for x in "qkv"]
+        present = [ckpt.has(n) for n in names] if spec.attention_bias else [False]
+        if not any(present):
+            return None
+        if not all(present):
+            raise CheckpointError(f"{directory}: {names[present.index(False)]} is missing "
+                                  "(the other attention biases are there)")
+        return fused_qkv(*(get(n, size, index=(rows,)) for n, size, rows in
+                           zip(names, (q_out, kv_out, kv_out), (q_rows, kv_rows, kv_rows),
+                               strict=True)))
 
     layers = []
     for i in range(spec.num_layers):
@@ -475,14 +483,12 @@ def load_checkpoint(directory: str | Path, *, dtype: torch.dtype, device: torch.
         layers.append(DenseLayer(
             input_norm=get(f"{p}.input_layernorm.weight", h1),
             post_norm=get(f"{p}.post_attention_layernorm.weight", h1),
-            wq=get(f"{p}.self_attn.q_proj.weight", q_out, h1, index=(q_rows,)),
-            wk=get(f"{p}.self_attn.k_proj.weight", kv_out, h1, index=(kv_rows,)),
-            wv=get(f"{p}.self_attn.v_proj.weight", kv_out, h1, index=(kv_rows,)),
+            wqkv=fused_qkv(get(f"{p}.self_attn.q_proj.weight", q_out, h1, index=(q_rows,)),
+                           get(f"{p}.self_attn.k_proj.weight", kv_out, h1, index=(kv_rows,)),
+                           get(f"{p}.self_attn.v_proj.weight", kv_out, h1, index=(kv_rows,))),
             wo=get(f"{p}.self_attn.o_proj.weight", h1, q_out, index=(slice(None), q_rows)),
             router=get(f"{moe}.gate.weight", spec.num_experts, h1),
-            bq=bias(f"{p}.self_attn.q_proj.bias", q_out, q_rows),
-            bk=bias(f"{p}.self_attn.k_proj.bias", kv_out, kv_rows),
-            bv=bias(f"{p}.self_attn.v_proj.bias", kv_out, kv_rows),
+            bqkv=qkv_bias(p),
             shared_w13=torch.cat((get(f"{sp}.gate_proj.weight", shared, h1, index=(s_rows,)),
                                   get(f"{sp}.up_proj.weight", shared, h1, index=(s_rows,))))
             if shared else None,

@@ -12,7 +12,10 @@ Each stage of one decoder layer (for the whole batch) is a sum over the operator
                 `hrm profile` as gpu.attention_handoff_s)
                 P_g(rows) from curve 'gpu_gemm' (achieved FLOP/s vs GEMM rows), else the peak;
                 launches = the host-issued operations of the executor's layer code (roofline
-                OPS_*); with GPU attention over a CPU KV cache, + (1 - r_c) KV_g / BW_gather
+                OPS_*), t_launch the seconds per operation `hrm profile` measured for the
+                decode blocks by their own code (gpu.attention_in_op_s, post_grouped_op_s),
+                else for a tiny op (gpu.op_overhead_s); with GPU attention over a CPU KV
+                cache, + (1 - r_c) KV_g / BW_gather
                 (the launching thread gathers the KV blocks into pinned memory; BW_gather the
                 profile's kv_gather_bps, else the pageable -> pinned memcpy rate; not slowed by
                 f_h) + (1 - r_c) 2 KV_g / B_pinned in cgopipe (the KV's DMA is queued on the
@@ -187,7 +190,9 @@ def gpu_achieved_flops(hw: HardwareProfile, rows: float, curve_name: str = "gpu_
 def gpu_op_time_s(hw: HardwareProfile, op: Operator, kernel_factor: float = 1.0,
                   host_factor: float = 1.0) -> float:
     """t = f_g max(F / P_g(rows), B_hbm / BW_g) + f_h launches * t_launch (P_g from the
-    operator's curve: `gpu_achieved_flops`); the CPU attention
+    operator's curve: `gpu_achieved_flops`; t_launch the measured seconds per operation of the
+    operator's launch block where the profile has them, else op_overhead_s:
+    GPUTier.block_op_s); the CPU attention
     hand-off (HANDOFF_OP) t = f_h hand-offs * t_handoff. Where stages overlap, f_g is the GPU's
     interference factor and f_h the launching thread's (`gpu_factors`); 1 alone."""
     if op.name == HANDOFF_OP:
@@ -195,7 +200,7 @@ def gpu_op_time_s(hw: HardwareProfile, op: Operator, kernel_factor: float = 1.0,
     compute_s = op.flops / gpu_achieved_flops(hw, op.rows, op.curve)
     memory_s = op.gpu_bytes / hw.gpu.hbm_bandwidth_bps
     return (kernel_factor * max(compute_s, memory_s)
-            + host_factor * op.launches * hw.gpu.op_overhead_s)
+            + host_factor * op.launches * hw.gpu.block_op_s(op.host_block))
 
 
 def staged_pipeline(hw: HardwareProfile, staged: bool) -> HardwareProfile:

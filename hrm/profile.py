@@ -5,6 +5,8 @@ Microbenchmarks (each a small function returning `Measurement`s):
                                 expert, Mixtral and DBRX expert shapes, bf16/fp16; square GEMMs
                                 for the peak; hbm_copy (device copy, read + write counted);
                                 op_overhead (a tiny kernel launched from Python in a burst);
+                                launch_blocks (the host time per operation of the
+                                executor's decode pre- and post-attention blocks);
                                 attention_handoff (the launching thread's hand-off of a
                                 micro-batch's decode attention to the CPU worker and back)
   link       copy_series        H2D / D2H bytes/s vs copy size, pinned and pageable;
@@ -397,6 +399,108 @@ def grouped_experts_series(spec: ModelSpec, micro_batches: Iterable[int], device
                                     "routing": "uniform random top-k"},
             x=mu * k / touched, work=2.0 * mu * k * spec.expert_params(), unit="FLOP/s",
             times_s=times))
+    return out
+
+
+#: decode micro-batch sizes of `launch_blocks`
+LAUNCH_BLOCK_MICRO_BATCHES = (16, 64)
+#: calls of a launch block queued per burst behind one sleep kernel (about 35 kernels each, far
+#: below the launch queue's depth, so that no launch waits for a free slot), and the bursts
+LAUNCH_BLOCK_CALLS_PER_BURST = 8
+LAUNCH_BLOCK_BURSTS = 4
+
+
+def host_time_calls(fn: Callable[[], Any], calls: int, device: str,
+                    hold_s_per_call: float = GROUPED_EXPERTS_HOLD_S_PER_CALL
+                    ) -> tuple[float, ...]:
+    """Host-clock seconds per call of `fn()` (what the launching thread spends queuing its
+    work), `calls` calls after one untimed warm-up. On CUDA a sleep kernel holds the stream
+    meanwhile, so that no call waits for the GPU; on the CPU a call's time is its compute."""
+    fn()
+    _sync(device)
+    if device == "cuda":
+        _hold_stream_s(hold_s_per_call * calls)
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    _sync(device)
+    return tuple(times)
+
+
+def _dispatched_ops(fn: Callable[[], Any]) -> int:
+    """aten operations `fn()` dispatches (views and casts included), as
+    tests/test_roofline.py::test_op_counts_match_the_executor counts hrm.roofline OPS_*."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as count:
+        fn()
+    return count.n
+
+
+def launch_blocks(spec: ModelSpec, micro_batches: Iterable[int], device: str,
+                  bursts: int = LAUNCH_BLOCK_BURSTS, seed: int = 0) -> list[Measurement]:
+    """The launching thread's seconds per operation of the executor's decode blocks, by its own
+    layer code at `spec`'s shapes (one layer, random bf16 weights, uniformly random routing):
+    'attention_in' (executor.layers.attention_in: RMSNorm, fused QKV, RoPE) and
+    'post_grouped' (attention_out, then moe_ffn with the routed experts as one grouped GEMM
+    pair over ExpertStore.stacked's views), each call timed on the host clock while a sleep
+    kernel holds the stream (`host_time_calls`). work = the operations one call dispatches
+    (counted: `_dispatched_ops`), so the rate is operations per second. The cost model times
+    those blocks' launches by them (gpu.attention_in_op_s, post_grouped_op_s) instead of by
+    op_overhead's 1-element add_: on the H200 machine (2026-12-04) that measured 9 us per
+    operation, while in the pipeline's trace the two blocks took about 28 and 55 us per
+    operation. CUDA only in `benchmark_plan`: on the CPU a call's time is its compute."""
+    import torch
+
+    import executor.layers as L
+    from executor.weights import ExpertStore
+
+    e, h1, d = spec.num_experts, spec.hidden_size, spec.head_dim
+    qkv_out = (spec.num_heads + 2 * spec.num_kv_heads) * d
+    shared = spec.shared_intermediate_size
+
+    def weight(*shape: int) -> Any:
+        return random_tensor(shape, "bf16", device) * 0.05
+
+    layer = L.DenseLayer(
+        input_norm=weight(h1) + 1.0, post_norm=weight(h1) + 1.0, wqkv=weight(qkv_out, h1),
+        wo=weight(h1, spec.num_heads * d), router=weight(e, h1),
+        bqkv=weight(qkv_out) if spec.attention_bias else None,
+        shared_w13=weight(2 * shared, h1) if shared else None,
+        shared_w2=weight(h1, shared) if shared else None,
+        shared_gate=weight(1, h1) if spec.shared_expert_gate else None)
+    stacked = ExpertStore.one_resident_layer(
+        spec, random_tensor((e * spec.expert_params(),), "bf16", device)).stacked(0, 0)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    table = L.rope_tables(spec, 4096, device, torch.bfloat16)
+    out = []
+    for mu in sorted(micro_batches):
+        x = weight(mu, h1) * 20.0
+        attn = weight(mu, spec.num_heads * d) * 20.0
+        rope = L.rope_at(table, torch.randint(0, 4096, (mu,), generator=generator).to(device))
+        blocks = {
+            "attention_in": lambda x=x, rope=rope: L.attention_in(x, layer, spec, rope),
+            "post_grouped": lambda x=x, attn=attn: L.moe_ffn(
+                L.attention_out(x, attn, layer), layer, spec, lambda _: None, True,
+                stacked=stacked),
+        }
+        for block, fn in blocks.items():
+            ops = _dispatched_ops(fn)
+            times = [t for _ in range(bursts)
+                     for t in host_time_calls(fn, LAUNCH_BLOCK_CALLS_PER_BURST, device)]
+            out.append(Measurement("launch_block", {"block": block, "micro_batch": mu,
+                                                    "ops": ops, "model": spec.name,
+                                                    "dtype": "bf16"},
+                                   x=mu, work=float(ops), unit="op/s", times_s=tuple(times)))
     return out
 
 
@@ -1238,6 +1342,8 @@ def benchmark_plan(config: ProfileConfig, env: Environment, spec: ModelSpec,
     if cuda and spec.num_experts:
         plan.append((f"grouped experts {spec.name}", lambda: grouped_experts_series(
             spec, GROUPED_EXPERT_MICRO_BATCHES, dev, reps)))
+        plan.append((f"decode launch blocks {spec.name}", lambda: launch_blocks(
+            spec, LAUNCH_BLOCK_MICRO_BATCHES, dev)))
     if cuda:
         for direction in ("h2d", "d2h"):
             for pinned in (True, False):
@@ -1458,9 +1564,21 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
             f"measured {date}: attention_handoff ({_describe(h.params)}; executor.schedule."
             f"AttentionLink) x {len(h.times_s)} micro-batches, median {h.median_s * 1e6:.0f} us "
             f"(IQR {h.iqr_rel:.1%})")
+    block_op_s = {}
+    for block, runs in _group([m for m in ms if m.bench == "launch_block"], ("block",)).items():
+        per_op_s = {m.params["micro_batch"]: m.median_s / m.work for m in runs}
+        block_op_s[block[0]] = statistics.median(per_op_s.values())
+        sources[f"gpu.{block[0]}_op_s"] = (
+            f"measured {date}: launch_block {block[0]} (the executor's decode block, "
+            f"{runs[0].params['model']}, {runs[0].params['ops']} operations, host clock, the "
+            "stream held), median over micro-batches of " + ", ".join(
+                f"{mu}: {t * 1e6:.1f} us" for mu, t in sorted(per_op_s.items())) +
+            " per operation")
     gpu = GPUTier(name=env.gpu_name, peak_flops=peak_flops, hbm_bandwidth_bps=hbm.rate,
                   memory_bytes=env.gpu_memory_bytes, op_overhead_s=1.0 / overhead.rate,
-                  attention_handoff_s=handoffs[0].median_s if handoffs else 0.0)
+                  attention_handoff_s=handoffs[0].median_s if handoffs else 0.0,
+                  attention_in_op_s=block_op_s.get("attention_in", 0.0),
+                  post_grouped_op_s=block_op_s.get("post_grouped", 0.0))
 
     cpu_best = _fastest(ms, "cpu_gemm")
     dram = _fastest(ms, "dram_read", dtype="fp32")

@@ -35,8 +35,11 @@ COMPUTE_DTYPE = "bf16"
 #: are small enough to be bound by it. Counted on the executor by
 #: tests/test_roofline.py::test_op_counts_match_the_executor (until 2026-12-01 they were counted
 #: with fp32 weights, which dispatch no casts: 25 operations per 8-expert micro-batch too few).
-#: attention_in: RMSNorm, Q/K/V projections, RoPE on q and k
-OPS_ATTENTION_IN = 41
+#: attention_in: RMSNorm, the fused Q/K/V projection, RoPE on q and k together, in place (the
+#: cos/sin lookup is once per step, not per layer). 41 until the second session of 2026-12-04:
+#: three projections, RoPE on q and k apart in transformers' form, the lookup in every layer;
+#: and the hand-off concatenated q, k and v (4 more, outside this count)
+OPS_ATTENTION_IN = 16
 #: attention_out: output projection and residual
 OPS_ATTENTION_OUT = 3
 #: routing and the token permutation around the experts: router GEMM, softmax, top-k, sort,
@@ -50,16 +53,26 @@ OPS_PER_EXPERT = 13
 #: counts on the device instead of their host copy, and two grouped GEMMs with the split, SiLU
 #: and product between them, whatever the experts touched
 OPS_MOE_GROUPED = 34
+#: the executor's decode launch blocks whose host seconds per operation `hrm profile` measures
+#: by their own code (hrm.profile.launch_blocks; HardwareProfile gpu.block_op_s): the
+#: pre-attention block (executor.layers.attention_in: OPS_ATTENTION_IN operations) and the
+#: post-attention block with grouped experts (attention_out + moe_ffn: OPS_ATTENTION_OUT +
+#: OPS_MOE_GROUPED). A 1-element add_ (op_overhead_s) is the cheapest operation there is: on the
+#: H200 machine (2026-12-04) it measured 9 us, while in the pipeline the two blocks took about
+#: 28 and 55 us per operation (benchmarks/results/h200_2026-12-04/README.md)
+ATTENTION_IN_BLOCK = "attention_in"
+POST_GROUPED_BLOCK = "post_grouped"
 #: the profile curve of the routed experts as one grouped GEMM pair (FLOP/s vs rows per expert:
 #: hrm.profile.grouped_experts_series, executor.layers.routed_experts_grouped), for the expert
 #: FFN of layers that run it (cost falls back to 'gpu_gemm' where a profile lacks it)
 GROUPED_EXPERTS_CURVE = "gpu_grouped_experts"
-#: decode attention on the GPU: the new token's positions, its k/v written into the gathered
+#: decode attention on the GPU: q, k, v split out of the fused projection, the new token's
+#: positions, its k/v written into the gathered
 #: K/V, the mask and SDPA (executor.layers.attend_with_new_token, with the engine's
 #: index_tensor); the CPU cache's gather is timed as a memcpy (kv_gather), and the CUDA-only
 #: copies around it (the gathered K/V's two DMAs, the new k/v's two pinned copies down for the
 #: CPU cache) are not counted
-OPS_GPU_DECODE_ATTENTION = 17
+OPS_GPU_DECODE_ATTENTION = 23
 #: the launching thread's hand-off of one micro-batch's decode attention to the CPU worker and
 #: back (q/k/v down, submit, the output up through its pinned buffer's alias): an operator on the
 #: GPU stage (that thread drives the GPU), `launches` = hand-offs, each costing the profile's
@@ -140,6 +153,10 @@ class Operator:
     #: the profile curve that times its GEMMs on the GPU (achieved FLOP/s vs `rows`):
     #: 'gpu_gemm', or GROUPED_EXPERTS_CURVE for the routed experts as grouped GEMMs
     curve: str = "gpu_gemm"
+    #: the executor's launch block whose measured host seconds per operation time its
+    #: `launches` (HardwareProfile gpu.block_op_s: ATTENTION_IN_BLOCK, POST_GROUPED_BLOCK);
+    #: "" for the profile's tiny-op launch cost (op_overhead_s)
+    host_block: str = ""
 
     @property
     def gpu_intensity(self) -> float:
@@ -198,8 +215,8 @@ def whole_block_tokens(tokens: float) -> float:
 
 
 def _gemm(name: str, model_params: float, tokens_per_ub: float, num_ub: int,
-          weight_dtype: str, in_width: float, out_width: float, launches_per_ub: float
-          ) -> Operator:
+          weight_dtype: str, in_width: float, out_width: float, launches_per_ub: float,
+          host_block: str = "") -> Operator:
     """A dense GEMM of `model_params` weights over `tokens_per_ub` rows, run once per
     micro-batch: the weights and the in/out activations are read/written in HBM."""
     act = dtype_bytes(ACT_DTYPE)
@@ -208,7 +225,7 @@ def _gemm(name: str, model_params: float, tokens_per_ub: float, num_ub: int,
         name=name, device="gpu", flops=2.0 * model_params * tokens_per_ub * num_ub,
         gpu_bytes=num_ub * (weight_bytes + tokens_per_ub * (in_width + out_width) * act),
         cpu_bytes=num_ub * weight_bytes, link_bytes=weight_bytes, rows=tokens_per_ub,
-        launches=num_ub * launches_per_ub)
+        launches=num_ub * launches_per_ub, host_block=host_block)
 
 
 def layer_operators(model: ModelSpec, *, micro_batch_size: int, num_micro_batches: int,
@@ -258,9 +275,12 @@ def layer_operators(model: ModelSpec, *, micro_batch_size: int, num_micro_batche
     kv_token = kv_token_all * kv_heads
     attn_params = model.attention_params()
     o_params = model.num_heads * model.v_dim * h1
+    # the launch blocks whose host time per operation the profile measures (decode): the
+    # pre-attention block, and the post-attention block where every layer runs grouped
+    post_block = POST_GROUPED_BLOCK if phase == "decode" and grouped_share == 1.0 else ""
     ops = [
         _gemm("qkv_proj", (attn_params - o_params) * heads, tokens_ub, n_ub, weight_dtype, h1,
-              qkv_width, OPS_ATTENTION_IN),
+              qkv_width, OPS_ATTENTION_IN, ATTENTION_IN_BLOCK if phase == "decode" else ""),
     ]
 
     # attention core: decode reads the whole cached context; prefill is causal, mean ctx s/2.
@@ -282,7 +302,7 @@ def layer_operators(model: ModelSpec, *, micro_batch_size: int, num_micro_batche
         link_bytes=kv_read_bytes, rows=0.0,
         launches=n_ub * (OPS_GPU_DECODE_ATTENTION if on_gpu and phase == "decode" else 1)))
     ops.append(_gemm("o_proj", o_params * heads, tokens_ub, n_ub, weight_dtype, out_width, h1,
-                     OPS_ATTENTION_OUT))
+                     OPS_ATTENTION_OUT, post_block))
 
     if layer_kind == "dense":
         ops.append(_gemm("dense_mlp", model.dense_mlp_params() * heads, tokens_ub, n_ub,
@@ -291,7 +311,7 @@ def layer_operators(model: ModelSpec, *, micro_batch_size: int, num_micro_batche
     else:
         ops.append(_gemm("router", model.router_params(), tokens_ub, n_ub, weight_dtype, h1,
                          model.num_experts, (1.0 - grouped_share) * OPS_MOE_ROUTING
-                         + grouped_share * OPS_MOE_GROUPED))
+                         + grouped_share * OPS_MOE_GROUPED, post_block))
         if model.shared_intermediate_size:
             ops.append(_gemm("shared_experts", model.shared_expert_params() * heads, tokens_ub,
                              n_ub, weight_dtype, h1,

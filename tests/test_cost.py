@@ -501,6 +501,30 @@ def test_grouped_experts_save_the_per_expert_launches_in_decode_only():
         Policy(batch_size=8, micro_batch_size=8, expert_kernel="grouped", num_gpus=2)
 
 
+def test_measured_launch_blocks_time_the_decode_launches():
+    """Where the profile measured the executor's decode blocks (gpu.attention_in_op_s,
+    post_grouped_op_s), their launches take those seconds per operation instead of
+    op_overhead_s: the pre-attention block's in every decode layer, the post-attention block's
+    only where the experts run grouped. Prefill and the per-expert loop keep op_overhead_s."""
+    from hrm.roofline import OPS_ATTENTION_IN, OPS_ATTENTION_OUT, OPS_MOE_GROUPED
+
+    base = replace(T4, interference=Interference(),
+                   gpu=replace(T4.gpu, op_overhead_s=10e-6, attention_handoff_s=300e-6))
+    hw = replace(base, gpu=replace(base.gpu, attention_in_op_s=25e-6, post_grouped_op_s=50e-6))
+    grouped = Policy(batch_size=512, micro_batch_size=128, weights_gpu_fraction=0.0,
+                     expert_kernel="grouped")
+    n_ub = grouped.num_micro_batches
+    a, b = predict(MIXTRAL, base, WORK, grouped), predict(MIXTRAL, hw, WORK, grouped)
+    extra_s = n_ub * (OPS_ATTENTION_IN * 15e-6 + (OPS_ATTENTION_OUT + OPS_MOE_GROUPED) * 40e-6)
+    assert b.decode_layer.launcher_s - a.decode_layer.launcher_s == pytest.approx(extra_s)
+    assert b.decode_layer.gpu_s == pytest.approx(a.decode_layer.gpu_s)
+    loop = replace(grouped, expert_kernel="loop")
+    a, b = predict(MIXTRAL, base, WORK, loop), predict(MIXTRAL, hw, WORK, loop)
+    assert b.decode_layer.gpu_s - a.decode_layer.gpu_s == pytest.approx(
+        n_ub * OPS_ATTENTION_IN * 15e-6)
+    assert b.prefill_s == pytest.approx(a.prefill_s)
+
+
 def test_the_grouped_kernel_stages_split_layers_whole():
     """expert_kernel='grouped' with some experts of a layer resident: both staging buffers hold
     all n_e experts (not n_e - R_i), and the weights stream also copies the resident experts

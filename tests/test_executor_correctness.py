@@ -124,3 +124,23 @@ def test_matches_transformers(arch: str, device: str, mixtral_dir: str, qwen_dir
         for ours, theirs in zip(logits, hf_logits, strict=True):
             torch.testing.assert_close(ours[:len(theirs)], theirs, atol=LOGIT_ATOL, rtol=0,
                                        msg=lambda m, n=name: f"{arch}/{n}: {m}")
+
+
+def test_a_checkpoint_missing_one_attention_bias_is_an_error(qwen_dir: str, tmp_path) -> None:
+    """Q, K and V load as one fused projection: a checkpoint with some of their biases but not
+    all is refused, naming the missing one (not loaded without any bias)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from executor.weights import CheckpointError, load_checkpoint
+
+    path = shutil.copytree(qwen_dir, tmp_path / "qwen")
+    shard = path / "model.safetensors"
+    tensors = load_file(shard)
+    missing = "model.layers.1.self_attn.k_proj.bias"
+    del tensors[missing]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=missing):
+        load_checkpoint(path, dtype=torch.float32, device=torch.device("cpu"),
+                        resident=[0, 0], page_bytes=4096, pin_budget_bytes=0)

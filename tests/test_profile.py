@@ -92,6 +92,14 @@ def synthetic_measurements(standin=False):
             ms.append(_m("gpu_grouped_experts", {"model": "mixtral-8x7b", "micro_batch": mu,
                                                  "dtype": "bf16"}, rows,
                          2.0 * mu * 2 * 176e6, GROUPED_CURVE(rows), unit="FLOP/s"))
+        for block, ops, per_op_s in (("attention_in", 16, (20e-6, 22e-6)),
+                                     ("post_grouped", 37, (30e-6, 34e-6))):
+            for mu, t in zip((16, 64), per_op_s, strict=True):
+                ms.append(Measurement("launch_block", {"block": block, "micro_batch": mu,
+                                                       "ops": ops, "model": "mixtral-8x7b",
+                                                       "dtype": "bf16"},
+                                      x=mu, work=float(ops), unit="op/s",
+                                      times_s=(ops * t,) * 3))
         ms.append(Measurement("pin_probe", {"chunk_bytes": 4 * GiB, "bound_bytes": 80 * GiB,
                                             "outcome": "failed"}, x=60 * GiB, work=60 * GiB,
                               unit="B/s", times_s=(34.0,)))
@@ -194,6 +202,10 @@ def test_build_profile_maps_measurements_onto_fields():
     assert link.pageable_to_pinned_bps == pytest.approx(42e9)
     assert link.kv_gather_bps == pytest.approx(8e9)
     assert gpu.attention_handoff_s == pytest.approx(450e-6)
+    # the decode blocks' host time per operation: the median over the micro-batches
+    assert gpu.attention_in_op_s == pytest.approx(21e-6)
+    assert gpu.post_grouped_op_s == pytest.approx(32e-6)
+    assert "host clock" in profile.sources["gpu.post_grouped_op_s"]
     assert "AttentionLink" in profile.sources["gpu.attention_handoff_s"]
     assert link.pinned_max_bytes == 60 * GiB
     assert "failed to pin" in profile.sources["link.pinned_max_bytes"]
@@ -234,6 +246,25 @@ def test_grouped_experts_are_timed_as_the_executor_runs_them():
         assert m.rate > 0
     standin = build_profile("cpu-test", synthetic_measurements(standin=True), _env("cpu"))
     assert "gpu_grouped_experts" not in standin.curves
+
+
+def test_launch_blocks_time_the_executors_decode_blocks():
+    """hrm profile's launch-block benchmark (CUDA only in the plan; here on the CPU with the
+    tiny Mixtral): each block's dispatched operations are counted as the model's OPS_* are, and
+    a stand-in profile, which has none, times every launch by op_overhead_s."""
+    from hrm.profile import launch_blocks
+    from hrm.roofline import OPS_ATTENTION_IN, OPS_ATTENTION_OUT, OPS_MOE_GROUPED
+
+    ms = launch_blocks(load_model_spec("tiny-mixtral"), (1, 8), "cpu", bursts=1)
+    assert [(m.params["block"], m.params["micro_batch"]) for m in ms] == [
+        ("attention_in", 1), ("post_grouped", 1), ("attention_in", 8), ("post_grouped", 8)]
+    for m in ms:
+        ops = OPS_ATTENTION_IN if m.params["block"] == "attention_in" else \
+            OPS_ATTENTION_OUT + OPS_MOE_GROUPED
+        assert m.work == m.params["ops"] == ops
+        assert len(m.times_s) == 8 and m.rate > 0
+    standin = build_profile("cpu-test", synthetic_measurements(standin=True), _env("cpu"))
+    assert standin.gpu.block_op_s("post_grouped") == standin.gpu.op_overhead_s
 
 
 def test_every_value_says_how_it_was_measured():

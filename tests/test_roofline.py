@@ -187,14 +187,15 @@ def test_op_counts_match_the_executor():
     w = random_weights(spec, config, dtype=bf16, device=torch.device("cpu"),
                        resident=[spec.num_experts] * spec.num_layers, page_bytes=1 << 20,
                        pin_budget_bytes=0, seed=0)
-    cos, sin = L.rope_tables(spec, 8, "cpu")
+    table = L.rope_tables(spec, 8, "cpu", bf16)
     for tokens in (1, 64):
         x = torch.randn(tokens, spec.hidden_size, dtype=bf16)
         pos = torch.zeros(tokens, dtype=torch.long)
         c_in, c_out, c_moe, c_grouped = Count(), Count(), Count(), Count()
         attn = torch.randn(tokens, spec.num_heads * spec.head_dim, dtype=bf16)
+        rope = L.rope_at(table, pos)   # looked up once per step, for every layer
         with c_in:
-            L.attention_in(x, w.layers[0], spec, cos[pos], sin[pos])  # as the engine calls it
+            L.attention_in(x, w.layers[0], spec, rope)
         with c_out:
             L.attention_out(x, attn, w.layers[0])
         with c_moe:
@@ -211,13 +212,12 @@ def test_op_counts_match_the_executor():
         assert counts == [OPS_ATTENTION_IN, OPS_ATTENTION_OUT,
                           OPS_MOE_ROUTING + touched * OPS_PER_EXPERT, OPS_MOE_GROUPED]
         # decode attention on the GPU over K/V gathered from the CPU cache (engine order)
-        q = torch.randn(tokens, spec.num_heads, spec.head_dim, dtype=bf16)
-        k, v = (torch.randn(tokens, spec.num_kv_heads, spec.head_dim, dtype=bf16)
-                for _ in range(2))
+        qkv = L.attention_in(x, w.layers[0], spec, rope)
         kc, vc = (torch.zeros(tokens, spec.num_kv_heads, 128, spec.head_dim, dtype=bf16)
                   for _ in range(2))
         c_gpu_attn = Count()
         with c_gpu_attn:
+            q, k, v = L.split_qkv(qkv, spec)
             at = index_tensor([100 - i for i in range(tokens)], torch.device("cpu"))
             L.attend_with_new_token(q, k, v, kc, vc, at)
         if tokens > 1:   # a lone sequence's SDPA dispatches 2 more on the CPU
