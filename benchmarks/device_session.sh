@@ -14,6 +14,8 @@
 #   attention   benchmarks/bench_executor.py --attention (CPU decode attention kernels)
 #   continuous  benchmarks/bench_continuous.py --layers 1 on $PROFILE ($CONT_ARGS)
 #   executor    benchmarks/bench_executor.py --layers $LAYERS on $PROFILE ($BENCH_ARGS)
+#   launch      benchmarks/diag_launch_blocks.py on Mixtral-8x7B shapes: the launching thread's
+#               time per decode block, the executor's against transformers' form (about 20 s)
 # Under the device tool ($OUT set) the results are packed into $OUT/$(basename $W).tgz at the end:
 # the tool returns a limited number of files from $OUT, so $W must not be inside it (2026-12-02:
 # a grid written straight into $OUT lost its CSVs).
@@ -55,6 +57,9 @@ for step in ${STEPS:-profile validate attention}; do
     executor) timeout "${T_EXECUTOR:-300}" python3 benchmarks/bench_executor.py --layers "$LAYERS" \
                --hardware "$PROFILE" --host-mem "${HOST_MEM:-120}" ${BENCH_ARGS:-} \
                --out "$W/executor" > "$W/executor.log" 2>&1 ;;
+    launch) timeout "${T_LAUNCH:-90}" python3 benchmarks/diag_launch_blocks.py \
+               --model mixtral-8x7b --device cuda -o "$W/diag_launch_blocks.json" \
+               > "$W/launch.log" 2>&1 ;;
     *) echo "unknown step $step" ;;
   esac
   echo "   exit $? $(date -u +%T)"

@@ -677,7 +677,7 @@ def run_facts(engine: Engine) -> dict[str, Any]:
     return {"realized": {"weights_gpu_fraction": store.realized_gpu_fraction(),
                          "kv_gpu_fraction": engine.n_gpu_mb / engine.policy.num_micro_batches,
                          "resident_experts_per_layer": store.resident,
-                         "pinned_layers": sum(store.fully_pinned(i) for i in layers),
+                         "fully_pinned_layers": sum(store.fully_pinned(i) for i in layers),
                          "pinned_weight_bytes": pinned_bytes,
                          "pageable_weight_bytes": pageable_bytes},
             "gpu_mem_plan_bytes": engine.plan.gpu, "cpu_mem_plan_bytes": engine.plan.cpu,
