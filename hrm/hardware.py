@@ -84,17 +84,19 @@ class GPUTier:
     #: not measured
     attention_handoff_s: float = 0.0
     #: the launching thread's seconds per operation of the executor's decode blocks, timed by
-    #: their own code (hrm.profile.launch_blocks): the pre-attention block and the
-    #: post-attention block with grouped experts (hrm.roofline ATTENTION_IN_BLOCK,
-    #: POST_GROUPED_BLOCK); 0 when not measured (op_overhead_s then)
+    #: their own code (hrm.profile.launch_blocks): the pre-attention block, the post-attention
+    #: block with grouped experts and GPU decode attention (hrm.roofline ATTENTION_IN_BLOCK,
+    #: POST_GROUPED_BLOCK, GPU_ATTENTION_BLOCK); 0 when not measured (op_overhead_s then)
     attention_in_op_s: float = 0.0
     post_grouped_op_s: float = 0.0
+    gpu_attention_op_s: float = 0.0
 
     def block_op_s(self, block: str = "") -> float:
         """Host seconds per operation of launch block `block` (hrm.roofline Operator.host_block)
         where measured, else the tiny-op launch cost op_overhead_s."""
         measured = {"attention_in": self.attention_in_op_s,
-                    "post_grouped": self.post_grouped_op_s}.get(block, 0.0)
+                    "post_grouped": self.post_grouped_op_s,
+                    "gpu_attention": self.gpu_attention_op_s}.get(block, 0.0)
         return measured or self.op_overhead_s
 
     def flops(self, dtype: str) -> float:
@@ -305,6 +307,7 @@ def profile_from_dict(data: dict[str, Any], origin: str = "<dict>") -> HardwareP
             attention_handoff_s=_number(g, "attention_handoff_s", "gpu", sources, False, 0.0),
             attention_in_op_s=_number(g, "attention_in_op_s", "gpu", sources, False, 0.0),
             post_grouped_op_s=_number(g, "post_grouped_op_s", "gpu", sources, False, 0.0),
+            gpu_attention_op_s=_number(g, "gpu_attention_op_s", "gpu", sources, False, 0.0),
         )
         cpu = CPUTier(
             name=str(c.get("name", "CPU")),

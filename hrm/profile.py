@@ -6,7 +6,8 @@ Microbenchmarks (each a small function returning `Measurement`s):
                                 for the peak; hbm_copy (device copy, read + write counted);
                                 op_overhead (a tiny kernel launched from Python in a burst);
                                 launch_blocks (the host time per operation of the
-                                executor's decode pre- and post-attention blocks);
+                                executor's decode blocks: pre-attention, post-attention
+                                with grouped experts, GPU attention);
                                 attention_handoff (the launching thread's hand-off of a
                                 micro-batch's decode attention to the CPU worker and back)
   link       copy_series        H2D / D2H bytes/s vs copy size, pinned and pageable;
@@ -446,22 +447,31 @@ def _dispatched_ops(fn: Callable[[], Any]) -> int:
     return count.n
 
 
+#: cached tokens per sequence of `launch_blocks`' GPU decode attention (its K/V copy's length)
+LAUNCH_BLOCK_CONTEXT = 256
+
+
 def launch_blocks(spec: ModelSpec, micro_batches: Iterable[int], device: str,
                   bursts: int = LAUNCH_BLOCK_BURSTS, seed: int = 0) -> list[Measurement]:
     """The launching thread's seconds per operation of the executor's decode blocks, by its own
     layer code at `spec`'s shapes (one layer, random bf16 weights, uniformly random routing):
-    'attention_in' (executor.layers.attention_in: RMSNorm, fused QKV, RoPE) and
-    'post_grouped' (attention_out, then moe_ffn with the routed experts as one grouped GEMM
-    pair over ExpertStore.stacked's views), each call timed on the host clock while a sleep
-    kernel holds the stream (`host_time_calls`). work = the operations one call dispatches
-    (counted: `_dispatched_ops`), so the rate is operations per second. The cost model times
-    those blocks' launches by them (gpu.attention_in_op_s, post_grouped_op_s) instead of by
-    op_overhead's 1-element add_: on the H200 machine (2026-12-04) that measured 9 us per
-    operation, while in the pipeline's trace the two blocks took about 28 and 55 us per
-    operation. CUDA only in `benchmark_plan`: on the CPU a call's time is its compute."""
+    'attention_in' (executor.layers.attention_in: RMSNorm, fused QKV, RoPE), 'post_grouped'
+    (attention_out, then moe_ffn with the routed experts as one grouped GEMM pair over
+    ExpertStore.stacked's views) and 'gpu_attention' (decode attention on the GPU as the engine
+    runs it over K/V gathered from a CPU cache: q/k/v split out, the positions' index tensor,
+    attend_with_new_token over LAUNCH_BLOCK_CONTEXT cached tokens; the gather and its DMA are
+    timed apart, kv_gather). Each call is timed on the host clock while a sleep kernel holds the
+    stream (`host_time_calls`); work = the operations one call dispatches (counted:
+    `_dispatched_ops`), so the rate is operations per second. The cost model times those
+    blocks' launches by them (gpu.attention_in_op_s, post_grouped_op_s, gpu_attention_op_s)
+    instead of by op_overhead's 1-element add_: on the H200 machine (2026-12-04) that measured
+    9 us per operation, while in the pipeline's trace the two CPU-attention blocks took about
+    28 and 55 us per operation. CUDA only in `benchmark_plan`: on the CPU a call's time is its
+    compute."""
     import torch
 
     import executor.layers as L
+    from executor.schedule import index_tensor
     from executor.weights import ExpertStore
 
     e, h1, d = spec.num_experts, spec.hidden_size, spec.head_dim
@@ -482,16 +492,26 @@ def launch_blocks(spec: ModelSpec, micro_batches: Iterable[int], device: str,
         spec, random_tensor((e * spec.expert_params(),), "bf16", device)).stacked(0, 0)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     table = L.rope_tables(spec, 4096, device, torch.bfloat16)
+    dev = torch.device(device)
     out = []
     for mu in sorted(micro_batches):
         x = weight(mu, h1) * 20.0
         attn = weight(mu, spec.num_heads * d) * 20.0
         rope = L.rope_at(table, torch.randint(0, 4096, (mu,), generator=generator).to(device))
+        qkv = L.attention_in(x, layer, spec, rope)
+        kc, vc = (weight(mu, spec.num_kv_heads, LAUNCH_BLOCK_CONTEXT + 1, d) for _ in range(2))
+        lens = [LAUNCH_BLOCK_CONTEXT - i % 64 for i in range(mu)]
+
+        def gpu_attention(qkv: Any = qkv, kc: Any = kc, vc: Any = vc, lens: list = lens) -> Any:
+            q, k, v = L.split_qkv(qkv, spec)
+            return L.attend_with_new_token(q, k, v, kc, vc, index_tensor(lens, dev))
+
         blocks = {
             "attention_in": lambda x=x, rope=rope: L.attention_in(x, layer, spec, rope),
             "post_grouped": lambda x=x, attn=attn: L.moe_ffn(
                 L.attention_out(x, attn, layer), layer, spec, lambda _: None, True,
                 stacked=stacked),
+            "gpu_attention": gpu_attention,
         }
         for block, fn in blocks.items():
             ops = _dispatched_ops(fn)
@@ -1578,7 +1598,8 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
                   memory_bytes=env.gpu_memory_bytes, op_overhead_s=1.0 / overhead.rate,
                   attention_handoff_s=handoffs[0].median_s if handoffs else 0.0,
                   attention_in_op_s=block_op_s.get("attention_in", 0.0),
-                  post_grouped_op_s=block_op_s.get("post_grouped", 0.0))
+                  post_grouped_op_s=block_op_s.get("post_grouped", 0.0),
+                  gpu_attention_op_s=block_op_s.get("gpu_attention", 0.0))
 
     cpu_best = _fastest(ms, "cpu_gemm")
     dram = _fastest(ms, "dram_read", dtype="fp32")

@@ -55,13 +55,15 @@ OPS_PER_EXPERT = 13
 OPS_MOE_GROUPED = 34
 #: the executor's decode launch blocks whose host seconds per operation `hrm profile` measures
 #: by their own code (hrm.profile.launch_blocks; HardwareProfile gpu.block_op_s): the
-#: pre-attention block (executor.layers.attention_in: OPS_ATTENTION_IN operations) and the
+#: pre-attention block (executor.layers.attention_in: OPS_ATTENTION_IN operations), the
 #: post-attention block with grouped experts (attention_out + moe_ffn: OPS_ATTENTION_OUT +
-#: OPS_MOE_GROUPED). A 1-element add_ (op_overhead_s) is the cheapest operation there is: on the
-#: H200 machine (2026-12-04) it measured 9 us, while in the pipeline the two blocks took about
-#: 28 and 55 us per operation (benchmarks/results/h200_2026-12-04/README.md)
+#: OPS_MOE_GROUPED) and GPU decode attention (OPS_GPU_DECODE_ATTENTION). A 1-element add_
+#: (op_overhead_s) is the cheapest operation there is: on the H200 machine (2026-12-04) it
+#: measured 9 us, while in the pipeline the first two blocks took about 28 and 55 us per
+#: operation (benchmarks/results/h200_2026-12-04/README.md)
 ATTENTION_IN_BLOCK = "attention_in"
 POST_GROUPED_BLOCK = "post_grouped"
+GPU_ATTENTION_BLOCK = "gpu_attention"
 #: the profile curve of the routed experts as one grouped GEMM pair (FLOP/s vs rows per expert:
 #: hrm.profile.grouped_experts_series, executor.layers.routed_experts_grouped), for the expert
 #: FFN of layers that run it (cost falls back to 'gpu_gemm' where a profile lacks it)
@@ -300,7 +302,8 @@ def layer_operators(model: ModelSpec, *, micro_batch_size: int, num_micro_batche
         name=f"attention_{phase}", device=attn_device, flops=attn_flops,
         gpu_bytes=kv_read_bytes + io_bytes, cpu_bytes=kv_read_bytes + io_bytes,
         link_bytes=kv_read_bytes, rows=0.0,
-        launches=n_ub * (OPS_GPU_DECODE_ATTENTION if on_gpu and phase == "decode" else 1)))
+        launches=n_ub * (OPS_GPU_DECODE_ATTENTION if on_gpu and phase == "decode" else 1),
+        host_block=GPU_ATTENTION_BLOCK if on_gpu and phase == "decode" else ""))
     ops.append(_gemm("o_proj", o_params * heads, tokens_ub, n_ub, weight_dtype, out_width, h1,
                      OPS_ATTENTION_OUT, post_block))
 

@@ -503,10 +503,16 @@ def test_grouped_experts_save_the_per_expert_launches_in_decode_only():
 
 def test_measured_launch_blocks_time_the_decode_launches():
     """Where the profile measured the executor's decode blocks (gpu.attention_in_op_s,
-    post_grouped_op_s), their launches take those seconds per operation instead of
-    op_overhead_s: the pre-attention block's in every decode layer, the post-attention block's
-    only where the experts run grouped. Prefill and the per-expert loop keep op_overhead_s."""
-    from hrm.roofline import OPS_ATTENTION_IN, OPS_ATTENTION_OUT, OPS_MOE_GROUPED
+    post_grouped_op_s, gpu_attention_op_s), their launches take those seconds per operation
+    instead of op_overhead_s: the pre-attention block's in every decode layer, the
+    post-attention block's only where the experts run grouped, GPU attention's where decode
+    attends there. Prefill and the per-expert loop keep op_overhead_s."""
+    from hrm.roofline import (
+        OPS_ATTENTION_IN,
+        OPS_ATTENTION_OUT,
+        OPS_GPU_DECODE_ATTENTION,
+        OPS_MOE_GROUPED,
+    )
 
     base = replace(T4, interference=Interference(),
                    gpu=replace(T4.gpu, op_overhead_s=10e-6, attention_handoff_s=300e-6))
@@ -523,6 +529,12 @@ def test_measured_launch_blocks_time_the_decode_launches():
     assert b.decode_layer.gpu_s - a.decode_layer.gpu_s == pytest.approx(
         n_ub * OPS_ATTENTION_IN * 15e-6)
     assert b.prefill_s == pytest.approx(a.prefill_s)
+    # decode attention on the GPU: its operations at the measured gpu_attention_op_s
+    gpu_attn = replace(loop, attn_decode_device="gpu", kv_gpu_fraction=1.0)
+    hw_attn = replace(hw, gpu=replace(hw.gpu, gpu_attention_op_s=30e-6))
+    a, b = predict(MIXTRAL, hw, WORK, gpu_attn), predict(MIXTRAL, hw_attn, WORK, gpu_attn)
+    assert b.decode_layer.gpu_s - a.decode_layer.gpu_s == pytest.approx(
+        n_ub * OPS_GPU_DECODE_ATTENTION * 20e-6)
 
 
 def test_the_grouped_kernel_stages_split_layers_whole():

@@ -93,7 +93,8 @@ def synthetic_measurements(standin=False):
                                                  "dtype": "bf16"}, rows,
                          2.0 * mu * 2 * 176e6, GROUPED_CURVE(rows), unit="FLOP/s"))
         for block, ops, per_op_s in (("attention_in", 16, (20e-6, 22e-6)),
-                                     ("post_grouped", 37, (30e-6, 34e-6))):
+                                     ("post_grouped", 37, (30e-6, 34e-6)),
+                                     ("gpu_attention", 23, (26e-6, 28e-6))):
             for mu, t in zip((16, 64), per_op_s, strict=True):
                 ms.append(Measurement("launch_block", {"block": block, "micro_batch": mu,
                                                        "ops": ops, "model": "mixtral-8x7b",
@@ -205,6 +206,7 @@ def test_build_profile_maps_measurements_onto_fields():
     # the decode blocks' host time per operation: the median over the micro-batches
     assert gpu.attention_in_op_s == pytest.approx(21e-6)
     assert gpu.post_grouped_op_s == pytest.approx(32e-6)
+    assert gpu.gpu_attention_op_s == pytest.approx(27e-6)
     assert "host clock" in profile.sources["gpu.post_grouped_op_s"]
     assert "AttentionLink" in profile.sources["gpu.attention_handoff_s"]
     assert link.pinned_max_bytes == 60 * GiB
@@ -253,15 +255,23 @@ def test_launch_blocks_time_the_executors_decode_blocks():
     tiny Mixtral): each block's dispatched operations are counted as the model's OPS_* are, and
     a stand-in profile, which has none, times every launch by op_overhead_s."""
     from hrm.profile import launch_blocks
-    from hrm.roofline import OPS_ATTENTION_IN, OPS_ATTENTION_OUT, OPS_MOE_GROUPED
+    from hrm.roofline import (
+        OPS_ATTENTION_IN,
+        OPS_ATTENTION_OUT,
+        OPS_GPU_DECODE_ATTENTION,
+        OPS_MOE_GROUPED,
+    )
 
     ms = launch_blocks(load_model_spec("tiny-mixtral"), (1, 8), "cpu", bursts=1)
+    blocks = ["attention_in", "post_grouped", "gpu_attention"]
     assert [(m.params["block"], m.params["micro_batch"]) for m in ms] == [
-        ("attention_in", 1), ("post_grouped", 1), ("attention_in", 8), ("post_grouped", 8)]
+        (b, mu) for mu in (1, 8) for b in blocks]
+    ops = {"attention_in": OPS_ATTENTION_IN, "post_grouped": OPS_ATTENTION_OUT + OPS_MOE_GROUPED,
+           "gpu_attention": OPS_GPU_DECODE_ATTENTION}
     for m in ms:
-        ops = OPS_ATTENTION_IN if m.params["block"] == "attention_in" else \
-            OPS_ATTENTION_OUT + OPS_MOE_GROUPED
-        assert m.work == m.params["ops"] == ops
+        if m.params["block"] != "gpu_attention" or m.params["micro_batch"] > 1:
+            # (a lone sequence's SDPA dispatches 2 more on the CPU)
+            assert m.work == m.params["ops"] == ops[m.params["block"]]
         assert len(m.times_s) == 8 and m.rate > 0
     standin = build_profile("cpu-test", synthetic_measurements(standin=True), _env("cpu"))
     assert standin.gpu.block_op_s("post_grouped") == standin.gpu.op_overhead_s
