@@ -26,13 +26,25 @@ from hrm.errors import PolicyError
 from hrm.hardware import Interference, SaturatingCurve, load_profile
 from hrm.model import load_model_spec
 from hrm.policy import Policy
-from hrm.roofline import kv_bytes_per_token_layer
+from hrm.roofline import (
+    OPS_ATTENTION_IN,
+    OPS_ATTENTION_OUT,
+    OPS_GPU_DECODE_ATTENTION,
+    OPS_MOE_GROUPED,
+    OPS_MOE_ROUTING,
+    OPS_PER_EXPERT,
+    experts_touched,
+    kv_bytes_per_token_layer,
+)
 from hrm.units import GiB, KiB
 from hrm.workload import Workload
 
 MIXTRAL = load_model_spec("mixtral-8x7b")
 T4, H100 = load_profile("t4"), load_profile("h100")
 WORK = Workload(num_seqs=10000, prompt_len=100, gen_len=128)
+#: T4 with launches at t_launch exactly (no interference; its shipped profile has no launch cost)
+T4_LAUNCHES = replace(T4, interference=Interference(),
+                      gpu=replace(T4.gpu, op_overhead_s=10e-6, attention_handoff_s=300e-6))
 W_LAYER = 8 * 3 * 4096 * 14336 * 2          # routed experts of one Mixtral layer, bf16 bytes
 
 
@@ -456,18 +468,8 @@ def test_grouped_experts_save_the_per_expert_launches_in_decode_only():
     read nothing back, so in cgopipe the launching thread's host work is a stage of its own
     (launcher_s) instead of adding to the kernels (gpu_s)."""
     from hrm.cost import grouped_layer_share
-    from hrm.roofline import (
-        OPS_ATTENTION_IN,
-        OPS_ATTENTION_OUT,
-        OPS_MOE_GROUPED,
-        OPS_MOE_ROUTING,
-        OPS_PER_EXPERT,
-        experts_touched,
-    )
 
-    # launches at t_launch exactly (no interference); T4's shipped profile has no launch cost
-    hw = replace(T4, interference=Interference(),
-                 gpu=replace(T4.gpu, op_overhead_s=10e-6, attention_handoff_s=300e-6))
+    hw = T4_LAUNCHES
     loop = Policy(batch_size=512, micro_batch_size=128, weights_gpu_fraction=0.0)
     grouped = replace(loop, expert_kernel="grouped")
     assert grouped_layer_share(MIXTRAL, grouped, "decode") == 1.0
@@ -507,15 +509,7 @@ def test_measured_launch_blocks_time_the_decode_launches():
     instead of op_overhead_s: the pre-attention block's in every decode layer, the
     post-attention block's only where the experts run grouped, GPU attention's where decode
     attends there. Prefill and the per-expert loop keep op_overhead_s."""
-    from hrm.roofline import (
-        OPS_ATTENTION_IN,
-        OPS_ATTENTION_OUT,
-        OPS_GPU_DECODE_ATTENTION,
-        OPS_MOE_GROUPED,
-    )
-
-    base = replace(T4, interference=Interference(),
-                   gpu=replace(T4.gpu, op_overhead_s=10e-6, attention_handoff_s=300e-6))
+    base = T4_LAUNCHES
     hw = replace(base, gpu=replace(base.gpu, attention_in_op_s=25e-6, post_grouped_op_s=50e-6))
     grouped = Policy(batch_size=512, micro_batch_size=128, weights_gpu_fraction=0.0,
                      expert_kernel="grouped")
