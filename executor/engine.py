@@ -407,7 +407,7 @@ class Engine:
             if not self.cpu_attention:
                 with tracer.span("gpu", "gpu_attn", compute, layer, m):
                     q, k, v = L.split_qkv(qkv, spec)
-                    at = index_tensor(context_lens, self.device)
+                    at = mb.positions   # = context_lens, already on the device
                     if mb.cache is self.cpu_cache:
                         kc, vc = self._gather_with_new_token(layer, m, mb, context_lens, k, v,
                                                              worker, tracer)

@@ -458,8 +458,8 @@ def launch_blocks(spec: ModelSpec, micro_batches: Iterable[int], device: str,
     'attention_in' (executor.layers.attention_in: RMSNorm, fused QKV, RoPE), 'post_grouped'
     (attention_out, then moe_ffn with the routed experts as one grouped GEMM pair over
     ExpertStore.stacked's views) and 'gpu_attention' (decode attention on the GPU as the engine
-    runs it over K/V gathered from a CPU cache: q/k/v split out, the positions' index tensor,
-    attend_with_new_token over LAUNCH_BLOCK_CONTEXT cached tokens; the gather and its DMA are
+    runs it over K/V gathered from a CPU cache: q/k/v split out, attend_with_new_token over
+    LAUNCH_BLOCK_CONTEXT cached tokens at the micro-batch's positions; the gather and its DMA are
     timed apart, kv_gather). Each call is timed on the host clock while a sleep kernel holds the
     stream (`host_time_calls`); work = the operations one call dispatches (counted:
     `_dispatched_ops`), so the rate is operations per second. The cost model times those
@@ -471,7 +471,6 @@ def launch_blocks(spec: ModelSpec, micro_batches: Iterable[int], device: str,
     import torch
 
     import executor.layers as L
-    from executor.schedule import index_tensor
     from executor.weights import ExpertStore
 
     e, h1, d = spec.num_experts, spec.hidden_size, spec.head_dim
@@ -492,7 +491,6 @@ def launch_blocks(spec: ModelSpec, micro_batches: Iterable[int], device: str,
         spec, random_tensor((e * spec.expert_params(),), "bf16", device)).stacked(0, 0)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     table = L.rope_tables(spec, 4096, device, torch.bfloat16)
-    dev = torch.device(device)
     out = []
     for mu in sorted(micro_batches):
         x = weight(mu, h1) * 20.0
@@ -500,11 +498,11 @@ def launch_blocks(spec: ModelSpec, micro_batches: Iterable[int], device: str,
         rope = L.rope_at(table, torch.randint(0, 4096, (mu,), generator=generator).to(device))
         qkv = L.attention_in(x, layer, spec, rope)
         kc, vc = (weight(mu, spec.num_kv_heads, LAUNCH_BLOCK_CONTEXT + 1, d) for _ in range(2))
-        lens = [LAUNCH_BLOCK_CONTEXT - i % 64 for i in range(mu)]
+        at = torch.tensor([LAUNCH_BLOCK_CONTEXT - i % 64 for i in range(mu)], device=device)
 
-        def gpu_attention(qkv: Any = qkv, kc: Any = kc, vc: Any = vc, lens: list = lens) -> Any:
+        def gpu_attention(qkv: Any = qkv, kc: Any = kc, vc: Any = vc, at: Any = at) -> Any:
             q, k, v = L.split_qkv(qkv, spec)
-            return L.attend_with_new_token(q, k, v, kc, vc, index_tensor(lens, dev))
+            return L.attend_with_new_token(q, k, v, kc, vc, at)
 
         blocks = {
             "attention_in": lambda x=x, rope=rope: L.attention_in(x, layer, spec, rope),

@@ -68,13 +68,13 @@ GPU_ATTENTION_BLOCK = "gpu_attention"
 #: hrm.profile.grouped_experts_series, executor.layers.routed_experts_grouped), for the expert
 #: FFN of layers that run it (cost falls back to 'gpu_gemm' where a profile lacks it)
 GROUPED_EXPERTS_CURVE = "gpu_grouped_experts"
-#: decode attention on the GPU: q, k, v split out of the fused projection, the new token's
-#: positions, its k/v written into the gathered
-#: K/V, the mask and SDPA (executor.layers.attend_with_new_token, with the engine's
-#: index_tensor); the CPU cache's gather is timed as a memcpy (kv_gather), and the CUDA-only
-#: copies around it (the gathered K/V's two DMAs, the new k/v's two pinned copies down for the
-#: CPU cache) are not counted
-OPS_GPU_DECODE_ATTENTION = 23
+#: decode attention on the GPU: q, k, v split out of the fused projection, the new token's k/v
+#: written into the gathered K/V at the micro-batch's positions (on the device already), the
+#: mask and SDPA (executor.layers.attend_with_new_token); the CPU cache's gather is timed as a
+#: memcpy (kv_gather), and the CUDA-only copies around it (the gathered K/V's two DMAs, the new
+#: k/v's two pinned copies down for the CPU cache) are not counted. Until the second session of
+#: 2026-12-04 the positions crossed the link again in every layer (index_tensor)
+OPS_GPU_DECODE_ATTENTION = 22
 #: the launching thread's hand-off of one micro-batch's decode attention to the CPU worker and
 #: back (q/k/v down, submit, the output up through its pinned buffer's alias): an operator on the
 #: GPU stage (that thread drives the GPU), `launches` = hand-offs, each costing the profile's

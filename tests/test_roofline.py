@@ -162,7 +162,6 @@ def test_op_counts_match_the_executor():
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import executor.layers as L
-    from executor.schedule import index_tensor
     from executor.weights import random_weights, read_model
     from hrm.roofline import (
         OPS_ATTENTION_IN,
@@ -218,7 +217,6 @@ def test_op_counts_match_the_executor():
         c_gpu_attn = Count()
         with c_gpu_attn:
             q, k, v = L.split_qkv(qkv, spec)
-            at = index_tensor([100 - i for i in range(tokens)], torch.device("cpu"))
-            L.attend_with_new_token(q, k, v, kc, vc, at)
+            L.attend_with_new_token(q, k, v, kc, vc, pos)
         if tokens > 1:   # a lone sequence's SDPA dispatches 2 more on the CPU
             assert c_gpu_attn.n == OPS_GPU_DECODE_ATTENTION
