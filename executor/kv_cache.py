@@ -14,7 +14,7 @@ bytes = 2 (K, V) * l * T * n_kv * D * dtype_bytes * sum_b ceil(cap_b / T)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,6 +45,8 @@ class KVCache:
     k: list[list[torch.Tensor]]  # [layer][block j] -> [rows_j, n_kv, T, D]
     v: list[list[torch.Tensor]]
     block_tokens: int
+    #: per run of slots, the index tensors of its last `append` (`_append_index`)
+    _appends: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def allocate(cls, spec: ModelSpec, capacities: list[int], dtype: torch.dtype,
@@ -88,14 +90,30 @@ class KVCache:
                v: torch.Tensor) -> None:
         """Store one new token per sequence: k, v [n, n_kv, D] at `positions` of `slots`, one
         indexed write per block the positions fall in."""
-        device, t = self.k[layer][0].device, self.block_tokens
-        for j in sorted({p // t for p in positions}):
-            idx = [i for i, p in enumerate(positions) if p // t == j]
-            sel = index_tensor(idx, k.device)
-            rows = index_tensor([slots.start + i for i in idx], device)
-            offsets = index_tensor([positions[i] % t for i in idx], device)
+        device = self.k[layer][0].device
+        for j, sel, rows, offsets in self._append_index(slots, positions, k.device, device):
             for cache, new in ((self.k[layer][j], k), (self.v[layer][j], v)):
                 cache[rows, :, offsets] = new[sel].to(device, cache.dtype)
+
+    def _append_index(self, slots: slice, positions: list[int], k_device: torch.device,
+                      device: torch.device
+                      ) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per block j the positions fall in: (j, the rows of k, the cache rows, the offsets in
+        the block) as index tensors. A step appends at the same positions in every layer, so
+        the last ones of each run of slots are kept: built once per step, not per layer (the
+        thread that appends, CPU attention's worker for a CPU cache, holds the GIL meanwhile)."""
+        key = (tuple(positions), k_device, device)
+        last = self._appends.get((slots.start, slots.stop))
+        if last is not None and last[0] == key:
+            return last[1]
+        t, index = self.block_tokens, []
+        for j in sorted({p // t for p in positions}):
+            idx = [i for i, p in enumerate(positions) if p // t == j]
+            index.append((j, index_tensor(idx, k_device),
+                          index_tensor([slots.start + i for i in idx], device),
+                          index_tensor([positions[i] % t for i in idx], device)))
+        self._appends[(slots.start, slots.stop)] = (key, index)
+        return index
 
     def blocks(self, layer: int, slots: slice, length: int
                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
