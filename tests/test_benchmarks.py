@@ -109,3 +109,38 @@ def test_grouped_experts_diag_times_both_kernels_on_the_cpu(tmp_path) -> None:
     for r in rows:
         assert r["loop_s"] > 0 and r["grouped_s"] > 0 and r["max_abs_out"] > 0
         assert r["max_abs_diff"] <= 1e-2 * r["max_abs_out"]
+
+
+def test_trace_diag_finds_the_staging_buffer_wait() -> None:
+    """benchmarks/diag_trace_layers.py on a made-up trace of 2 layers, 2 micro-batches, double
+    buffered: each visit's weights take 10 ms; the launching thread's loop starts as they are
+    in and takes 10 ms; the GPU frees the buffer 2 ms after the last launch, and the copies of
+    visit j + 2 start right then. So a visit comes every 11 ms, after 1 ms of idle link, and
+    every visit checked waited for its buffer."""
+    from benchmarks.diag_trace_layers import analyse
+
+    ms, events = 1000.0, [{"name": "prefill", "ph": "X", "ts": 0.0, "dur": 1.0, "tid": "gpu",
+                           "args": {}}]
+
+    def span(name: str, tid: str, ts: float, dur: float, layer: int, mb: int | None) -> None:
+        events.append({"name": name, "ph": "X", "ts": ts, "dur": dur, "tid": tid,
+                       "args": {"layer": layer, "micro_batch": mb}})
+
+    for j in range(8):
+        layer, start = j % 2, 10 * ms + 11 * ms * j
+        for page in range(2):   # two 5 ms copies
+            span("weights_h2d", "h2d", start + page * 5 * ms, 5 * ms, layer, None)
+        weights_in = start + 10 * ms
+        for m in range(2):
+            t = weights_in + 5 * ms * m
+            span("attn_wait", "launcher", t, 0.1 * ms, layer, m)
+            span("launch_post", "launcher", t + 0.1 * ms, 4.9 * ms, layer, m)
+            span("post_attn", "gpu", t + 0.1 * ms, (4.9 + 2 * m) * ms, layer, m)
+    result = analyse(events, buffers=2, tolerance_ms=0.5)
+    assert result["micro_batches"] == 2 and result["layer_visits"] == 8
+    assert result["visits_checked"] == 6 == result["buffer_bound_visits"]
+    for key, value in (("period_ms", 11.0), ("weights_busy_ms", 10.0),
+                       ("launcher_loop_ms", 10.0), ("loop_start_after_weights_in_ms", 0.0),
+                       ("gpu_tail_after_last_launch_ms", 2.0),
+                       ("link_idle_before_visit_ms", 1.0)):
+        assert result[key] == pytest.approx(value), key
