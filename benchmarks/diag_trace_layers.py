@@ -5,8 +5,10 @@ For each layer visit j (weights of one layer streamed once): t_j, the end of its
 copy; W_j, its first to last weight copy and the copies' busy time; the launching thread's loop
 for that layer, from its first attention wait (S_j) to the end of its last post-attention launch
 (E_j); the GPU's end of that layer's last post-attention (G_j), which frees the layer's staging
-buffer; and, with b buffers, whether visit j + b's first copy started right after G_j (within
-`--tolerance-ms`) while the link had been idle: the staging-buffer wait. Medians over the decode.
+buffer; the launching thread's busy time per visit (its spans but the attention waits) and its
+attention waits; and, with b buffers, whether visit j + b's first copy started right after G_j
+(within `--tolerance-ms`) while the link had been idle: the staging-buffer wait. Medians over the
+decode.
 Measures nothing new; reads the trace.
 
     python3 benchmarks/diag_trace_layers.py TRACE.json[.gz] [--buffers 2] [-o RESULT.json]
@@ -85,6 +87,10 @@ def analyse(events: list[dict[str, Any]], buffers: int, tolerance_ms: float) -> 
     buffer_bound = sum(1 for r in rows if abs(r["next_start_after_release_us"]) < tol_us
                        and r["link_idle_before_us"] > tol_us)
 
+    launcher = [e for e in events if e["tid"] == "launcher"]
+    waited_us = sum(e["dur"] for e in launcher if e["name"] == "attn_wait")
+    busy_us = sum(e["dur"] for e in launcher) - waited_us
+
     def median_ms(values: list[float]) -> float:
         return statistics.median(values) / 1e3 if values else float("nan")
 
@@ -95,6 +101,9 @@ def analyse(events: list[dict[str, Any]], buffers: int, tolerance_ms: float) -> 
         "weights_span_ms": median_ms([v["end"] - v["start"] for v in visits]),
         "weights_busy_ms": median_ms([v["busy"] for v in visits]),
         "launcher_loop_ms": median_ms([r["loop_us"] for r in rows]),
+        "launcher_busy_per_visit_ms": busy_us / len(visits) / 1e3 if visits else float("nan"),
+        "launcher_attn_wait_per_visit_ms": waited_us / len(visits) / 1e3 if visits else
+        float("nan"),
         "loop_start_after_weights_in_ms": median_ms([r["x_us"] for r in rows]),
         "gpu_tail_after_last_launch_ms": median_ms([r["gpu_tail_us"] for r in rows]),
         "link_idle_before_visit_ms": median_ms([r["link_idle_before_us"] for r in rows]),

@@ -142,5 +142,7 @@ def test_trace_diag_finds_the_staging_buffer_wait() -> None:
     for key, value in (("period_ms", 11.0), ("weights_busy_ms", 10.0),
                        ("launcher_loop_ms", 10.0), ("loop_start_after_weights_in_ms", 0.0),
                        ("gpu_tail_after_last_launch_ms", 2.0),
-                       ("link_idle_before_visit_ms", 1.0)):
+                       ("link_idle_before_visit_ms", 1.0),
+                       ("launcher_busy_per_visit_ms", 9.8),
+                       ("launcher_attn_wait_per_visit_ms", 0.2)):
         assert result[key] == pytest.approx(value), key
