@@ -1847,6 +1847,9 @@ def _summary_rows(profile: HardwareProfile) -> list[tuple[str, str]]:
     rows = [(f"gpu peak {k}", _fmt_rate(v, "FLOP/s")) for k, v in g.peak_flops.items()]
     rows += [("gpu memory bandwidth", _fmt_rate(g.hbm_bandwidth_bps, "B/s")),
              ("gpu op overhead", f"{g.op_overhead_s * 1e6:.1f} us"),
+             ("decode blocks, host per op (pre / post grouped / gpu attention)",
+              " / ".join(f"{t * 1e6:.1f} us" if t else "-" for t in (
+                  g.attention_in_op_s, g.post_grouped_op_s, g.gpu_attention_op_s))),
              ("cpu peak", _fmt_rate(c.peak_flops, "FLOP/s")),
              ("cpu DRAM read", _fmt_rate(c.dram_bandwidth_bps, "B/s")),
              ("link h2d pinned / pageable", f"{_fmt_rate(lk.h2d_pinned_bps, 'B/s')} / "
