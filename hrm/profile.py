@@ -73,7 +73,17 @@ from hrm.hardware import (
 )
 from hrm.io import write_json_atomic
 from hrm.model import ModelSpec, load_model_spec
-from hrm.roofline import GROUPED_EXPERTS_CURVE, whole_block_tokens
+from hrm.roofline import (
+    ATTENTION_IN_BLOCK,
+    GPU_ATTENTION_BLOCK,
+    GROUPED_EXPERTS_CURVE,
+    OPS_ATTENTION_IN,
+    OPS_ATTENTION_OUT,
+    OPS_GPU_DECODE_ATTENTION,
+    OPS_MOE_GROUPED,
+    POST_GROUPED_BLOCK,
+    whole_block_tokens,
+)
 from hrm.units import GiB, KiB, MiB, dtype_bytes, fmt_bytes
 
 STANDIN_NOTE = "no CUDA: GPU tier measured on the CPU stand-in"
@@ -447,6 +457,10 @@ def _dispatched_ops(fn: Callable[[], Any]) -> int:
     return count.n
 
 
+#: each `launch_blocks` block's operations as the cost model counts them (hrm.roofline OPS_*)
+LAUNCH_BLOCK_OPS = {ATTENTION_IN_BLOCK: OPS_ATTENTION_IN,
+                    POST_GROUPED_BLOCK: OPS_ATTENTION_OUT + OPS_MOE_GROUPED,
+                    GPU_ATTENTION_BLOCK: OPS_GPU_DECODE_ATTENTION}
 #: cached tokens per sequence of `launch_blocks`' GPU decode attention (its K/V copy's length)
 LAUNCH_BLOCK_CONTEXT = 256
 
@@ -461,9 +475,11 @@ def launch_blocks(spec: ModelSpec, micro_batches: Iterable[int], device: str,
     runs it over K/V gathered from a CPU cache: q/k/v split out, attend_with_new_token over
     LAUNCH_BLOCK_CONTEXT cached tokens at the micro-batch's positions; the gather and its DMA are
     timed apart, kv_gather). Each call is timed on the host clock while a sleep kernel holds the
-    stream (`host_time_calls`); work = the operations one call dispatches (counted:
-    `_dispatched_ops`), so the rate is operations per second. The cost model times those
-    blocks' launches by them (gpu.attention_in_op_s, post_grouped_op_s, gpu_attention_op_s)
+    stream (`host_time_calls`); work = the block's operations as the cost model counts them
+    (LAUNCH_BLOCK_OPS), so that its launches x the seconds per operation are the block's
+    measured time; the operations it dispatched here are recorded beside them
+    (`_dispatched_ops`: on the CPU the same but for SDPA on one sequence). The cost model times
+    those blocks' launches by them (gpu.attention_in_op_s, post_grouped_op_s, gpu_attention_op_s)
     instead of by op_overhead's 1-element add_: on the H200 machine (2026-12-04) that measured
     9 us per operation, while in the pipeline's trace the two CPU-attention blocks took about
     28 and 55 us per operation. CUDA only in `benchmark_plan`: on the CPU a call's time is its
@@ -475,18 +491,15 @@ def launch_blocks(spec: ModelSpec, micro_batches: Iterable[int], device: str,
 
     e, h1, d = spec.num_experts, spec.hidden_size, spec.head_dim
     qkv_out = (spec.num_heads + 2 * spec.num_kv_heads) * d
-    shared = spec.shared_intermediate_size
 
     def weight(*shape: int) -> Any:
         return random_tensor(shape, "bf16", device) * 0.05
 
+    # no shared experts: their launches are timed by op_overhead_s (hrm.roofline)
     layer = L.DenseLayer(
         input_norm=weight(h1) + 1.0, post_norm=weight(h1) + 1.0, wqkv=weight(qkv_out, h1),
         wo=weight(h1, spec.num_heads * d), router=weight(e, h1),
-        bqkv=weight(qkv_out) if spec.attention_bias else None,
-        shared_w13=weight(2 * shared, h1) if shared else None,
-        shared_w2=weight(h1, shared) if shared else None,
-        shared_gate=weight(1, h1) if spec.shared_expert_gate else None)
+        bqkv=weight(qkv_out) if spec.attention_bias else None)
     stacked = ExpertStore.one_resident_layer(
         spec, random_tensor((e * spec.expert_params(),), "bf16", device)).stacked(0, 0)
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -505,20 +518,19 @@ def launch_blocks(spec: ModelSpec, micro_batches: Iterable[int], device: str,
             return L.attend_with_new_token(q, k, v, kc, vc, at)
 
         blocks = {
-            "attention_in": lambda x=x, rope=rope: L.attention_in(x, layer, spec, rope),
-            "post_grouped": lambda x=x, attn=attn: L.moe_ffn(
+            ATTENTION_IN_BLOCK: lambda x=x, rope=rope: L.attention_in(x, layer, spec, rope),
+            POST_GROUPED_BLOCK: lambda x=x, attn=attn: L.moe_ffn(
                 L.attention_out(x, attn, layer), layer, spec, lambda _: None, True,
                 stacked=stacked),
-            "gpu_attention": gpu_attention,
+            GPU_ATTENTION_BLOCK: gpu_attention,
         }
         for block, fn in blocks.items():
-            ops = _dispatched_ops(fn)
             times = [t for _ in range(bursts)
                      for t in host_time_calls(fn, LAUNCH_BLOCK_CALLS_PER_BURST, device)]
-            out.append(Measurement("launch_block", {"block": block, "micro_batch": mu,
-                                                    "ops": ops, "model": spec.name,
-                                                    "dtype": "bf16"},
-                                   x=mu, work=float(ops), unit="op/s", times_s=tuple(times)))
+            out.append(Measurement("launch_block", {
+                "block": block, "micro_batch": mu, "ops": LAUNCH_BLOCK_OPS[block],
+                "dispatched_ops": _dispatched_ops(fn), "model": spec.name, "dtype": "bf16"},
+                x=mu, work=float(LAUNCH_BLOCK_OPS[block]), unit="op/s", times_s=tuple(times)))
     return out
 
 

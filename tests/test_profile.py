@@ -252,8 +252,9 @@ def test_grouped_experts_are_timed_as_the_executor_runs_them():
 
 def test_launch_blocks_time_the_executors_decode_blocks():
     """hrm profile's launch-block benchmark (CUDA only in the plan; here on the CPU with the
-    tiny Mixtral): each block's dispatched operations are counted as the model's OPS_* are, and
-    a stand-in profile, which has none, times every launch by op_overhead_s."""
+    tiny Mixtral): each block's work is the model's operation count (OPS_*), which the
+    operations it dispatched match, and a stand-in profile, which has no block times, times
+    every launch by op_overhead_s."""
     from hrm.profile import launch_blocks
     from hrm.roofline import (
         OPS_ATTENTION_IN,
@@ -268,10 +269,11 @@ def test_launch_blocks_time_the_executors_decode_blocks():
         (b, mu) for mu in (1, 8) for b in blocks]
     ops = {"attention_in": OPS_ATTENTION_IN, "post_grouped": OPS_ATTENTION_OUT + OPS_MOE_GROUPED,
            "gpu_attention": OPS_GPU_DECODE_ATTENTION}
-    for m in ms:
+    for m in ms:   # work: the model's count, which the executor's dispatch matches
+        assert m.work == m.params["ops"] == ops[m.params["block"]]
         if m.params["block"] != "gpu_attention" or m.params["micro_batch"] > 1:
             # (a lone sequence's SDPA dispatches 2 more on the CPU)
-            assert m.work == m.params["ops"] == ops[m.params["block"]]
+            assert m.params["dispatched_ops"] == m.params["ops"]
         assert len(m.times_s) == 8 and m.rate > 0
     standin = build_profile("cpu-test", synthetic_measurements(standin=True), _env("cpu"))
     assert standin.gpu.block_op_s("post_grouped") == standin.gpu.op_overhead_s
