@@ -34,7 +34,7 @@ from hrm.io import write_json_atomic  # noqa: E402
 from hrm.model import ModelSpec, load_model_spec  # noqa: E402
 from hrm.profile import (  # noqa: E402
     LAUNCH_BLOCK_CALLS_PER_BURST,
-    _dispatched_ops,
+    dispatched_ops,
     host_time_calls,
     launch_blocks,
 )
@@ -93,7 +93,7 @@ def main() -> None:
     for mu in MICRO_BATCHES:
         x = torch.randn(mu, h1, device=dev).to(torch.bfloat16)
         positions = torch.randint(0, POSITIONS, (mu,), generator=generator).to(dev)
-        ops = _dispatched_ops(lambda x=x, p=positions: old(x, p))
+        ops = dispatched_ops(lambda x=x, p=positions: old(x, p))
         times = [t for _ in range(args.bursts) for t in host_time_calls(
             lambda x=x, p=positions: old(x, p), LAUNCH_BLOCK_CALLS_PER_BURST, dev)]
         rows.append({"block": "attention_in_transformers_form", "micro_batch": mu, "ops": ops,

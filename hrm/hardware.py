@@ -92,11 +92,9 @@ class GPUTier:
     gpu_attention_op_s: float = 0.0
 
     def block_op_s(self, block: str = "") -> float:
-        """Host seconds per operation of launch block `block` (hrm.roofline Operator.host_block)
-        where measured, else the tiny-op launch cost op_overhead_s."""
-        measured = {"attention_in": self.attention_in_op_s,
-                    "post_grouped": self.post_grouped_op_s,
-                    "gpu_attention": self.gpu_attention_op_s}.get(block, 0.0)
+        """Host seconds per operation of launch block `block` (hrm.roofline Operator.host_block;
+        the field `<block>_op_s`) where measured, else the tiny-op launch cost op_overhead_s."""
+        measured = getattr(self, f"{block}_op_s", 0.0) if block else 0.0
         return measured or self.op_overhead_s
 
     def flops(self, dtype: str) -> float:

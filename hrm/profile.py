@@ -440,7 +440,7 @@ def host_time_calls(fn: Callable[[], Any], calls: int, device: str,
     return tuple(times)
 
 
-def _dispatched_ops(fn: Callable[[], Any]) -> int:
+def dispatched_ops(fn: Callable[[], Any]) -> int:
     """aten operations `fn()` dispatches (views and casts included), as
     tests/test_roofline.py::test_op_counts_match_the_executor counts hrm.roofline OPS_*."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -478,7 +478,7 @@ def launch_blocks(spec: ModelSpec, micro_batches: Iterable[int], device: str,
     stream (`host_time_calls`); work = the block's operations as the cost model counts them
     (LAUNCH_BLOCK_OPS), so that its launches x the seconds per operation are the block's
     measured time; the operations it dispatched here are recorded beside them
-    (`_dispatched_ops`: on the CPU the same but for SDPA on one sequence). The cost model times
+    (`dispatched_ops`: on the CPU the same but for SDPA on one sequence). The cost model times
     those blocks' launches by them (gpu.attention_in_op_s, post_grouped_op_s, gpu_attention_op_s)
     instead of by op_overhead's 1-element add_: on the H200 machine (2026-12-04) that measured
     9 us per operation, while in the pipeline's trace the two CPU-attention blocks took about
@@ -529,7 +529,7 @@ def launch_blocks(spec: ModelSpec, micro_batches: Iterable[int], device: str,
                      for t in host_time_calls(fn, LAUNCH_BLOCK_CALLS_PER_BURST, device)]
             out.append(Measurement("launch_block", {
                 "block": block, "micro_batch": mu, "ops": LAUNCH_BLOCK_OPS[block],
-                "dispatched_ops": _dispatched_ops(fn), "model": spec.name, "dtype": "bf16"},
+                "dispatched_ops": dispatched_ops(fn), "model": spec.name, "dtype": "bf16"},
                 x=mu, work=float(LAUNCH_BLOCK_OPS[block]), unit="op/s", times_s=tuple(times)))
     return out
 
@@ -1607,9 +1607,7 @@ def build_profile(name: str, measurements: list[Measurement], env: Environment,
     gpu = GPUTier(name=env.gpu_name, peak_flops=peak_flops, hbm_bandwidth_bps=hbm.rate,
                   memory_bytes=env.gpu_memory_bytes, op_overhead_s=1.0 / overhead.rate,
                   attention_handoff_s=handoffs[0].median_s if handoffs else 0.0,
-                  attention_in_op_s=block_op_s.get("attention_in", 0.0),
-                  post_grouped_op_s=block_op_s.get("post_grouped", 0.0),
-                  gpu_attention_op_s=block_op_s.get("gpu_attention", 0.0))
+                  **{f"{block}_op_s": t for block, t in block_op_s.items()})
 
     cpu_best = _fastest(ms, "cpu_gemm")
     dram = _fastest(ms, "dram_read", dtype="fp32")

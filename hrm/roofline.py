@@ -156,8 +156,9 @@ class Operator:
     #: 'gpu_gemm', or GROUPED_EXPERTS_CURVE for the routed experts as grouped GEMMs
     curve: str = "gpu_gemm"
     #: the executor's launch block whose measured host seconds per operation time its
-    #: `launches` (HardwareProfile gpu.block_op_s: ATTENTION_IN_BLOCK, POST_GROUPED_BLOCK);
-    #: "" for the profile's tiny-op launch cost (op_overhead_s)
+    #: `launches` (HardwareProfile gpu.block_op_s: ATTENTION_IN_BLOCK, POST_GROUPED_BLOCK,
+    #: GPU_ATTENTION_BLOCK, each a GPUTier field <block>_op_s); "" for the profile's tiny-op
+    #: launch cost (op_overhead_s)
     host_block: str = ""
 
     @property

@@ -159,10 +159,10 @@ def test_op_counts_match_the_executor():
     activations, as on the GPU: a decode micro-batch of tiny-mixtral touching 2 experts (one
     token, top-2) and all 8 (64 tokens), its experts in a loop and as grouped GEMMs."""
     torch = pytest.importorskip("torch")
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     import executor.layers as L
     from executor.weights import random_weights, read_model
+    from hrm.profile import dispatched_ops
     from hrm.roofline import (
         OPS_ATTENTION_IN,
         OPS_ATTENTION_OUT,
@@ -172,41 +172,30 @@ def test_op_counts_match_the_executor():
         OPS_PER_EXPERT,
     )
 
-    class Count(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += 1
-            return func(*args, **(kwargs or {}))
-
     spec, config = read_model("tiny-mixtral")
     bf16 = torch.bfloat16
     w = random_weights(spec, config, dtype=bf16, device=torch.device("cpu"),
                        resident=[spec.num_experts] * spec.num_layers, page_bytes=1 << 20,
                        pin_budget_bytes=0, seed=0)
     table = L.rope_tables(spec, 8, "cpu", bf16)
-    for tokens in (1, 64):
+
+    def check(tokens: int) -> None:
         x = torch.randn(tokens, spec.hidden_size, dtype=bf16)
         pos = torch.zeros(tokens, dtype=torch.long)
-        c_in, c_out, c_moe, c_grouped = Count(), Count(), Count(), Count()
         attn = torch.randn(tokens, spec.num_heads * spec.head_dim, dtype=bf16)
         rope = L.rope_at(table, pos)   # looked up once per step, for every layer
-        with c_in:
-            L.attention_in(x, w.layers[0], spec, rope)
-        with c_out:
-            L.attention_out(x, attn, w.layers[0])
-        with c_moe:
-            L.moe_ffn(x, w.layers[0], spec, w.experts.expert_fn(0, 0), True)
         stacked = w.experts.stacked(0, 0)
-        c_views = Count()
-        with c_views:     # the engine asks for them per micro-batch: made once, not counted
-            assert w.experts.stacked(0, 0) is stacked
-        assert c_views.n == 0
-        with c_grouped:   # policy expert_kernel='grouped'
-            L.moe_ffn(x, w.layers[0], spec, w.experts.expert_fn(0, 0), True, stacked=stacked)
-        counts = [c_in.n, c_out.n, c_moe.n, c_grouped.n]
+        # the engine asks for them per micro-batch: made once, not counted
+        assert dispatched_ops(lambda: w.experts.stacked(0, 0)) == 0
+        assert w.experts.stacked(0, 0) is stacked
+        counts = [
+            dispatched_ops(lambda: L.attention_in(x, w.layers[0], spec, rope)),
+            dispatched_ops(lambda: L.attention_out(x, attn, w.layers[0])),
+            dispatched_ops(lambda: L.moe_ffn(x, w.layers[0], spec, w.experts.expert_fn(0, 0),
+                                             True)),
+            dispatched_ops(lambda: L.moe_ffn(   # policy expert_kernel='grouped'
+                x, w.layers[0], spec, w.experts.expert_fn(0, 0), True, stacked=stacked)),
+        ]
         touched = min(spec.num_experts, tokens * spec.top_k)
         assert counts == [OPS_ATTENTION_IN, OPS_ATTENTION_OUT,
                           OPS_MOE_ROUTING + touched * OPS_PER_EXPERT, OPS_MOE_GROUPED]
@@ -214,9 +203,13 @@ def test_op_counts_match_the_executor():
         qkv = L.attention_in(x, w.layers[0], spec, rope)
         kc, vc = (torch.zeros(tokens, spec.num_kv_heads, 128, spec.head_dim, dtype=bf16)
                   for _ in range(2))
-        c_gpu_attn = Count()
-        with c_gpu_attn:
+
+        def gpu_attention() -> None:
             q, k, v = L.split_qkv(qkv, spec)
             L.attend_with_new_token(q, k, v, kc, vc, pos)
+
         if tokens > 1:   # a lone sequence's SDPA dispatches 2 more on the CPU
-            assert c_gpu_attn.n == OPS_GPU_DECODE_ATTENTION
+            assert dispatched_ops(gpu_attention) == OPS_GPU_DECODE_ATTENTION
+
+    for tokens in (1, 64):
+        check(tokens)
