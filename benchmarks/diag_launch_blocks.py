@@ -3,11 +3,11 @@ executor's (`executor.layers.attention_in`: one fused QKV GEMM, RoPE on q and k 
 place, the cos/sin lookup once per step; the CPU worker gets its output as it is) against the
 form it had until the second session of 2026-12-04, which is transformers' (three projections,
 RoPE on q and k apart with rotate_half, the cos/sin lookup and casts in every layer, then q, k
-and v concatenated for the hand-off). Also the post-attention block with grouped experts,
-unchanged, for scale (`hrm.profile.launch_blocks` times both of the executor's blocks, as
-`hrm profile` does).
+and v concatenated for the hand-off). Also the executor's other decode blocks (post-attention
+with grouped experts, GPU attention), for scale: `hrm.profile.launch_blocks` times all three, as
+`hrm profile` does.
 
-Host clock per call (`hrm.profile.host_time_calls`: on CUDA the stream is held by a sleep kernel,
+Host clock per call (`hrm.profile.launch_block_times`: on CUDA the stream is held by a sleep kernel,
 so no call waits for the GPU; on the CPU a call's time includes its compute, so a small model
 (the default tiny-mixtral) makes it dispatch-bound, which is what the launching thread pays).
 
@@ -35,7 +35,7 @@ from hrm.model import ModelSpec, load_model_spec  # noqa: E402
 from hrm.profile import (  # noqa: E402
     LAUNCH_BLOCK_CALLS_PER_BURST,
     dispatched_ops,
-    host_time_calls,
+    launch_block_times,
     launch_blocks,
 )
 
@@ -94,8 +94,7 @@ def main() -> None:
         x = torch.randn(mu, h1, device=dev).to(torch.bfloat16)
         positions = torch.randint(0, POSITIONS, (mu,), generator=generator).to(dev)
         ops = dispatched_ops(lambda x=x, p=positions: old(x, p))
-        times = [t for _ in range(args.bursts) for t in host_time_calls(
-            lambda x=x, p=positions: old(x, p), LAUNCH_BLOCK_CALLS_PER_BURST, dev)]
+        times = launch_block_times(lambda x=x, p=positions: old(x, p), args.bursts, dev)
         rows.append({"block": "attention_in_transformers_form", "micro_batch": mu, "ops": ops,
                      "model": spec.name, "dtype": "bf16",
                      "host_us_per_call": statistics.median(times) * 1e6,

@@ -248,7 +248,8 @@ def _sync(device: str) -> None:
 
 def time_calls(fn: Callable[[], Any], reps: int, device: str, warmup: int = 1,
                gap_s: float = 0.0, queued: bool = False,
-               hold_s_per_call: float | None = None) -> tuple[float, ...]:
+               hold_s_per_call: float | None = None, host_clock: bool = False
+               ) -> tuple[float, ...]:
     """Seconds per call of `fn()`, `reps` calls after `warmup` untimed ones. Work on the GPU is
     timed with CUDA events on the current stream, work on the CPU with the host clock, each call
     after `gap_s` asleep (untimed).
@@ -259,17 +260,22 @@ def time_calls(fn: Callable[[], Any], reps: int, device: str, warmup: int = 1,
     16-row expert GEMM of Mixtral-8x7B measured 45-80 us so against about 30 us of HBM-bound
     kernel (H200 machine, 2026-12-02), and the model, which adds launches x t_launch to every
     kernel, counted the dispatch twice. The hold is QUEUE_HOLD_S_PER_CALL per call, or
-    `hold_s_per_call` for calls of many operations."""
+    `hold_s_per_call` for calls of many operations.
+
+    `host_clock`: the host's side of each call on the host clock (what the launching thread
+    spends queuing its work); on CUDA the stream is held as with `queued`, so that no call
+    waits for the GPU."""
     import torch
 
     for _ in range(warmup):
         fn()
     if device == "cuda":
         torch.cuda.synchronize()
+        if queued or host_clock:
+            _hold_stream_s((hold_s_per_call or QUEUE_HOLD_S_PER_CALL) * reps)
+    if device == "cuda" and not host_clock:
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(reps)]
-        if queued:
-            _hold_stream_s((hold_s_per_call or QUEUE_HOLD_S_PER_CALL) * reps)
         for start, end in events:
             start.record()
             fn()
@@ -283,6 +289,7 @@ def time_calls(fn: Callable[[], Any], reps: int, device: str, warmup: int = 1,
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+    _sync(device)   # (the host clock on CUDA: the held stream's work)
     return tuple(times)
 
 
@@ -421,23 +428,12 @@ LAUNCH_BLOCK_CALLS_PER_BURST = 8
 LAUNCH_BLOCK_BURSTS = 4
 
 
-def host_time_calls(fn: Callable[[], Any], calls: int, device: str,
-                    hold_s_per_call: float = GROUPED_EXPERTS_HOLD_S_PER_CALL
-                    ) -> tuple[float, ...]:
-    """Host-clock seconds per call of `fn()` (what the launching thread spends queuing its
-    work), `calls` calls after one untimed warm-up. On CUDA a sleep kernel holds the stream
-    meanwhile, so that no call waits for the GPU; on the CPU a call's time is its compute."""
-    fn()
-    _sync(device)
-    if device == "cuda":
-        _hold_stream_s(hold_s_per_call * calls)
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    _sync(device)
-    return tuple(times)
+def launch_block_times(fn: Callable[[], Any], bursts: int, device: str) -> tuple[float, ...]:
+    """Host seconds of `bursts` x LAUNCH_BLOCK_CALLS_PER_BURST calls of a launch block, each
+    burst behind one sleep kernel (`time_calls(host_clock=True)`)."""
+    return tuple(t for _ in range(bursts) for t in time_calls(
+        fn, LAUNCH_BLOCK_CALLS_PER_BURST, device,
+        hold_s_per_call=GROUPED_EXPERTS_HOLD_S_PER_CALL, host_clock=True))
 
 
 def dispatched_ops(fn: Callable[[], Any]) -> int:
@@ -475,7 +471,7 @@ def launch_blocks(spec: ModelSpec, micro_batches: Iterable[int], device: str,
     runs it over K/V gathered from a CPU cache: q/k/v split out, attend_with_new_token over
     LAUNCH_BLOCK_CONTEXT cached tokens at the micro-batch's positions; the gather and its DMA are
     timed apart, kv_gather). Each call is timed on the host clock while a sleep kernel holds the
-    stream (`host_time_calls`); work = the block's operations as the cost model counts them
+    stream (`launch_block_times`); work = the block's operations as the cost model counts them
     (LAUNCH_BLOCK_OPS), so that its launches x the seconds per operation are the block's
     measured time; the operations it dispatched here are recorded beside them
     (`dispatched_ops`: on the CPU the same but for SDPA on one sequence). The cost model times
@@ -525,8 +521,7 @@ def launch_blocks(spec: ModelSpec, micro_batches: Iterable[int], device: str,
             GPU_ATTENTION_BLOCK: gpu_attention,
         }
         for block, fn in blocks.items():
-            times = [t for _ in range(bursts)
-                     for t in host_time_calls(fn, LAUNCH_BLOCK_CALLS_PER_BURST, device)]
+            times = launch_block_times(fn, bursts, device)
             out.append(Measurement("launch_block", {
                 "block": block, "micro_batch": mu, "ops": LAUNCH_BLOCK_OPS[block],
                 "dispatched_ops": dispatched_ops(fn), "model": spec.name, "dtype": "bf16"},
