@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -123,6 +123,8 @@ class BlockView:
 
     pool: BlockPool
     tables: list[list[int]]
+    #: the (slots, positions) of the last `append` and its block and offset index tensors
+    _append: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def k(self) -> list[torch.Tensor]:
@@ -141,10 +143,14 @@ class BlockView:
     def append(self, layer: int, slots: slice, positions: list[int], k: torch.Tensor,
                v: torch.Tensor) -> None:
         """One new token per sequence: k, v [n, n_kv, D] at `positions`."""
-        t = self.pool.block_tokens
-        tables = self.tables[slots]
-        blocks = torch.tensor([tb[p // t] for tb, p in zip(tables, positions, strict=True)])
-        offsets = torch.tensor([p % t for p in positions])
+        key = (slots.start, slots.stop, tuple(positions))
+        if self._append is None or self._append[0] != key:   # once per pass, not per layer
+            t = self.pool.block_tokens
+            tables = self.tables[slots]
+            self._append = (key, torch.tensor([tb[p // t] for tb, p in
+                                               zip(tables, positions, strict=True)]),
+                            torch.tensor([p % t for p in positions]))
+        _, blocks, offsets = self._append
         for cache, new in ((self.pool.k[layer], k), (self.pool.v[layer], v)):
             cache[blocks, :, offsets] = new.to(cache.dtype)
 
